@@ -1,0 +1,42 @@
+"""Federated averaging of flat parameter vectors (the intra-group aggregation of ColNet)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["weighted_average"]
+
+
+def weighted_average(vectors: torch.Tensor, weights: Sequence[float] | None = None) -> torch.Tensor:
+    """Average the rows of ``vectors`` (shape ``(n, P)``) into one ``(P,)`` vector.
+
+    Without ``weights`` every row counts the same (plain FedAvg with equal weights, as in the
+    paper). With ``weights`` (for instance local sample counts) row ``i`` counts
+    ``weights[i] / sum(weights)``; weights must be finite, non-negative and have a positive sum.
+    The result has the dtype and device of ``vectors``.
+    """
+    if not isinstance(vectors, torch.Tensor):
+        raise ValueError(f"vectors must be a torch.Tensor, got {type(vectors).__name__}")
+    if vectors.dim() != 2:
+        raise ValueError(f"vectors must have shape (n, P), got shape {tuple(vectors.shape)}")
+    if not vectors.is_floating_point():
+        raise ValueError(f"vectors must have a floating dtype, got {vectors.dtype}")
+    n = vectors.shape[0]
+    if n == 0:
+        raise ValueError("vectors must hold at least one row (n >= 1), got n = 0")
+    if weights is None:
+        return vectors.mean(dim=0)
+    w = [float(x) for x in weights]
+    if len(w) != n:
+        raise ValueError(f"weights must have one entry per row: expected {n}, got {len(w)}")
+    bad = [x for x in w if not math.isfinite(x) or x < 0.0]
+    if bad:
+        raise ValueError(f"weights must be finite and >= 0, got {bad[0]!r} in {w}")
+    total = math.fsum(w)
+    if total <= 0.0:
+        raise ValueError(f"weights must have a positive sum, got sum {total!r} for {w}")
+    coef = torch.tensor([x / total for x in w], dtype=vectors.dtype, device=vectors.device)
+    return coef @ vectors

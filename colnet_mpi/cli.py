@@ -1,0 +1,228 @@
+"""Command line: ``colnet-mpi run CONFIG`` under mpiexec/srun; any uncaught error aborts the whole job."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="colnet-mpi",
+        description="ColNet decentralized federated multi-task learning: one MPI rank per node.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser(
+        "run",
+        help="run an experiment (launch with mpiexec -n <nodes> or srun, one rank per node)",
+        description="Run one experiment. Launch with as many MPI ranks as the config has nodes.",
+    )
+    run.add_argument("config", help="TOML experiment config")
+    run.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override a config value (repeatable), e.g. --set training.rounds=10",
+    )
+    run.add_argument("--out", help="results file (default: run.output, else results/<run.name>.h5)")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing results file")
+    run.add_argument(
+        "--dry-run", action="store_true",
+        help="validate the config, world size, data and models on every rank, then stop before training",
+    )
+    run.add_argument("--quiet", action="store_true", help="no per-round progress lines")
+    check = sub.add_parser("check-config", help="validate a config (no MPI needed) and print it resolved")
+    check.add_argument("config")
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    return p
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+            text=True, timeout=5, check=False,
+        )
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate a config without MPI and print the resolved TOML."""
+    from colnet_mpi.config import ConfigError, load_config, to_toml
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"colnet-mpi: invalid config: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(to_toml(config))
+    print(f"# needs {config.world_size} MPI ranks", file=sys.stderr)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """The ``run`` command on one rank."""
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    rank = world.Get_rank()
+    state: dict[str, object] = {"output": None}
+    try:
+        return _run(args, state)
+    except BaseException as err:  # noqa: BLE001 - every rank must take the whole job down
+        if isinstance(err, SystemExit) and not err.code:
+            raise
+        import socket
+
+        message = (
+            f"colnet-mpi: rank {rank} of {world.Get_size()} on {socket.gethostname()} failed: "
+            f"{type(err).__name__}: {err}"
+        )
+        sys.stderr.write(message + "\n" + traceback.format_exc())
+        sys.stderr.flush()
+        output = state.get("output")
+        if output is not None:
+            from colnet_mpi.metrics.writer import mark_failed
+
+            mark_failed(str(output), message + "\n" + traceback.format_exc())
+        world.Abort(1)
+        return 1  # pragma: no cover - Abort does not return
+
+
+def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
+    import numpy as np
+    import torch
+
+    import colnet_mpi
+    from colnet_mpi.comm.topology import Topology, agree, mpi_library
+    from colnet_mpi.config import ConfigError, load_config, to_toml
+    from colnet_mpi.metrics.writer import ResultsWriter
+    from colnet_mpi.round import Federation, Node
+
+    t0 = time.perf_counter()
+    config = None
+    error: str | None = None
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        error = f"invalid config: {err}"
+    topology = Topology(kind=config.federation.topology if config else "full")
+    world, rank, size = topology.world, topology.rank, topology.size
+
+    def stop_if_any(err: str | None) -> None:
+        failures = agree(world, err)
+        if failures:
+            who, msg = failures[0]
+            if rank == 0:
+                print(f"colnet-mpi: {msg}" + (f" (reported by rank {who})" if size > 1 else ""),
+                      file=sys.stderr, flush=True)
+            topology.free()
+            raise SystemExit(EXIT_BAD_INPUT)
+
+    stop_if_any(error)
+    assert config is not None
+    log = _say if (rank == 0 and not args.quiet) else (lambda _msg: None)
+    if size != config.world_size:
+        error = (
+            f"world size {size} does not match the config's {config.world_size} nodes; launch with "
+            f"mpiexec -n {config.world_size} (or srun --ntasks={config.world_size})"
+        )
+    output = Path(args.out) if args.out else config.run.output_path()
+    if error is None and rank == 0 and not args.dry_run and output.exists() and not args.overwrite:
+        error = f"output file {str(output)!r} already exists; pass --overwrite to replace it or choose --out"
+    stop_if_any(error)
+
+    # Per-rank resources: threads from the CPUs this rank was given, GPU from the node-local rank.
+    torch.set_num_threads(topology.cpus_for_rank())
+    if torch.cuda.is_available():
+        device = torch.device("cuda", topology.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if config.run.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    node = None
+    try:
+        node = Node(config, rank, device)
+    except (ValueError, OSError, FileNotFoundError) as err:
+        error = f"rank {rank} could not build its node: {err}"
+    stop_if_any(error)
+    assert node is not None
+    hosts = topology.hostnames()
+    log(
+        f"colnet-mpi {colnet_mpi.__version__}: {size} nodes, scheme={config.federation.scheme}, "
+        f"dataset={config.data.dataset}, width={config.model.width}, BL-{config.model.privatization}, "
+        f"{config.training.rounds} rounds x {config.training.local_epochs} epochs, device={device.type}, "
+        f"threads/rank={torch.get_num_threads()}, {len(set(hosts))} host(s), "
+        f"backbone {node.flat.numel:,} values ({node.flat.nbytes / 2**20:.1f} MiB)"
+    )
+    if args.dry_run:
+        log(f"dry run: config, world size, data and models are fine (setup {time.perf_counter() - t0:.1f}s)")
+        topology.free()
+        return 0
+
+    writer = None
+    federation = Federation(config, topology, node, None, log)
+    if rank == 0:
+        writer = ResultsWriter(
+            output,
+            attrs={
+                "config": to_toml(config),
+                "version": colnet_mpi.__version__,
+                "git_commit": _git_commit(),
+                "mpi_library": mpi_library(),
+                "world_size": size,
+                "hostnames": ",".join(hosts),
+                "torch_version": str(torch.__version__),
+                "device": device.type,
+                "transfer_path": federation.transport.path,
+                "seed": config.run.seed,
+                "scheme": config.federation.scheme,
+                "command": " ".join(sys.argv),
+                "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+            },
+            node_names=[n.name for n in config.nodes],
+            node_tasks=[n.task for n in config.nodes],
+            true_groups=federation.true_groups,
+            record_affinity=federation.record_affinity,
+            overwrite=args.overwrite,
+        )
+        federation.writer = writer
+        state["output"] = output
+    world.Barrier()
+    if rank != 0:
+        state["output"] = output
+    federation.run()
+    world.Barrier()
+    if writer is not None:
+        writer.finish()
+        log(f"finished in {time.perf_counter() - t0:.1f}s; results: {output}")
+    topology.free()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``colnet-mpi`` console script."""
+    args = _parser().parse_args(argv)
+    if args.command == "run":
+        return cmd_run(args)
+    if args.command == "check-config":
+        return cmd_check_config(args)
+    raise AssertionError(args.command)  # pragma: no cover
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""The one owner of communicators: world duplicate, neighbour graph, group and leader communicators."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Sequence
+
+import numpy as np
+from mpi4py import MPI
+
+TOPOLOGIES = ("full", "ring")
+
+
+def neighbours_of(rank: int, size: int, kind: str) -> list[int]:
+    """Neighbours of ``rank`` in the overlay graph (sorted world ranks, never ``rank`` itself)."""
+    if kind == "full":
+        return [r for r in range(size) if r != rank]
+    if kind == "ring":
+        return sorted({(rank - 1) % size, (rank + 1) % size} - {rank})
+    raise ValueError(f"topology {kind!r} is not allowed; choose one of: {', '.join(TOPOLOGIES)}")
+
+
+class Topology:
+    """Builds, hands out and frees every communicator of a run.
+
+    ``world`` is a private duplicate of the parent communicator, so library traffic never mixes with
+    anything else in the process. ``group`` and ``leaders`` are rebuilt by :meth:`set_groups` each
+    round (``MPI.COMM_NULL`` where this rank is not a member) and freed by :meth:`free`.
+    """
+
+    def __init__(self, parent: MPI.Comm | None = None, *, kind: str = "full") -> None:
+        self.world: MPI.Comm = (parent if parent is not None else MPI.COMM_WORLD).Dup()
+        self.rank: int = self.world.Get_rank()
+        self.size: int = self.world.Get_size()
+        self.kind = kind
+        self.neighbours: list[int] = neighbours_of(self.rank, self.size, kind)
+        shared = self.world.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        self.local_rank: int = shared.Get_rank()
+        self.local_size: int = shared.Get_size()
+        shared.Free()
+        self.group: MPI.Comm = MPI.COMM_NULL
+        self.leaders: MPI.Comm = MPI.COMM_NULL
+        self._groups_key: bytes | None = None
+        self.group_ids = np.zeros(self.size, dtype=np.int64)
+        self.is_leader = False
+        self.group_members: list[int] = [self.rank]
+        self.leader_rank_in_group = 0
+
+    # -- per-round groups -------------------------------------------------------------------
+    def set_groups(self, group_ids: np.ndarray, leader_flags: np.ndarray) -> None:
+        """Make the group and leader communicators match the agreed partition (collective).
+
+        ``group_ids`` and ``leader_flags`` must be identical on every rank; the group communicator
+        is only rebuilt when the partition changed, the leader communicator every call.
+        """
+        group_ids = np.asarray(group_ids, dtype=np.int64)
+        leader_flags = np.asarray(leader_flags, dtype=bool)
+        if group_ids.shape != (self.size,) or leader_flags.shape != (self.size,):
+            raise ValueError(
+                f"group ids {group_ids.shape} and leader flags {leader_flags.shape} must both have "
+                f"shape ({self.size},)"
+            )
+        my_group = int(group_ids[self.rank])
+        members = [int(r) for r in np.flatnonzero(group_ids == my_group)]
+        leaders_here = [r for r in members if leader_flags[r]]
+        if len(leaders_here) != 1:
+            raise ValueError(f"group {my_group} has {len(leaders_here)} leaders; exactly one is required")
+        key = group_ids.tobytes()
+        if key != self._groups_key:
+            self._free(self.group)
+            self.group = self.world.Split(color=my_group, key=self.rank)
+            self._groups_key = key
+        self._free(self.leaders)
+        self.is_leader = bool(leader_flags[self.rank])
+        color = 0 if self.is_leader else MPI.UNDEFINED
+        self.leaders = self.world.Split(color=color, key=my_group)
+        self.group_ids = group_ids
+        self.group_members = members
+        self.leader_rank_in_group = members.index(leaders_here[0])
+
+    @property
+    def group_size(self) -> int:
+        """Members in this rank's group."""
+        return len(self.group_members)
+
+    # -- lifetime -----------------------------------------------------------------------------
+    @staticmethod
+    def _free(comm: MPI.Comm) -> None:
+        if comm != MPI.COMM_NULL:
+            comm.Free()
+
+    def free(self) -> None:
+        """Free every communicator this object created (idempotent)."""
+        self._free(self.group)
+        self._free(self.leaders)
+        self.group = MPI.COMM_NULL
+        self.leaders = MPI.COMM_NULL
+        self._groups_key = None
+        if self.world != MPI.COMM_NULL:
+            self.world.Free()
+            self.world = MPI.COMM_NULL
+
+    def __enter__(self) -> Topology:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.free()
+
+    # -- small helpers ---------------------------------------------------------------------
+    def hostnames(self) -> list[str]:
+        """Host name of every rank (fixed-width bytes through a numeric Allgather)."""
+        width = 64
+        mine = np.zeros(width, dtype=np.uint8)
+        raw = socket.gethostname().encode()[:width]
+        mine[: len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+        allnames = np.zeros((self.size, width), dtype=np.uint8)
+        self.world.Allgather([mine, MPI.UNSIGNED_CHAR], [allnames, MPI.UNSIGNED_CHAR])
+        return [bytes(row).rstrip(b"\0").decode(errors="replace") for row in allnames]
+
+    def cpus_for_rank(self) -> int:
+        """CPU threads this rank may use: SLURM's grant, else its affinity shared among local ranks."""
+        slurm = os.environ.get("SLURM_CPUS_PER_TASK")
+        if slurm and slurm.isdigit() and int(slurm) > 0:
+            return int(slurm)
+        try:
+            affinity = len(os.sched_getaffinity(0))
+        except AttributeError:  # pragma: no cover - macOS
+            affinity = os.cpu_count() or 1
+        total = os.cpu_count() or affinity
+        if affinity < total:  # the launcher already bound this rank to its own cores
+            return max(1, affinity)
+        return max(1, affinity // self.local_size)
+
+
+def mpi_library() -> str:
+    """First line of the MPI library's version string."""
+    return MPI.Get_library_version().strip().splitlines()[0].strip()
+
+
+def agree(world: MPI.Comm, error: str | None) -> list[tuple[int, str]]:
+    """Collectively learn which ranks hit an error before training (numeric Allgather only).
+
+    Returns ``[(rank, message)]`` for the lowest failing rank (its message is broadcast as bytes),
+    or an empty list when every rank is fine. Every rank gets the same answer, so all of them can
+    stop together instead of some waiting forever in the next collective.
+    """
+    flags = np.zeros(world.Get_size(), dtype=np.int32)
+    mine = np.array([1 if error else 0], dtype=np.int32)
+    world.Allgather([mine, MPI.INT], [flags, MPI.INT])
+    failing = np.flatnonzero(flags)
+    if failing.size == 0:
+        return []
+    root = int(failing[0])
+    width = 4096
+    msg = np.zeros(width, dtype=np.uint8)
+    if world.Get_rank() == root and error:
+        raw = error.encode()[:width]
+        msg[: len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+    world.Bcast([msg, MPI.UNSIGNED_CHAR], root=root)
+    return [(root, bytes(msg).rstrip(b"\0").decode(errors="replace"))]
+
+
+def ints_allgather(world: MPI.Comm, values: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Allgather a small int64 vector of the same length from every rank -> (size, length)."""
+    mine = np.ascontiguousarray(values, dtype=np.int64)
+    out = np.empty((world.Get_size(), mine.size), dtype=np.int64)
+    world.Allgather([mine, MPI.INT64_T], [out, MPI.INT64_T])
+    return out

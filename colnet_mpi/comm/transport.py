@@ -1,0 +1,204 @@
+"""Model-data transport: flat float32 buffers moved with upper-case (buffer) mpi4py calls only."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from colnet_mpi.comm.topology import Topology
+
+TRANSFER_PATHS = ("host", "cuda-aware", "host-staged")
+
+
+class ReceiveError(RuntimeError):
+    """A received model buffer failed its checks (size or finite values)."""
+
+
+def mpi_supports_cuda() -> bool:
+    """Ask the MPI library itself whether it accepts CUDA device pointers (Open MPI / MPICH extensions).
+
+    Falls back to the usual environment switches when the library has no query function.
+    """
+    lib = ctypes.CDLL(None)
+    query = getattr(lib, "MPIX_Query_cuda_support", None)  # Open MPI
+    if query is not None:
+        try:
+            return bool(query())
+        except OSError:  # pragma: no cover - defensive
+            pass
+    gpu_query = getattr(lib, "MPIX_GPU_query_support", None)  # MPICH >= 4: (type, int*)
+    if gpu_query is not None:
+        flag = ctypes.c_int(0)
+        try:
+            if gpu_query(ctypes.c_int(1), ctypes.byref(flag)) == 0:  # MPIX_GPU_SUPPORT_CUDA = 1
+                return bool(flag.value)
+        except OSError:  # pragma: no cover - defensive
+            pass
+    return os.environ.get("MPICH_GPU_SUPPORT_ENABLED") == "1"
+
+
+def check_vector(vec: torch.Tensor, expected: int, what: str) -> None:
+    """Refuse a model vector of the wrong size or with non-finite values, naming where it came from."""
+    if vec.numel() != expected:
+        raise ReceiveError(f"{what}: got {vec.numel()} values, expected {expected}")
+    if not bool(torch.isfinite(vec).all()):
+        bad = int((~torch.isfinite(vec)).sum())
+        raise ReceiveError(f"{what}: {bad} of {expected} values are NaN or infinite")
+
+
+class Transport:
+    """Sends and receives flat backbone vectors for one rank; counts bytes per round.
+
+    On CPU the tensors' memory is handed to MPI directly. On GPU the device buffer is handed to MPI
+    when the library is CUDA-aware (``path == "cuda-aware"``); otherwise each message is staged
+    through pinned host memory (``path == "host-staged"``).
+    """
+
+    def __init__(self, topology: Topology, numel: int, device: torch.device, cuda_aware: str = "auto"):
+        self.topology = topology
+        self.numel = numel
+        self.device = device
+        if device.type != "cuda":
+            self.path = "host"
+        elif cuda_aware == "yes" or (cuda_aware == "auto" and mpi_supports_cuda()):
+            self.path = "cuda-aware"
+        else:
+            self.path = "host-staged"
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    # -- buffer plumbing -------------------------------------------------------------------------
+    def _wire(self, t: torch.Tensor) -> torch.Tensor:
+        """A contiguous tensor in the memory MPI will touch (device or host)."""
+        t = t.contiguous()
+        if self.path == "host-staged":
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t)
+            return host
+        return t
+
+    def _back(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device, non_blocking=False) if t.device != self.device else t
+
+    def _empty(self, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.path == "host-staged":
+            return torch.empty(shape, dtype=dtype, pin_memory=True)
+        return torch.empty(shape, dtype=dtype, device=self.device)
+
+    @staticmethod
+    def _buf(t: torch.Tensor) -> list[Any]:
+        dtype = {torch.float32: MPI.FLOAT, torch.float64: MPI.DOUBLE}[t.dtype]
+        if t.is_cuda:
+            torch.cuda.current_stream(t.device).synchronize()
+            return [t, dtype]  # __cuda_array_interface__
+        return [t.numpy(), dtype]
+
+    def reset_counters(self) -> None:
+        """Start counting the bytes of a new round."""
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    # -- stage 2: neighbour exchange ----------------------------------------------------------
+    def exchange(self, flat: torch.Tensor, tag: int = 17) -> dict[int, torch.Tensor]:
+        """Send ``flat`` to every neighbour and receive theirs (non-blocking); every vector is checked."""
+        check_vector(flat, self.numel, f"rank {self.topology.rank}: own backbone before sending")
+        world = self.topology.world
+        send = self._wire(flat)
+        recv = {src: self._empty(self.numel) for src in self.topology.neighbours}
+        requests = [world.Irecv(self._buf(buf), source=src, tag=tag) for src, buf in recv.items()]
+        requests += [world.Isend(self._buf(send), dest=dst, tag=tag) for dst in self.topology.neighbours]
+        statuses = [MPI.Status() for _ in requests]
+        MPI.Request.Waitall(requests, statuses)
+        n = len(self.topology.neighbours)
+        for status, (src, buf) in zip(statuses[:n], recv.items()):
+            count = status.Get_count(MPI.FLOAT)
+            if count != self.numel:
+                raise ReceiveError(
+                    f"rank {self.topology.rank}: backbone from rank {src} has {count} values, "
+                    f"expected {self.numel}"
+                )
+            check_vector(buf, self.numel, f"rank {self.topology.rank}: backbone from rank {src}")
+        self.bytes_sent += n * flat.numel() * flat.element_size()
+        self.bytes_received += n * self.numel * 4
+        return {src: self._back(buf) for src, buf in recv.items()}
+
+    # -- stage 3: intra-group FedAvg -----------------------------------------------------------
+    def group_sum(self, vec: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum of ``vec`` over the group communicator (returns a new tensor)."""
+        comm = self.topology.group
+        wire = self._wire(vec.clone())
+        if self.topology.group_size > 1:
+            comm.Allreduce(MPI.IN_PLACE, self._buf(wire), op=MPI.SUM)
+            self.bytes_sent += wire.numel() * wire.element_size()
+            self.bytes_received += wire.numel() * wire.element_size()
+        return self._back(wire)
+
+    def reduce_to_leader(self, vec: torch.Tensor) -> torch.Tensor | None:
+        """Sum ``vec`` over the group onto its leader; the leader gets the sum, the others None."""
+        topo = self.topology
+        if topo.group_size == 1:
+            return vec.clone()
+        wire = self._wire(vec.clone())
+        root = topo.leader_rank_in_group
+        if topo.is_leader:
+            topo.group.Reduce(MPI.IN_PLACE, self._buf(wire), op=MPI.SUM, root=root)
+            self.bytes_received += wire.numel() * wire.element_size() * (topo.group_size - 1)
+            return self._back(wire)
+        topo.group.Reduce(self._buf(wire), None, op=MPI.SUM, root=root)
+        self.bytes_sent += wire.numel() * wire.element_size()
+        return None
+
+    # -- stage 4: leaders ---------------------------------------------------------------------
+    def leaders_allgather(self, vec: torch.Tensor) -> torch.Tensor:
+        """Every leader's vector, stacked in group order -> (leaders, len); leaders only."""
+        comm = self.topology.leaders
+        n = comm.Get_size()
+        out = self._empty(n, vec.numel())
+        wire = self._wire(vec)
+        comm.Allgather(self._buf(wire), self._buf(out))
+        self.bytes_sent += wire.numel() * 4 * (n - 1)
+        self.bytes_received += wire.numel() * 4 * (n - 1)
+        out = self._back(out)
+        for i in range(n):
+            check_vector(out[i], vec.numel(), f"rank {self.topology.rank}: delta of leader {i}")
+        return out
+
+    def leaders_sum(self, vec: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum over the leaders' communicator; leaders only."""
+        comm = self.topology.leaders
+        wire = self._wire(vec.clone())
+        if comm.Get_size() > 1:
+            comm.Allreduce(MPI.IN_PLACE, self._buf(wire), op=MPI.SUM)
+            self.bytes_sent += wire.numel() * 4
+            self.bytes_received += wire.numel() * 4
+        return self._back(wire)
+
+    # -- stage 5: redistribution ----------------------------------------------------------------
+    def group_broadcast(self, vec: torch.Tensor) -> torch.Tensor:
+        """The leader's ``vec`` on every member of the group (checked on arrival)."""
+        topo = self.topology
+        if topo.group_size == 1:
+            return vec
+        wire = self._wire(vec.clone())
+        topo.group.Bcast(self._buf(wire), root=topo.leader_rank_in_group)
+        size = wire.numel() * wire.element_size()
+        if topo.is_leader:
+            self.bytes_sent += size * (topo.group_size - 1)
+        else:
+            self.bytes_received += size
+            check_vector(wire, vec.numel(), f"rank {topo.rank}: backbone broadcast by the group leader")
+        return self._back(wire)
+
+    # -- small per-round records -----------------------------------------------------------------
+    def gather_records(self, record: np.ndarray, root: int = 0) -> np.ndarray | None:
+        """Gather one float64 record per rank onto ``root`` -> (size, len) there, None elsewhere."""
+        world = self.topology.world
+        rec = np.ascontiguousarray(record, dtype=np.float64)
+        out = np.empty((world.Get_size(), rec.size), dtype=np.float64) if world.Get_rank() == root else None
+        world.Gather([rec, MPI.DOUBLE], [out, MPI.DOUBLE] if out is not None else None, root=root)
+        return out

@@ -1,0 +1,462 @@
+"""Typed, frozen experiment configuration: TOML loading, ``--set`` overrides and validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the key and what is allowed."""
+
+
+def _choice(key: str, value: object, allowed: Sequence[object]) -> None:
+    if value not in allowed:
+        shown = ", ".join(repr(a) for a in allowed)
+        raise ConfigError(f"{key} = {value!r} is not allowed; choose one of: {shown}")
+
+
+def _positive(key: str, value: float, *, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok or (isinstance(value, float) and not math.isfinite(value)):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key} = {value!r} is not allowed; it must be a finite number {bound}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """[run]: naming, seeding and where the results file goes."""
+
+    name: str = "colnet"
+    seed: int = 0
+    output: str = ""  # empty: results/<name>.h5 relative to the working directory
+    deterministic: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.name or any(c in self.name for c in "/\\ "):
+            raise ConfigError(
+                f"run.name = {self.name!r} is not allowed; use a non-empty name without '/', '\\' or spaces"
+            )
+        _positive("run.seed", self.seed, allow_zero=True)
+
+    def output_path(self) -> Path:
+        """Where the HDF5 results file of this run goes."""
+        return Path(self.output) if self.output else Path("results") / f"{self.name}.h5"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """[data]: which dataset and how much of it each node holds."""
+
+    dataset: str = "synthetic_faces"
+    root: str = ""  # directory of on-disk datasets (unused by the embedded ones)
+    samples_per_node: int = 0  # train+val per node before the 80/20 split; 0 = dataset default
+    test_samples: int = 0  # size of each group's common test split; 0 = dataset default
+    image_size: int = 32
+
+    def __post_init__(self) -> None:
+        from colnet_mpi.data import known_datasets
+
+        _choice("data.dataset", self.dataset, known_datasets())
+        _positive("data.samples_per_node", self.samples_per_node, allow_zero=True)
+        _positive("data.test_samples", self.test_samples, allow_zero=True)
+        if self.image_size < 8:
+            raise ConfigError(f"data.image_size = {self.image_size} is not allowed; it must be >= 8")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """[model]: ResNet-18 width, stem and privatization level BL-k."""
+
+    width: int = 64
+    privatization: int = 1
+    stem: str = "auto"  # auto: "cifar" for images up to 64 px, else "imagenet"
+
+    def __post_init__(self) -> None:
+        _positive("model.width", self.width)
+        _choice("model.privatization", self.privatization, (0, 1, 2))
+        _choice("model.stem", self.stem, ("auto", "cifar", "imagenet"))
+
+    def resolved_stem(self, image_size: int) -> str:
+        """The stem actually used for images of the given side length."""
+        if self.stem != "auto":
+            return self.stem
+        return "cifar" if image_size <= 64 else "imagenet"
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerConfig:
+    """Optimizer of one task kind (persisting across rounds)."""
+
+    name: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    lr_decay: float = 1.0  # exponential decay factor applied once per local epoch
+
+    def validate(self, key: str) -> None:
+        """Check the values; ``key`` is this table's dotted name for messages."""
+        _choice(f"{key}.name", self.name, ("sgd", "adam", "adamw"))
+        _positive(f"{key}.lr", self.lr)
+        _positive(f"{key}.momentum", self.momentum, allow_zero=True)
+        _positive(f"{key}.weight_decay", self.weight_decay, allow_zero=True)
+        if not 0 < self.lr_decay <= 1:
+            raise ConfigError(f"{key}.lr_decay = {self.lr_decay!r} is not allowed; use 0 < lr_decay <= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingConfig:
+    """[training]: rounds, local epochs, batch size and the optimizer per task kind."""
+
+    rounds: int = 15
+    local_epochs: int = 2
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    grad_clip: float = 1.0  # 0 disables gradient-norm clipping
+    single_label: OptimizerConfig = field(
+        default_factory=lambda: OptimizerConfig(name="sgd", lr=0.01, momentum=0.9, weight_decay=1e-3)
+    )
+    multi_label: OptimizerConfig = field(
+        default_factory=lambda: OptimizerConfig(
+            name="adamw", lr=5e-5, weight_decay=5e-3, lr_decay=0.95
+        )
+    )
+    landmarks: OptimizerConfig = field(
+        default_factory=lambda: OptimizerConfig(name="adam", lr=5e-4, lr_decay=0.9)
+    )
+
+    def __post_init__(self) -> None:
+        for key in ("rounds", "local_epochs", "batch_size", "eval_batch_size"):
+            _positive(f"training.{key}", getattr(self, key))
+        _positive("training.grad_clip", self.grad_clip, allow_zero=True)
+        for kind in ("single_label", "multi_label", "landmarks"):
+            getattr(self, kind).validate(f"training.{kind}")
+
+    def optimizer_for(self, kind: str) -> OptimizerConfig:
+        """The optimizer settings of a task kind."""
+        return typing.cast(OptimizerConfig, getattr(self, kind))
+
+
+SCHEMES = ("colnet", "none", "intra", "fedper")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FederationConfig:
+    """[federation]: aggregation scheme and communication topology."""
+
+    scheme: str = "colnet"
+    topology: str = "full"  # full: every node is every node's neighbour; ring: i-1 and i+1
+    intra_weights: str = "equal"  # equal (the paper) or samples (training-set sizes)
+    local_bn: bool = False  # FedBN-style: BatchNorm layers stay local
+    cuda_aware: str = "auto"  # auto | yes | no: pass GPU buffers straight to MPI
+
+    def __post_init__(self) -> None:
+        _choice("federation.scheme", self.scheme, SCHEMES)
+        _choice("federation.topology", self.topology, ("full", "ring"))
+        _choice("federation.intra_weights", self.intra_weights, ("equal", "samples"))
+        _choice("federation.cuda_aware", self.cuda_aware, ("auto", "yes", "no"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusteringConfig:
+    """[clustering]: the task-aware clustering signals, their fusion and K."""
+
+    k: int | str = 2  # number of groups, or "auto" (eigengap)
+    k_max: int = 8  # upper bound for k = "auto"
+    alpha: float = 0.5  # weight of the cosine channel
+    beta: float = 0.25  # weight of the loss channel
+    gamma: float = 0.25  # weight of the Jacobian channel
+    tau_loss: float = 1.0
+    tau_jacobian: float = 1.0
+    max_batches: int = 2  # batches of local training data per evaluated model
+    jacobian: str = "exact"  # exact | hutchinson
+    probes: int = 4  # Hutchinson probe vectors per batch
+    cosine: str = "centered"  # centered (deviation from the view's mean) | raw (the paper's literal)
+    record_affinity: str = "auto"  # auto (up to 64 nodes) | yes | no
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not (
+            (isinstance(self.k, int) and self.k >= 1) or self.k == "auto"
+        ):
+            raise ConfigError(
+                f"clustering.k = {self.k!r} is not allowed; use an integer >= 1 or \"auto\""
+            )
+        _positive("clustering.k_max", self.k_max)
+        for key in ("alpha", "beta", "gamma"):
+            _positive(f"clustering.{key}", getattr(self, key), allow_zero=True)
+        total = self.alpha + self.beta + self.gamma
+        if abs(total - 1.0) > 1e-6:
+            raise ConfigError(
+                f"clustering.alpha + beta + gamma = {total:g} is not allowed; the weights must sum to 1"
+            )
+        _positive("clustering.tau_loss", self.tau_loss)
+        _positive("clustering.tau_jacobian", self.tau_jacobian)
+        _positive("clustering.max_batches", self.max_batches)
+        _choice("clustering.jacobian", self.jacobian, ("exact", "hutchinson"))
+        _positive("clustering.probes", self.probes)
+        _choice("clustering.cosine", self.cosine, ("centered", "raw"))
+        _choice("clustering.record_affinity", self.record_affinity, ("auto", "yes", "no"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class HCAConfig:
+    """[hca]: hyper-conflict-averse aggregation constants."""
+
+    alpha: float = 0.4  # c = alpha * ||mean delta||
+    psi: float = 1.0  # hyper aggregation weight applied to the HCA update
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.alpha < 1:
+            raise ConfigError(f"hca.alpha = {self.alpha!r} is not allowed; use 0 <= alpha < 1")
+        _positive("hca.psi", self.psi, allow_zero=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeConfig:
+    """One federation node (one MPI rank): its name and its task (ground truth, never shown to the algorithm)."""
+
+    name: str
+    task: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """The whole experiment."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
+    hca: HCAConfig = field(default_factory=HCAConfig)
+    nodes: tuple[NodeConfig, ...] = ()
+
+    def __post_init__(self) -> None:
+        from colnet_mpi.data import dataset_tasks
+
+        if not self.nodes:
+            raise ConfigError("nodes: at least one [[nodes]] entry is required")
+        tasks = dataset_tasks(self.data.dataset)
+        names = set()
+        for i, node in enumerate(self.nodes):
+            if node.task not in tasks:
+                raise ConfigError(
+                    f"nodes[{i}].task = {node.task!r} is not a task of dataset "
+                    f"{self.data.dataset!r}; allowed: {', '.join(tasks)}"
+                )
+            if node.name in names:
+                raise ConfigError(f"nodes[{i}].name = {node.name!r} is used twice; names must be unique")
+            names.add(node.name)
+        if isinstance(self.clustering.k, int) and self.clustering.k > len(self.nodes):
+            raise ConfigError(
+                f"clustering.k = {self.clustering.k} is not allowed with {len(self.nodes)} nodes; "
+                f"use at most {len(self.nodes)}"
+            )
+
+    @property
+    def world_size(self) -> int:
+        """Number of MPI ranks this config needs (one per node)."""
+        return len(self.nodes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: dict -> dataclasses with type checks, unknown keys rejected.
+
+_SECTIONS = {
+    "run": RunConfig,
+    "data": DataConfig,
+    "model": ModelConfig,
+    "training": TrainingConfig,
+    "federation": FederationConfig,
+    "clustering": ClusteringConfig,
+    "hca": HCAConfig,
+}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp`` (int, float, bool, str or a union of them)."""
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} must be a table, got {value!r}")
+        return _build(tp, value, key)
+    options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, _UnionType) else (tp,)
+    for option in options:
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is str and isinstance(value, str):
+            return value
+    wanted = " or ".join(_type_name(o) for o in options)
+    raise ConfigError(f"{key} = {value!r} has the wrong type; expected {wanted}")
+
+
+_UnionType = type(int | str)
+
+
+def _build(cls: type, table: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    for key in table:
+        if key not in known:
+            raise ConfigError(
+                f"unknown key '{prefix}.{key}'; allowed keys in [{prefix}]: {', '.join(sorted(known))}"
+            )
+    kwargs = {k: _coerce(f"{prefix}.{k}", v, hints[k]) for k, v in table.items()}
+    obj = cls(**kwargs)
+    return obj
+
+
+def _expand_nodes(entries: Any) -> tuple[NodeConfig, ...]:
+    if not isinstance(entries, list):
+        raise ConfigError("nodes must be an array of tables: [[nodes]] with task = ... (and count = ...)")
+    nodes: list[NodeConfig] = []
+    per_task: dict[str, int] = {}
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"nodes[{i}] must be a table with keys task, name, count")
+        unknown = set(entry) - {"task", "name", "count"}
+        if unknown:
+            raise ConfigError(
+                f"unknown key 'nodes[{i}].{sorted(unknown)[0]}'; allowed keys: count, name, task"
+            )
+        task = entry.get("task")
+        if not isinstance(task, str):
+            raise ConfigError(f"nodes[{i}].task is required and must be a string")
+        count = entry.get("count", 1)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ConfigError(f"nodes[{i}].count = {count!r} is not allowed; use an integer >= 1")
+        name = entry.get("name")
+        if name is not None and (not isinstance(name, str) or count != 1):
+            raise ConfigError(f"nodes[{i}].name must be a string and needs count = 1")
+        for _ in range(count):
+            idx = per_task.get(task, 0)
+            per_task[task] = idx + 1
+            nodes.append(NodeConfig(name=name or f"{task}-{idx}", task=task))
+    return tuple(nodes)
+
+
+def config_from_dict(raw: Mapping[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from a parsed TOML document."""
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "nodes":
+            kwargs["nodes"] = _expand_nodes(value)
+        elif key in _SECTIONS:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"[{key}] must be a table")
+            kwargs[key] = _build(_SECTIONS[key], value, key)
+        else:
+            allowed = ", ".join([*_SECTIONS, "nodes"])
+            raise ConfigError(f"unknown section '{key}'; allowed sections: {allowed}")
+    return Config(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``section.key=value`` (value in TOML syntax; bare words are strings)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r} is not allowed; use section.key=value")
+    dotted, raw_value = text.split("=", 1)
+    path = [p.strip() for p in dotted.strip().split(".")]
+    if len(path) < 2 or not all(path):
+        raise ConfigError(f"--set {text!r}: the key must look like section.key (e.g. training.rounds)")
+    try:
+        value = tomllib.loads(f"v = {raw_value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw_value.strip()
+    return path, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each ``section.key=value`` override applied."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        if path[0] == "nodes":
+            raise ConfigError("--set cannot change [[nodes]]; edit the config file instead")
+        table = out
+        for part in path[:-1]:
+            table = table.setdefault(part, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"--set {text!r}: {part!r} is not a table")
+        table[path[-1]] = value
+    return out
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read a TOML config file, apply overrides and validate everything."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        raw = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {str(p)!r} is not valid TOML: {err}") from err
+    return config_from_dict(apply_overrides(raw, overrides))
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing: the resolved config as TOML text (stored in the results file).
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def to_toml(config: Config) -> str:
+    """Serialise the resolved config (every field, nodes expanded) as TOML text."""
+    lines: list[str] = []
+
+    def table(name: str, obj: Any) -> None:
+        lines.append(f"[{name}]")
+        nested = []
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                nested.append((f"{name}.{f.name}", value))
+            else:
+                lines.append(f"{f.name} = {_toml_value(value)}")
+        lines.append("")
+        for sub_name, sub in nested:
+            table(sub_name, sub)
+
+    for section in _SECTIONS:
+        table(section, getattr(config, section))
+    for node in config.nodes:
+        lines.append("[[nodes]]")
+        lines.append(f"name = {_toml_value(node.name)}")
+        lines.append(f"task = {_toml_value(node.task)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def config_from_toml(text: str) -> Config:
+    """Rebuild a config from :func:`to_toml` text (e.g. the ``config`` attribute of a results file)."""
+    return config_from_dict(tomllib.loads(text))
