@@ -172,7 +172,8 @@ class RoundResult:
     bytes_received: int
     seconds: dict[str, float]
     proposal: np.ndarray
-    affinity: np.ndarray
+    affinity: np.ndarray  # (2, n, n): fused affinity S and cosine C over world indices (NaN = unseen)
+    signals: np.ndarray  # (2, n): loss and Jacobian norm of each seen backbone with this node's head
     hca_weight: float = float("nan")
     hca_mean_delta_norm: float = float("nan")
     hca_update_norm: float = float("nan")
@@ -192,7 +193,7 @@ class RoundResult:
         ]
         return np.concatenate(
             [np.asarray(head, dtype=np.float64), self.proposal.astype(np.float64),
-             self.affinity.reshape(-1).astype(np.float64)]
+             self.signals.reshape(-1).astype(np.float64), self.affinity.reshape(-1).astype(np.float64)]
         )
 
 
@@ -217,7 +218,10 @@ def unpack_records(records: np.ndarray, epochs: int, n: int) -> dict[str, np.nda
     for name in ("hca_weight", "hca_mean_delta_norm", "hca_update_norm", "hca_solver_ok", "k"):
         take(name, 1)
     take("proposal", n)
+    take("loss", n)
+    take("jacobian", n)
     take("affinity", n * n)
+    take("cosine", n * n)
     return cols
 
 
@@ -274,9 +278,13 @@ class Federation:
         proposal[view] = labels
         proposals = ints_allgather(topo.world, proposal)
         groups = consensus_partition(proposals, cfg.k if isinstance(cfg.k, int) else None)
-        world_aff = np.full((n, n), np.nan, dtype=np.float64)
-        world_aff[np.ix_(view, view)] = affinity
-        return proposal, world_aff, np.asarray(groups, dtype=np.int64), int(k)
+        world_aff = np.full((2, n, n), np.nan, dtype=np.float64)
+        world_aff[0][np.ix_(view, view)] = affinity
+        world_aff[1][np.ix_(view, view)] = cos
+        signals = np.full((2, n), np.nan)
+        signals[0, view] = losses
+        signals[1, view] = jacobians
+        return proposal, world_aff, signals, np.asarray(groups, dtype=np.int64), int(k)
 
     def _leaders(self, groups: np.ndarray, r: int) -> np.ndarray:
         flags = np.zeros(groups.size, dtype=bool)
@@ -307,7 +315,8 @@ class Federation:
         t = timed("local_train", t)
 
         proposal = np.full(n, -1, dtype=np.int64)
-        affinity = np.full((n, n), np.nan)
+        affinity = np.full((2, n, n), np.nan)
+        signals = np.full((2, n), np.nan)
         groups = np.arange(n, dtype=np.int64)
         leaders = np.ones(n, dtype=bool)
         result_kw: dict[str, float | int] = {}
@@ -319,7 +328,7 @@ class Federation:
             t = timed("exchange", t)
         if scheme.cluster:
             # Stage 3a/3b: task-aware clustering and the agreed partition
-            proposal, affinity, groups, k = self._cluster(r, own, received)
+            proposal, affinity, signals, groups, k = self._cluster(r, own, received)
             leaders = self._leaders(groups, r)
             topo.set_groups(groups, leaders)
             t = timed("clustering", t)
@@ -380,6 +389,7 @@ class Federation:
             seconds=seconds,
             proposal=proposal,
             affinity=affinity,
+            signals=signals,
             k=k,
             groups=groups,
             **result_kw,  # type: ignore[arg-type]
@@ -409,6 +419,8 @@ class Federation:
             "round/bytes_sent": cols["bytes_sent"][:, 0],
             "round/bytes_received": cols["bytes_received"][:, 0],
             "clustering/proposal": cols["proposal"],
+            "clustering/loss": cols["loss"],
+            "clustering/jacobian": cols["jacobian"],
             "clustering/ari": ari,
             "clustering/k": int(np.nanmax(cols["k"][:, 0])) if n else 0,
             "hca/weights": cols["hca_weight"][:, 0],
@@ -426,6 +438,7 @@ class Federation:
             rows[f"round/seconds/{s}"] = cols[f"seconds/{s}"][:, 0]
         if self.record_affinity:
             rows["clustering/affinity"] = cols["affinity"].reshape(n, n, n)
+            rows["clustering/cosine"] = cols["cosine"].reshape(n, n, n)
         if self.writer is not None:
             self.writer.append(rows)
         self.log(self._summary(r, rows, ari))

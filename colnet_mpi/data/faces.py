@@ -271,15 +271,17 @@ def _render(uniforms: np.ndarray, noise: np.ndarray, size: int) -> FaceBatch:
     bottom = _MOUTH_V + (bend_bottom + opening) * shape
     outside_w = np.abs(u) - half_w
 
-    def between(upper: np.ndarray, lower: np.ndarray, inset: float) -> np.ndarray:
-        """Signed distance to the mouth region between two curves, shrunk by ``inset``."""
-        return np.maximum(outside_w + inset, np.maximum(upper + inset - v, v - lower + inset))
+    def between(upper: np.ndarray, lower: np.ndarray, inset: float, inset_u: float) -> np.ndarray:
+        """Signed distance to the region between two curves, shrunk by ``inset``/``inset_u``."""
+        return np.maximum(outside_w + inset_u, np.maximum(upper + inset - v, v - lower + inset))
 
-    canvas.paint(between(top, bottom, -0.013), np.array([0.70, 0.22, 0.25]))
+    # Lips reach a little past the corners; teeth and cavity stay clear of the corners.
+    canvas.paint(between(top, bottom, -0.013, -0.013), np.array([0.70, 0.22, 0.25]))
+    interior = between(top, bottom, 0.004, 0.02)
     teeth = np.array([0.97, 0.95, 0.90])
-    canvas.paint(between(top, bottom, 0.004), teeth, where=smiling & ~mouth_open)
-    canvas.paint(between(top, bottom, 0.004), np.array([0.18, 0.03, 0.05]), where=mouth_open)
-    canvas.paint(between(top, top + 0.022, 0.004), teeth, where=smiling & mouth_open)
+    canvas.paint(interior, teeth, where=smiling & ~mouth_open)
+    canvas.paint(interior, np.array([0.18, 0.03, 0.05]), where=mouth_open)
+    canvas.paint(np.maximum(interior, v - top - 0.022), teeth, where=smiling & mouth_open)
 
     # Eyeglasses: two rings, a bridge and arms to the face edge.
     ring_r, ring_w = 0.058, 0.008

@@ -55,6 +55,8 @@ def result_layout(n_nodes: int, *, record_affinity: bool) -> dict[str, Series]:
             "round/bytes_sent": Series("i8", (n,)),
             "round/bytes_received": Series("i8", (n,)),
             "clustering/proposal": Series("i4", (n, n)),
+            "clustering/loss": Series("f8", (n, n)),
+            "clustering/jacobian": Series("f8", (n, n)),
             "clustering/ari": Series("f8", ()),
             "clustering/k": Series("i4", ()),
             "hca/weights": Series("f8", (n,)),
@@ -67,6 +69,7 @@ def result_layout(n_nodes: int, *, record_affinity: bool) -> dict[str, Series]:
         layout[f"round/seconds/{stage}"] = Series("f8", (n,))
     if record_affinity:
         layout["clustering/affinity"] = Series("f4", (n, n, n))
+        layout["clustering/cosine"] = Series("f4", (n, n, n))
     return layout
 
 

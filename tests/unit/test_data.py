@@ -304,7 +304,9 @@ def test_faces_sample_depends_only_on_its_index() -> None:
 def test_faces_attribute_rates_balanced() -> None:
     batch = generate_faces(0, 1, 10, 0, 500, 16)
     rates = batch.attributes.mean(axis=0)
-    assert np.all(rates > 0.2) and np.all(rates < 0.8), dict(zip(FACE_ATTRIBUTES, rates))
+    assert np.all(rates > 0.2) and np.all(rates < 0.8), dict(
+        zip(FACE_ATTRIBUTES, rates, strict=True)
+    )
 
 
 def test_faces_landmarks_match_drawn_features() -> None:
@@ -343,6 +345,6 @@ def test_faces_attributes_are_learnable_from_pixels() -> None:
     x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
     scores = {}
     for j, name in enumerate(FACE_ATTRIBUTES):
-        clf = LogisticRegression(C=0.01, max_iter=200).fit(x_train, train.attributes[:, j])
+        clf = LogisticRegression(C=0.01, solver="liblinear").fit(x_train, train.attributes[:, j])
         scores[name] = balanced_accuracy_score(test.attributes[:, j], clf.predict(x_test))
     assert all(s > 0.62 for s in scores.values()), scores
