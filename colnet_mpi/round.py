@@ -242,7 +242,7 @@ class Federation:
         self.writer = writer
         self.log = log
         self.scheme = SCHEMES[config.federation.scheme]
-        self.transport = Transport(topology, node.flat.numel, node.device, config.federation.cuda_aware)
+        self.transport = Transport(topology, node.device, config.federation.cuda_aware)
         n = topology.size
         self.true_groups = [dataset_tasks(config.data.dataset)[nd.task].group for nd in config.nodes]
         names = sorted(set(self.true_groups))
@@ -260,7 +260,8 @@ class Federation:
         n = topo.size
         view = [topo.rank, *sorted(received)]
         vectors = torch.stack([own, *(received[j] for j in view[1:])])
-        cos = cosine_matrix(vectors[:, : self.node.flat.n_trainable], centered=cfg.cosine == "centered")
+        p = self.node.flat.n_trainable
+        cos = cosine_matrix(vectors[:, :p], centered=cfg.cosine == "centered")
         gen = torch.Generator(device=self.node.device).manual_seed(
             _seed(self.config.run.seed, 5, topo.rank, r)
         )
@@ -323,7 +324,7 @@ class Federation:
         k = 0
         own = node.flat.pack()
         if scheme.exchange:
-            # Stage 2: backbone exchange with the neighbours
+            # Stage 2: backbone exchange with the neighbours (one buffer, one message each)
             received = tr.exchange(own)
             t = timed("exchange", t)
         if scheme.cluster:

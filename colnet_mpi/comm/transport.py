@@ -59,9 +59,8 @@ class Transport:
     through pinned host memory (``path == "host-staged"``).
     """
 
-    def __init__(self, topology: Topology, numel: int, device: torch.device, cuda_aware: str = "auto"):
+    def __init__(self, topology: Topology, device: torch.device, cuda_aware: str = "auto"):
         self.topology = topology
-        self.numel = numel
         self.device = device
         if device.type != "cuda":
             self.path = "host"
@@ -105,11 +104,16 @@ class Transport:
 
     # -- stage 2: neighbour exchange ----------------------------------------------------------
     def exchange(self, flat: torch.Tensor, tag: int = 17) -> dict[int, torch.Tensor]:
-        """Send ``flat`` to every neighbour and receive theirs (non-blocking); every vector is checked."""
-        check_vector(flat, self.numel, f"rank {self.topology.rank}: own backbone before sending")
+        """Send ``flat`` to every neighbour and receive theirs (non-blocking); every vector is checked.
+
+        Every rank uses the same buffer layout, so a peer's vector must have exactly as many values
+        as this rank's own.
+        """
+        numel = flat.numel()
+        check_vector(flat, numel, f"rank {self.topology.rank}: own backbone before sending")
         world = self.topology.world
         send = self._wire(flat)
-        recv = {src: self._empty(self.numel) for src in self.topology.neighbours}
+        recv = {src: self._empty(numel) for src in self.topology.neighbours}
         requests = [world.Irecv(self._buf(buf), source=src, tag=tag) for src, buf in recv.items()]
         requests += [world.Isend(self._buf(send), dest=dst, tag=tag) for dst in self.topology.neighbours]
         statuses = [MPI.Status() for _ in requests]
@@ -117,14 +121,14 @@ class Transport:
         n = len(self.topology.neighbours)
         for status, (src, buf) in zip(statuses[:n], recv.items()):
             count = status.Get_count(MPI.FLOAT)
-            if count != self.numel:
+            if count != numel:
                 raise ReceiveError(
                     f"rank {self.topology.rank}: backbone from rank {src} has {count} values, "
-                    f"expected {self.numel}"
+                    f"expected {numel}"
                 )
-            check_vector(buf, self.numel, f"rank {self.topology.rank}: backbone from rank {src}")
-        self.bytes_sent += n * flat.numel() * flat.element_size()
-        self.bytes_received += n * self.numel * 4
+            check_vector(buf, numel, f"rank {self.topology.rank}: backbone from rank {src}")
+        self.bytes_sent += n * numel * 4
+        self.bytes_received += n * numel * 4
         return {src: self._back(buf) for src, buf in recv.items()}
 
     # -- stage 3: intra-group FedAvg -----------------------------------------------------------

@@ -1,0 +1,40 @@
+"""Shared helpers: launching mpiexec with a timeout (tiers 2 and 3 of the test plan)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def mpiexec() -> str:
+    """The mpiexec on PATH (from the `mpich` extra or the site MPI)."""
+    exe = shutil.which("mpiexec") or shutil.which("mpirun")
+    if exe is None:
+        raise RuntimeError("mpiexec not found: install the test extras with pip install -e '.[mpich,test]'")
+    return exe
+
+
+def run_mpi(
+    n: int, argv: list[str], *, timeout: float = 240, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` on ``n`` ranks; a hang fails the test instead of blocking the suite."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [mpiexec(), "-n", str(n), *argv]
+    try:
+        return subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT, env=env, check=False
+        )
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"{' '.join(cmd)} did not finish in {timeout}s (hang?)\n{err.stdout}\n{err.stderr}")
+
+
+def colnet(*args: str) -> list[str]:
+    """Command line of the real CLI, run by this interpreter."""
+    return [sys.executable, "-m", "colnet_mpi", *args]

@@ -1,0 +1,131 @@
+"""Comm-layer checks under mpiexec -n 2/4/6: exchange, group/leader collectives, receive checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from _check import run_checks
+from mpi4py import MPI
+
+from colnet_mpi.comm.topology import Topology, neighbours_of
+from colnet_mpi.comm.transport import ReceiveError, Transport
+
+P = 1000
+
+
+def vector_of(rank: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(100 + rank)
+    return torch.randn(P, generator=g)
+
+
+def all_vectors(size: int) -> np.ndarray:
+    return np.stack([vector_of(r).numpy() for r in range(size)])
+
+
+def partition(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two interleaved groups (even / odd ranks); leaders = the second member where there is one."""
+    groups = np.arange(size) % 2
+    leaders = np.zeros(size, dtype=bool)
+    for g in np.unique(groups):
+        members = np.flatnonzero(groups == g)
+        leaders[members[1 % members.size]] = True
+    return groups, leaders
+
+
+def check_exchange_full(comm: MPI.Comm) -> None:
+    with Topology(comm, kind="full") as topo:
+        tr = Transport(topo, torch.device("cpu"))
+        got = tr.exchange(vector_of(topo.rank))
+        assert sorted(got) == neighbours_of(topo.rank, topo.size, "full")
+        for src, vec in got.items():
+            assert torch.equal(vec, vector_of(src)), f"wrong data from rank {src}"
+        assert tr.bytes_sent == tr.bytes_received == (topo.size - 1) * P * 4
+
+
+def check_exchange_ring(comm: MPI.Comm) -> None:
+    with Topology(comm, kind="ring") as topo:
+        tr = Transport(topo, torch.device("cpu"))
+        got = tr.exchange(vector_of(topo.rank))
+        expected = sorted({(topo.rank - 1) % topo.size, (topo.rank + 1) % topo.size} - {topo.rank})
+        assert sorted(got) == expected
+        for src, vec in got.items():
+            assert torch.equal(vec, vector_of(src))
+
+
+def check_group_mean_and_leaders(comm: MPI.Comm) -> None:
+    with Topology(comm) as topo:
+        tr = Transport(topo, torch.device("cpu"))
+        groups, leaders = partition(topo.size)
+        topo.set_groups(groups, leaders)
+        members = np.flatnonzero(groups == groups[topo.rank])
+        assert topo.group.Get_size() == members.size
+        assert topo.group_members == members.tolist()
+        ref = all_vectors(topo.size)
+        mean = tr.group_sum(vector_of(topo.rank)) / members.size
+        np.testing.assert_allclose(mean.numpy(), ref[members].mean(axis=0), rtol=1e-5, atol=1e-6)
+        # reduce onto the leader
+        total = tr.reduce_to_leader(vector_of(topo.rank))
+        if topo.is_leader:
+            assert total is not None
+            np.testing.assert_allclose(total.numpy(), ref[members].sum(axis=0), rtol=1e-5, atol=1e-5)
+            # leaders' communicator: one member per group, ordered by group id
+            n_groups = np.unique(groups).size
+            assert topo.leaders.Get_size() == n_groups
+            stacked = tr.leaders_allgather(vector_of(topo.rank))
+            leader_ranks = [int(np.flatnonzero(leaders & (groups == g))[0]) for g in range(n_groups)]
+            np.testing.assert_array_equal(stacked.numpy(), ref[leader_ranks])
+        else:
+            assert total is None and topo.leaders == MPI.COMM_NULL
+        # broadcast from the leader reaches every member bit for bit
+        leader = int(np.flatnonzero(leaders & (groups == groups[topo.rank]))[0])
+        got = tr.group_broadcast(vector_of(topo.rank))
+        assert torch.equal(got, vector_of(leader))
+        # a new partition rebuilds the communicators
+        topo.set_groups(np.zeros(topo.size, dtype=int), np.eye(1, topo.size, 0, dtype=bool)[0])
+        assert topo.group.Get_size() == topo.size
+
+
+def check_receive_rejects_bad_buffers(comm: MPI.Comm) -> None:
+    """Rank 1 sends rank 0 a short buffer, then a NaN buffer: rank 0's exchange must refuse both."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    for bad in ("short", "nan"):
+        with Topology(comm, kind="full") as topo:
+            tr = Transport(topo, torch.device("cpu"))
+            if rank == 1:
+                payload = vector_of(1)
+                if bad == "short":
+                    payload = payload[: P // 2].clone()
+                else:
+                    payload = payload.clone()
+                    payload[7] = float("nan")
+                buf = np.zeros(P, dtype=np.float32)
+                good = vector_of(1)
+                reqs = [
+                    topo.world.Isend([(payload if d == 0 else good).numpy(), MPI.FLOAT], dest=d, tag=17)
+                    for d in topo.neighbours
+                ]
+                for src in topo.neighbours:
+                    topo.world.Recv([buf, MPI.FLOAT], source=src, tag=17)
+                MPI.Request.Waitall(reqs)
+            elif rank == 0:
+                try:
+                    tr.exchange(vector_of(0))
+                except ReceiveError as err:
+                    assert "rank 1" in str(err), str(err)
+                else:
+                    raise AssertionError(f"a {bad} buffer from rank 1 was accepted")
+            else:
+                got = tr.exchange(vector_of(rank))
+                assert len(got) == size - 1
+            topo.world.Barrier()
+
+
+if __name__ == "__main__":
+    run_checks(
+        [
+            check_exchange_full,
+            check_exchange_ring,
+            check_group_mean_and_leaders,
+            check_receive_rejects_bad_buffers,
+        ]
+    )

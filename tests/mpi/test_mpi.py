@@ -1,0 +1,28 @@
+"""Tier 2: the comm layer and a full round under mpiexec at 2, 4 and 6 ranks."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, run_mpi
+
+SCRIPTS = ROOT / "tests" / "mpi" / "scripts"
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("ranks", [2, 4, 6])
+def test_comm_layer(ranks: int) -> None:
+    proc = run_mpi(ranks, [sys.executable, str(SCRIPTS / "comm_checks.py")], timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count(f"ok on {ranks} ranks") == 4, proc.stdout
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [2, 4, 6])
+def test_full_round(ranks: int) -> None:
+    proc = run_mpi(ranks, [sys.executable, str(SCRIPTS / "round_checks.py")], timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count(f"ok on {ranks} ranks") == 3, proc.stdout
