@@ -82,7 +82,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         return _run(args, state)
     except BaseException as err:  # noqa: BLE001 - every rank must take the whole job down
-        if isinstance(err, SystemExit) and not err.code:
+        if isinstance(err, SystemExit):  # a collective, already agreed stop (bad input)
             raise
         import socket
 

@@ -466,3 +466,5 @@ class Federation:
         for r in range(1, self.config.training.rounds + 1):
             result = self.round(r)
             self.record(r, result)
+            # nobody starts the next round before round r is on disk: a crash later loses nothing
+            self.topology.world.Barrier()

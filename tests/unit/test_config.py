@@ -1,4 +1,4 @@
-"""Unit tests for colnet_mpi.config: loading, validation messages, --set overrides, TOML round trip."""
+"""Unit tests for colnet_mpi.config: loading, validation messages, --set overrides, round trip."""
 
 from __future__ import annotations
 
@@ -183,8 +183,7 @@ def test_numbering_is_per_task_and_explicit_names_kept(tmp_path):
 
 def test_duplicate_node_names_are_refused(tmp_path):
     text = (
-        '[[nodes]]\ntask = "attributes"\nname = "x"\n\n'
-        '[[nodes]]\ntask = "landmarks"\nname = "x"\n'
+        '[[nodes]]\ntask = "attributes"\nname = "x"\n\n[[nodes]]\ntask = "landmarks"\nname = "x"\n'
     )
     raises_naming(["nodes[1].name", "'x'", "unique"], load_config, write(tmp_path, text))
 
@@ -215,7 +214,9 @@ def test_nodes_must_be_array_of_tables(tmp_path):
 
 def test_unknown_task_for_dataset_lists_the_tasks(tmp_path):
     text = '[data]\ndataset = "digits"\n' + NODES  # attributes/landmarks are face tasks
-    message = raises_naming(["nodes[0].task", "'attributes'", "'digits'"], load_config, write(tmp_path, text))
+    message = raises_naming(
+        ["nodes[0].task", "'attributes'", "'digits'"], load_config, write(tmp_path, text)
+    )
     for task in dataset_tasks("digits"):
         assert task in message
 
@@ -225,7 +226,9 @@ def test_unknown_task_for_dataset_lists_the_tasks(tmp_path):
 
 
 def test_unknown_section_lists_the_sections(tmp_path):
-    message = raises_naming(["'optimizer'"], load_config, write(tmp_path, "[optimizer]\nlr = 1\n" + NODES))
+    message = raises_naming(
+        ["'optimizer'"], load_config, write(tmp_path, "[optimizer]\nlr = 1\n" + NODES)
+    )
     for section in ("run", "data", "model", "training", "federation", "clustering", "hca", "nodes"):
         assert section in message
 
@@ -241,7 +244,11 @@ def test_unknown_key_in_section_lists_the_keys(tmp_path):
 
 def test_unknown_key_in_nested_table(tmp_path):
     text = "[training.single_label]\nlearning_rate = 0.1\n" + NODES
-    raises_naming(["training.single_label.learning_rate", "lr", "momentum"], load_config, write(tmp_path, text))
+    raises_naming(
+        ["training.single_label.learning_rate", "lr", "momentum"],
+        load_config,
+        write(tmp_path, text),
+    )
 
 
 def test_section_that_is_not_a_table(tmp_path):
@@ -272,20 +279,37 @@ def test_wrong_type(tmp_path, section, line, key, expected):
 @pytest.mark.parametrize(
     ("section", "line", "key", "allowed"),
     [
-        ("federation", 'scheme = "fedprox"', "federation.scheme", ["colnet", "none", "intra", "fedper"]),
+        (
+            "federation",
+            'scheme = "fedprox"',
+            "federation.scheme",
+            ["colnet", "none", "intra", "fedper"],
+        ),
         ("federation", 'topology = "star"', "federation.topology", ["full", "ring"]),
         ("federation", 'intra_weights = "x"', "federation.intra_weights", ["equal", "samples"]),
         ("federation", 'cuda_aware = "maybe"', "federation.cuda_aware", ["auto", "yes", "no"]),
         ("model", "privatization = 3", "model.privatization", ["0", "1", "2"]),
         ("model", 'stem = "vit"', "model.stem", ["auto", "cifar", "imagenet"]),
         ("clustering", 'jacobian = "fd"', "clustering.jacobian", ["exact", "hutchinson"]),
-        ("clustering", 'cosine = "x"', "clustering.cosine", ["update", "centered", "raw"]),
-        ("clustering", 'record_affinity = "x"', "clustering.record_affinity", ["auto", "yes", "no"]),
-        ("training.multi_label", 'name = "lbfgs"', "training.multi_label.name", ["sgd", "adam", "adamw"]),
+        ("clustering", 'cosine = "x"', "clustering.cosine", ["centered", "raw"]),
+        (
+            "clustering",
+            'record_affinity = "x"',
+            "clustering.record_affinity",
+            ["auto", "yes", "no"],
+        ),
+        (
+            "training.multi_label",
+            'name = "lbfgs"',
+            "training.multi_label.name",
+            ["sgd", "adam", "adamw"],
+        ),
     ],
 )
 def test_bad_choice_names_key_and_allowed_values(tmp_path, section, line, key, allowed):
-    message = raises_naming([key, *allowed], load_config, write(tmp_path, f"[{section}]\n{line}\n" + NODES))
+    message = raises_naming(
+        [key, *allowed], load_config, write(tmp_path, f"[{section}]\n{line}\n" + NODES)
+    )
     bad = line.split("=", 1)[1].strip().strip('"')
     assert bad in message
 
@@ -314,23 +338,33 @@ def test_bad_choice_names_key_and_allowed_values(tmp_path, section, line, key, a
     ],
 )
 def test_out_of_range_values(tmp_path, section, line, key):
-    raises_naming([key, "not allowed"], load_config, write(tmp_path, f"[{section}]\n{line}\n" + NODES))
+    raises_naming(
+        [key, "not allowed"], load_config, write(tmp_path, f"[{section}]\n{line}\n" + NODES)
+    )
 
 
 def test_fusion_weights_must_sum_to_one(tmp_path):
     text = "[clustering]\nalpha = 0.5\nbeta = 0.5\ngamma = 0.5\n" + NODES
-    message = raises_naming(["alpha", "beta", "gamma", "sum to 1"], load_config, write(tmp_path, text))
+    message = raises_naming(
+        ["alpha", "beta", "gamma", "sum to 1"], load_config, write(tmp_path, text)
+    )
     assert "1.5" in message
 
 
 def test_fusion_weights_summing_to_one_are_accepted(tmp_path):
-    cfg = load_config(write(tmp_path, "[clustering]\nalpha = 1.0\nbeta = 0.0\ngamma = 0.0\n" + NODES))
+    cfg = load_config(
+        write(tmp_path, "[clustering]\nalpha = 1.0\nbeta = 0.0\ngamma = 0.0\n" + NODES)
+    )
     assert (cfg.clustering.alpha, cfg.clustering.beta, cfg.clustering.gamma) == (1.0, 0.0, 0.0)
 
 
 def test_k_larger_than_node_count_is_refused(tmp_path):
     # NODES has 4 nodes
-    raises_naming(["clustering.k", "5", "4 nodes"], load_config, write(tmp_path, "[clustering]\nk = 5\n" + NODES))
+    raises_naming(
+        ["clustering.k", "5", "4 nodes"],
+        load_config,
+        write(tmp_path, "[clustering]\nk = 5\n" + NODES),
+    )
     cfg = load_config(write(tmp_path, "[clustering]\nk = 4\n" + NODES))
     assert cfg.clustering.k == 4
 
@@ -355,7 +389,9 @@ def test_missing_file(tmp_path):
 
 
 def test_invalid_toml(tmp_path):
-    raises_naming(["bad.toml", "not valid TOML"], load_config, write(tmp_path, "[run\nname = ", "bad.toml"))
+    raises_naming(
+        ["bad.toml", "not valid TOML"], load_config, write(tmp_path, "[run\nname = ", "bad.toml")
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,7 +400,10 @@ def test_invalid_toml(tmp_path):
 
 def test_parse_override_values():
     assert parse_override("training.rounds=10") == (["training", "rounds"], 10)
-    assert parse_override(" training.single_label.lr = 0.1 ") == (["training", "single_label", "lr"], 0.1)
+    assert parse_override(" training.single_label.lr = 0.1 ") == (
+        ["training", "single_label", "lr"],
+        0.1,
+    )
     assert parse_override("federation.scheme=fedper") == (["federation", "scheme"], "fedper")
     assert parse_override('federation.scheme="ring"') == (["federation", "scheme"], "ring")
     assert parse_override("run.deterministic=false") == (["run", "deterministic"], False)
@@ -377,7 +416,9 @@ def test_bad_override_is_refused(text):
 
 
 def test_override_without_equals_names_the_form():
-    raises_naming(["training.rounds", "section.key=value"], apply_overrides, {}, ["training.rounds"])
+    raises_naming(
+        ["training.rounds", "section.key=value"], apply_overrides, {}, ["training.rounds"]
+    )
 
 
 def test_overrides_do_not_touch_the_input():
@@ -392,7 +433,12 @@ def test_override_cannot_change_nodes():
 
 
 def test_override_into_a_value_that_is_not_a_table():
-    raises_naming(["'rounds'", "not a table"], apply_overrides, {"training": {"rounds": 3}}, ["training.rounds.x=1"])
+    raises_naming(
+        ["'rounds'", "not a table"],
+        apply_overrides,
+        {"training": {"rounds": 3}},
+        ["training.rounds.x=1"],
+    )
 
 
 def test_load_config_applies_overrides(tmp_path):
@@ -417,7 +463,9 @@ def test_load_config_applies_overrides(tmp_path):
 
 def test_overrides_are_validated(tmp_path):
     path = write(tmp_path, NODES)
-    raises_naming(["federation.scheme", "'star'", "colnet"], load_config, path, ["federation.scheme=star"])
+    raises_naming(
+        ["federation.scheme", "'star'", "colnet"], load_config, path, ["federation.scheme=star"]
+    )
     raises_naming(["training.rounds", "int"], load_config, path, ["training.rounds=x"])
     raises_naming(["training.round"], load_config, path, ["training.round=3"])
     raises_naming(["'federatoin'"], load_config, path, ["federatoin.scheme=fedper"])
@@ -425,8 +473,8 @@ def test_overrides_are_validated(tmp_path):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="config.py _build (line ~324) fills a partial [training.<kind>] table from OptimizerConfig's "
-    "generic defaults (sgd, momentum 0) instead of that task kind's defaults",
+    reason="config.py _build (line ~324) fills a partial [training.<kind>] table from "
+    "OptimizerConfig's generic defaults (sgd, momentum 0) instead of that task kind's defaults",
 )
 def test_partial_optimizer_table_keeps_the_kind_defaults(tmp_path):
     from colnet_mpi.config import TrainingConfig
@@ -482,7 +530,16 @@ gamma = 0.1
     assert again.clustering.k == "auto"
     assert again.nodes[-1] == NodeConfig(name="Zoë", task="landmarks")
     # every section is written out, nodes expanded (no count left)
-    for section in ("run", "data", "model", "training", "training.single_label", "federation", "clustering", "hca"):
+    for section in (
+        "run",
+        "data",
+        "model",
+        "training",
+        "training.single_label",
+        "federation",
+        "clustering",
+        "hca",
+    ):
         assert re.search(rf"^\[{re.escape(section)}\]$", text, re.M), section
     assert text.count("[[nodes]]") == cfg.world_size
     assert "count" not in text

@@ -1,0 +1,193 @@
+"""Tier 3: the real CLI under mpiexec, read back from the HDF5 file; failure behaviour."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from colnet_mpi.metrics.writer import STAGES, TEST_METRICS
+from tests.conftest import ROOT, colnet, run_mpi
+
+QUICK = str(ROOT / "configs" / "quickstart.toml")
+# the quickstart, shrunk so that a CI run takes seconds
+SMALL = [
+    "--set", "training.rounds=3",
+    "--set", "data.samples_per_node=64",
+    "--set", "data.test_samples=48",
+    "--set", "model.width=4",
+    "--set", "clustering.max_batches=1",
+]
+
+DESIGN_NAMES = [
+    "nodes/name", "nodes/task", "nodes/true_group", "epoch/train_loss", "epoch/val_loss",
+    *(f"round/test_{m}" for m in TEST_METRICS),
+    "round/group", "round/leader", "round/backbone_checksum", "round/bytes_sent",
+    "round/bytes_received", *(f"round/seconds/{s}" for s in STAGES),
+    "clustering/affinity", "clustering/proposal", "clustering/ari",
+    "hca/weights", "hca/mean_delta_norm", "hca/update_norm", "hca/solver_ok",
+]
+ROOT_ATTRS = ["config", "version", "git_commit", "mpi_library", "world_size", "hostnames",
+              "torch_version", "device", "seed", "started", "finished", "status"]
+
+
+@pytest.fixture(scope="module")
+def six_rank_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    out = tmp_path_factory.mktemp("run") / "quick.h5"
+    proc = run_mpi(6, colnet("run", QUICK, "--out", str(out), *SMALL), timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out, proc
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_six_rank_run_reads_back(six_rank_run) -> None:
+    out, proc = six_rank_run
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("round")]
+    assert len(lines) == 3 and "ARI=" in lines[0], proc.stdout
+    assert str(out) in proc.stdout
+    with h5py.File(out) as f:
+        for name in DESIGN_NAMES:
+            assert name in f, f"missing {name}"
+        for key in ROOT_ATTRS:
+            assert key in f.attrs, f"missing attribute {key}"
+        assert f.attrs["status"] == "finished" and f.attrs["world_size"] == 6
+        assert f["epoch/train_loss"].shape == (6, 6)  # 3 rounds x 2 epochs, 6 nodes
+        assert f["round/test_loss"].shape == (3, 6)
+        assert f["clustering/affinity"].shape == (3, 6, 6, 6)
+        assert f["round/group"].maxshape[0] is None
+        tasks = [t.decode() if isinstance(t, bytes) else t for t in f["nodes/task"][:]]
+        assert tasks == ["attributes"] * 3 + ["landmarks"] * 3
+        groups = f["round/group"][:]
+        leaders = f["round/leader"][:]
+        sums = f["round/backbone_checksum"][:]
+        for r in range(3):
+            for g in np.unique(groups[r]):
+                members = np.flatnonzero(groups[r] == g)
+                assert len(set(sums[r, members])) == 1, f"round {r + 1}: group {g} checksums differ"
+                assert leaders[r, members].sum() == 1, f"round {r + 1}: group {g} needs one leader"
+        # the leader rotates round-robin among a stable group's members
+        for g in np.unique(groups[0]):
+            members = np.flatnonzero(groups[0] == g)
+            if members.size > 1 and (groups[:, members] == groups[0, members]).all():
+                who = [int(members[np.flatnonzero(leaders[r, members])[0]]) for r in range(3)]
+                assert who == [int(members[r % members.size]) for r in range(3)]
+        # NaN where a metric does not apply (F1 of landmark nodes)
+        assert np.isnan(f["round/test_f1_micro"][:, 3:]).all()
+        assert np.isfinite(f["round/test_f1_micro"][:, :3]).all()
+        assert (f["round/bytes_sent"][:] > 0).all()
+        assert np.isfinite(f["round/seconds/total"][:]).all()
+        ari = f["clustering/ari"][:]
+        assert ari.shape == (3,) and np.all(ari <= 1.0)
+        w = f["hca/weights"][:]
+        for r in range(3):
+            lead = leaders[r] == 1
+            if np.unique(groups[r]).size > 1:
+                assert np.isnan(w[r, ~lead]).all() and abs(np.nansum(w[r, lead]) - 1) < 1e-6
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_same_seed_same_metrics(tmp_path: Path) -> None:
+    """Two launches with one seed give bit-identical metrics and backbones."""
+    args = ["--set", "training.rounds=2", "--set", "data.samples_per_node=48",
+            "--set", "model.width=4", "--set", "data.test_samples=32"]
+    cfg = str(ROOT / "configs" / "digits_label_het.toml")
+    two = tmp_path / "two.toml"
+    two.write_text(
+        Path(cfg).read_text().replace("count = 3", "count = 1").replace(
+            'name = "digits_label_het"', 'name = "two"'
+        )
+    )
+    metrics = []
+    for i in range(2):
+        out = tmp_path / f"two{i}.h5"
+        proc = run_mpi(2, colnet("run", str(two), "--out", str(out), "--quiet", *args), timeout=240)
+        assert proc.returncode == 0, proc.stderr
+        with h5py.File(out) as f:
+            metrics.append({k: f[k][:] for k in ("round/test_loss", "round/test_f1_micro",
+                                                 "epoch/train_loss", "round/backbone_checksum")})
+    for key in metrics[0]:
+        np.testing.assert_array_equal(metrics[0][key], metrics[1][key], err_msg=key)
+
+
+def _fails(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    for needle in needles:
+        assert needle in proc.stderr, f"{needle!r} not in:\n{proc.stderr}"
+    assert "round   1" not in proc.stdout, "training started"
+
+
+@pytest.mark.mpi
+def test_world_size_mismatch(tmp_path: Path) -> None:
+    proc = run_mpi(2, colnet("run", QUICK, "--out", str(tmp_path / "x.h5")), timeout=120)
+    _fails(proc, "world size 2", "6 nodes", "mpiexec -n 6")
+    assert not (tmp_path / "x.h5").exists()
+
+
+@pytest.mark.mpi
+def test_output_exists(tmp_path: Path) -> None:
+    cfg = tmp_path / "one.toml"
+    cfg.write_text(Path(QUICK).read_text().replace("count = 3", "count = 1"))
+    out = tmp_path / "taken.h5"
+    out.write_bytes(b"precious")
+    proc = run_mpi(2, colnet("run", str(cfg), "--out", str(out)), timeout=120)
+    _fails(proc, "already exists", "--overwrite")
+    assert out.read_bytes() == b"precious"
+
+
+@pytest.mark.mpi
+def test_invalid_config(tmp_path: Path) -> None:
+    proc = run_mpi(2, colnet("run", QUICK, "--set", "federation.scheme=magic",
+                             "--out", str(tmp_path / "x.h5")), timeout=120)
+    _fails(proc, "federation.scheme", "'magic'", "colnet")
+
+
+@pytest.mark.mpi
+def test_unknown_dataset(tmp_path: Path) -> None:
+    proc = run_mpi(2, colnet("run", QUICK, "--set", "data.dataset=imagenet21k",
+                             "--out", str(tmp_path / "x.h5")), timeout=120)
+    _fails(proc, "imagenet21k", "digits", "synthetic_faces")
+
+
+@pytest.mark.mpi
+def test_exception_on_one_rank_aborts_job(tmp_path: Path) -> None:
+    """A crash on rank 1 in round 2 takes every rank down (no hang) and marks the file failed."""
+    cfg = tmp_path / "two.toml"
+    cfg.write_text(Path(QUICK).read_text().replace("count = 3", "count = 1"))
+    out = tmp_path / "crash.h5"
+    script = tmp_path / "crash.py"
+    script.write_text(
+        "import sys\n"
+        "from mpi4py import MPI\n"
+        "from colnet_mpi import cli, round as rnd\n"
+        "original = rnd.Federation.round\n"
+        "def round(self, r):\n"
+        "    if r == 2 and MPI.COMM_WORLD.Get_rank() == 1:\n"
+        "        raise RuntimeError('injected failure')\n"
+        "    return original(self, r)\n"
+        "rnd.Federation.round = round\n"
+        "sys.exit(cli.main(sys.argv[1:]))\n"
+    )
+    proc = run_mpi(2, [sys.executable, str(script), "run", str(cfg), "--out", str(out), *SMALL],
+                   timeout=240)
+    assert proc.returncode != 0
+    assert "rank 1 of 2" in proc.stderr and "injected failure" in proc.stderr, proc.stderr
+    with h5py.File(out) as f:
+        assert f.attrs["status"] == "failed"
+        assert "injected failure" in f.attrs["error"]
+        assert f["round/test_loss"].shape[0] == 1  # round 1 was kept
+
+
+def test_python_dash_m_and_check_config() -> None:
+    proc = subprocess.run(colnet("check-config", QUICK, "--set", "training.rounds=7"),
+                          capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "rounds = 7" in proc.stdout and "needs 6 MPI ranks" in proc.stderr
+    bad = subprocess.run(colnet("check-config", QUICK, "--set", "model.privatization=5"),
+                         capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
+    assert bad.returncode == 2 and "model.privatization" in bad.stderr
