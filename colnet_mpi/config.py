@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 import typing
@@ -320,9 +321,15 @@ def _build(cls: type, table: Mapping[str, Any], prefix: str) -> Any:
             raise ConfigError(
                 f"unknown key '{prefix}.{key}'; allowed keys in [{prefix}]: {', '.join(sorted(known))}"
             )
-    kwargs = {k: _coerce(f"{prefix}.{k}", v, hints[k]) for k, v in table.items()}
-    obj = cls(**kwargs)
-    return obj
+    defaults = {f.name: f.default_factory() for f in fields(cls) if f.default_factory is not dataclasses.MISSING}
+    kwargs = {}
+    for k, v in table.items():
+        default = defaults.get(k)
+        if dataclasses.is_dataclass(default) and isinstance(v, Mapping):
+            # a partial sub-table keeps this field's own defaults (e.g. the optimizer of a task kind)
+            v = {**{f.name: getattr(default, f.name) for f in fields(default)}, **v}
+        kwargs[k] = _coerce(f"{prefix}.{k}", v, hints[k])
+    return cls(**kwargs)
 
 
 def _expand_nodes(entries: Any) -> tuple[NodeConfig, ...]:
@@ -425,8 +432,7 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-        return f'"{escaped}"'
+        return json.dumps(value, ensure_ascii=False)  # JSON string escapes are valid TOML
     raise TypeError(f"cannot write {value!r} as TOML")
 
 

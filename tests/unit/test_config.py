@@ -11,6 +11,7 @@ import pytest
 from colnet_mpi.config import (
     Config,
     ConfigError,
+    DataConfig,
     ModelConfig,
     NodeConfig,
     RunConfig,
@@ -471,11 +472,6 @@ def test_overrides_are_validated(tmp_path):
     raises_naming(["'federatoin'"], load_config, path, ["federatoin.scheme=fedper"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config.py _build (line ~324) fills a partial [training.<kind>] table from "
-    "OptimizerConfig's generic defaults (sgd, momentum 0) instead of that task kind's defaults",
-)
 def test_partial_optimizer_table_keeps_the_kind_defaults(tmp_path):
     from colnet_mpi.config import TrainingConfig
 
@@ -574,3 +570,8 @@ def test_output_path_from_file(tmp_path):
 )
 def test_resolved_stem(stem, size, expected):
     assert ModelConfig(stem=stem).resolved_stem(size) == expected
+
+
+def test_round_trip_of_strings_with_control_characters():
+    cfg = Config(data=DataConfig(root="/data/a\nb\tc\x01"), nodes=two_nodes())
+    assert config_from_toml(to_toml(cfg)) == cfg
