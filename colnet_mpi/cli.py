@@ -27,27 +27,40 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("config", help="TOML experiment config")
     run.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
         help="override a config value (repeatable), e.g. --set training.rounds=10",
     )
     run.add_argument("--out", help="results file (default: run.output, else results/<run.name>.h5)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing results file")
     run.add_argument(
-        "--dry-run", action="store_true",
+        "--dry-run",
+        action="store_true",
         help="validate the config, world size, data and models on every rank, then stop before training",
     )
     run.add_argument("--quiet", action="store_true", help="no per-round progress lines")
-    check = sub.add_parser("check-config", help="validate a config (no MPI needed) and print it resolved")
+    check = sub.add_parser(
+        "check-config", help="validate a config (no MPI needed) and print it resolved"
+    )
     check.add_argument("config")
-    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    check.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE"
+    )
     return p
 
 
 def _git_commit() -> str:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-            text=True, timeout=5, check=False,
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
         )
         return out.stdout.strip() if out.returncode == 0 else ""
     except (OSError, subprocess.SubprocessError):
@@ -102,7 +115,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
-    import numpy as np
     import torch
 
     import colnet_mpi
@@ -126,8 +138,11 @@ def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
         if failures:
             who, msg = failures[0]
             if rank == 0:
-                print(f"colnet-mpi: {msg}" + (f" (reported by rank {who})" if size > 1 else ""),
-                      file=sys.stderr, flush=True)
+                print(
+                    f"colnet-mpi: {msg}" + (f" (reported by rank {who})" if size > 1 else ""),
+                    file=sys.stderr,
+                    flush=True,
+                )
             topology.free()
             raise SystemExit(EXIT_BAD_INPUT)
 
@@ -170,7 +185,9 @@ def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
         f"backbone {node.flat.numel:,} values ({node.flat.nbytes / 2**20:.1f} MiB)"
     )
     if args.dry_run:
-        log(f"dry run: config, world size, data and models are fine (setup {time.perf_counter() - t0:.1f}s)")
+        log(
+            f"dry run: config, world size, data and models are fine (setup {time.perf_counter() - t0:.1f}s)"
+        )
         topology.free()
         return 0
 

@@ -73,7 +73,9 @@ class DataConfig:
         _positive("data.samples_per_node", self.samples_per_node, allow_zero=True)
         _positive("data.test_samples", self.test_samples, allow_zero=True)
         if self.image_size < 8:
-            raise ConfigError(f"data.image_size = {self.image_size} is not allowed; it must be >= 8")
+            raise ConfigError(
+                f"data.image_size = {self.image_size} is not allowed; it must be >= 8"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,7 +115,9 @@ class OptimizerConfig:
         _positive(f"{key}.momentum", self.momentum, allow_zero=True)
         _positive(f"{key}.weight_decay", self.weight_decay, allow_zero=True)
         if not 0 < self.lr_decay <= 1:
-            raise ConfigError(f"{key}.lr_decay = {self.lr_decay!r} is not allowed; use 0 < lr_decay <= 1")
+            raise ConfigError(
+                f"{key}.lr_decay = {self.lr_decay!r} is not allowed; use 0 < lr_decay <= 1"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,7 +130,9 @@ class TrainingConfig:
     eval_batch_size: int = 256
     grad_clip: float = 1.0  # 0 disables gradient-norm clipping
     single_label: OptimizerConfig = field(
-        default_factory=lambda: OptimizerConfig(name="sgd", lr=0.01, momentum=0.9, weight_decay=1e-3)
+        default_factory=lambda: OptimizerConfig(
+            name="sgd", lr=0.01, momentum=0.9, weight_decay=1e-3
+        )
     )
     multi_label: OptimizerConfig = field(
         default_factory=lambda: OptimizerConfig(
@@ -183,7 +189,9 @@ class ClusteringConfig:
     max_batches: int = 2  # batches of local training data per evaluated model
     jacobian: str = "exact"  # exact | hutchinson
     probes: int = 4  # Hutchinson probe vectors per batch
-    cosine: str = "centered"  # centered (deviation from the view's mean) | raw (the paper's literal)
+    cosine: str = (
+        "centered"  # centered (deviation from the view's mean) | raw (the paper's literal)
+    )
     record_affinity: str = "auto"  # auto (up to 64 nodes) | yes | no
 
     def __post_init__(self) -> None:
@@ -191,7 +199,7 @@ class ClusteringConfig:
             (isinstance(self.k, int) and self.k >= 1) or self.k == "auto"
         ):
             raise ConfigError(
-                f"clustering.k = {self.k!r} is not allowed; use an integer >= 1 or \"auto\""
+                f'clustering.k = {self.k!r} is not allowed; use an integer >= 1 or "auto"'
             )
         _positive("clustering.k_max", self.k_max)
         for key in ("alpha", "beta", "gamma"):
@@ -258,7 +266,9 @@ class Config:
                     f"{self.data.dataset!r}; allowed: {', '.join(tasks)}"
                 )
             if node.name in names:
-                raise ConfigError(f"nodes[{i}].name = {node.name!r} is used twice; names must be unique")
+                raise ConfigError(
+                    f"nodes[{i}].name = {node.name!r} is used twice; names must be unique"
+                )
             names.add(node.name)
         if isinstance(self.clustering.k, int) and self.clustering.k > len(self.nodes):
             raise ConfigError(
@@ -292,7 +302,7 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the annotation ``tp`` (int, float, bool, str or a union of them)."""
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key} must be a table, got {value!r}")
         return _build(tp, value, key)
@@ -321,7 +331,11 @@ def _build(cls: type, table: Mapping[str, Any], prefix: str) -> Any:
             raise ConfigError(
                 f"unknown key '{prefix}.{key}'; allowed keys in [{prefix}]: {', '.join(sorted(known))}"
             )
-    defaults = {f.name: f.default_factory() for f in fields(cls) if f.default_factory is not dataclasses.MISSING}
+    defaults = {
+        f.name: f.default_factory()
+        for f in fields(cls)
+        if f.default_factory is not dataclasses.MISSING
+    }
     kwargs = {}
     for k, v in table.items():
         default = defaults.get(k)
@@ -334,7 +348,9 @@ def _build(cls: type, table: Mapping[str, Any], prefix: str) -> Any:
 
 def _expand_nodes(entries: Any) -> tuple[NodeConfig, ...]:
     if not isinstance(entries, list):
-        raise ConfigError("nodes must be an array of tables: [[nodes]] with task = ... (and count = ...)")
+        raise ConfigError(
+            "nodes must be an array of tables: [[nodes]] with task = ... (and count = ...)"
+        )
     nodes: list[NodeConfig] = []
     per_task: dict[str, int] = {}
     for i, entry in enumerate(entries):
@@ -384,7 +400,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     dotted, raw_value = text.split("=", 1)
     path = [p.strip() for p in dotted.strip().split(".")]
     if len(path) < 2 or not all(path):
-        raise ConfigError(f"--set {text!r}: the key must look like section.key (e.g. training.rounds)")
+        raise ConfigError(
+            f"--set {text!r}: the key must look like section.key (e.g. training.rounds)"
+        )
     try:
         value = tomllib.loads(f"v = {raw_value.strip()}")["v"]
     except tomllib.TOMLDecodeError:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from colnet_mpi.algorithms.clustering import (
     adjusted_rand,
@@ -62,7 +62,9 @@ SCHEMES: dict[str, Scheme] = {
 
 def _seed(*parts: int) -> int:
     """A 63-bit seed derived from several integers (stable across runs and platforms)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return int(
+        np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1
+    )
 
 
 class Node:
@@ -92,14 +94,18 @@ class Node:
         )
         m = config.model
         stem = m.resolved_stem(self.data.image_size)
-        arch = dict(width=m.width, stem=stem, in_channels=self.data.channels, privatization=m.privatization)
+        def backbone() -> torch.nn.Module:
+            return build_backbone(
+                width=m.width, stem=stem, in_channels=self.data.channels, privatization=m.privatization
+            ).to(device)
+
         torch.manual_seed(_seed(seed, 1))  # one shared backbone initialisation for every node
-        self.backbone = build_backbone(**arch).to(device)
+        self.backbone = backbone()
         torch.manual_seed(_seed(seed, 2, rank))  # heads are initialised per node
         self.head = build_head(
             width=m.width, privatization=m.privatization, num_outputs=self.task.num_outputs
         ).to(device)
-        self.scratch = build_backbone(**arch).to(device)  # holds peers' backbones during clustering
+        self.scratch = backbone()  # holds peers' backbones during clustering
         self.flat = FlatState(self.backbone)
         self.scratch_flat = FlatState(self.scratch)
         opt = config.training.optimizer_for(self.task.kind)
@@ -111,7 +117,9 @@ class Node:
         self.loss_fn = loss_function(self.task.kind)
         t = config.training
         gen = torch.Generator().manual_seed(_seed(seed, 3, rank))
-        self.train_loader = DataLoader(self.data.train, batch_size=t.batch_size, shuffle=True, generator=gen)
+        self.train_loader = DataLoader(
+            self.data.train, batch_size=t.batch_size, shuffle=True, generator=gen
+        )
         self.val_loader = DataLoader(self.data.val, batch_size=t.eval_batch_size)
         self.test_loader = DataLoader(self.data.test, batch_size=t.eval_batch_size)
         n_probe = min(len(self.data.train), config.clustering.max_batches * t.batch_size)
@@ -134,8 +142,13 @@ class Node:
         for _ in range(epochs):
             train.append(
                 train_epoch(
-                    self.backbone, self.head, self.train_loader, self.task.kind, self.optimizer,
-                    self.device, grad_clip=clip,
+                    self.backbone,
+                    self.head,
+                    self.train_loader,
+                    self.task.kind,
+                    self.optimizer,
+                    self.device,
+                    grad_clip=clip,
                 )
             )
             self.scheduler.step()
@@ -153,8 +166,13 @@ class Node:
         self.scratch_flat.unpack(vector)
         c = self.config.clustering
         return loss_and_jacobian(
-            self.scratch, self.head, self.probe_batches, self.loss_fn,
-            estimator=c.jacobian, probes=c.probes, generator=generator,
+            self.scratch,
+            self.head,
+            self.probe_batches,
+            self.loss_fn,
+            estimator=c.jacobian,
+            probes=c.probes,
+            generator=generator,
         )
 
 
@@ -172,8 +190,12 @@ class RoundResult:
     bytes_received: int
     seconds: dict[str, float]
     proposal: np.ndarray
-    affinity: np.ndarray  # (2, n, n): fused affinity S and cosine C over world indices (NaN = unseen)
-    signals: np.ndarray  # (2, n): loss and Jacobian norm of each seen backbone with this node's head
+    affinity: (
+        np.ndarray
+    )  # (2, n, n): fused affinity S and cosine C over world indices (NaN = unseen)
+    signals: (
+        np.ndarray
+    )  # (2, n): loss and Jacobian norm of each seen backbone with this node's head
     hca_weight: float = float("nan")
     hca_mean_delta_norm: float = float("nan")
     hca_update_norm: float = float("nan")
@@ -187,13 +209,25 @@ class RoundResult:
             *self.train_loss,
             *self.val_loss,
             *(self.test[m] for m in TEST_METRICS),
-            self.group, self.leader, self.checksum, self.bytes_sent, self.bytes_received,
+            self.group,
+            self.leader,
+            self.checksum,
+            self.bytes_sent,
+            self.bytes_received,
             *(self.seconds.get(s, 0.0) for s in STAGES),
-            self.hca_weight, self.hca_mean_delta_norm, self.hca_update_norm, self.hca_solver_ok, self.k,
+            self.hca_weight,
+            self.hca_mean_delta_norm,
+            self.hca_update_norm,
+            self.hca_solver_ok,
+            self.k,
         ]
         return np.concatenate(
-            [np.asarray(head, dtype=np.float64), self.proposal.astype(np.float64),
-             self.signals.reshape(-1).astype(np.float64), self.affinity.reshape(-1).astype(np.float64)]
+            [
+                np.asarray(head, dtype=np.float64),
+                self.proposal.astype(np.float64),
+                self.signals.reshape(-1).astype(np.float64),
+                self.affinity.reshape(-1).astype(np.float64),
+            ]
         )
 
 
@@ -244,7 +278,9 @@ class Federation:
         self.scheme = SCHEMES[config.federation.scheme]
         self.transport = Transport(topology, node.device, config.federation.cuda_aware)
         n = topology.size
-        self.true_groups = [dataset_tasks(config.data.dataset)[nd.task].group for nd in config.nodes]
+        self.true_groups = [
+            dataset_tasks(config.data.dataset)[nd.task].group for nd in config.nodes
+        ]
         names = sorted(set(self.true_groups))
         self.true_labels = np.array([names.index(g) for g in self.true_groups])
         self.record_affinity = config.clustering.record_affinity == "yes" or (
@@ -265,13 +301,19 @@ class Federation:
         gen = torch.Generator(device=self.node.device).manual_seed(
             _seed(self.config.run.seed, 5, topo.rank, r)
         )
-        losses, jacobians = zip(*(self.node.signals(v, gen) for v in vectors))
+        losses, jacobians = zip(*(self.node.signals(v, gen) for v in vectors), strict=False)
         m = len(view)
         loss_m = np.tile(np.asarray(losses, dtype=np.float64), (m, 1))
         jac_m = np.tile(np.asarray(jacobians, dtype=np.float64), (m, 1))
         affinity = fuse_affinity(
-            cos, loss_m, jac_m, alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma,
-            tau_loss=cfg.tau_loss, tau_jacobian=cfg.tau_jacobian,
+            cos,
+            loss_m,
+            jac_m,
+            alpha=cfg.alpha,
+            beta=cfg.beta,
+            gamma=cfg.gamma,
+            tau_loss=cfg.tau_loss,
+            tau_jacobian=cfg.tau_jacobian,
         )
         k = cfg.k if isinstance(cfg.k, int) else eigengap_k(affinity, min(cfg.k_max, m))
         labels = spectral_labels(affinity, k, seed=_seed(self.config.run.seed, 6, r) % (2**31))
@@ -363,7 +405,9 @@ class Federation:
                         hca_solver_ok=int(res.solver_ok),
                     )
                     if not res.solver_ok:
-                        self.log(f"round {r}: HCA solver failed ({res.message}); used uniform weights")
+                        self.log(
+                            f"round {r}: HCA solver failed ({res.message}); used uniform weights"
+                        )
             elif topo.is_leader:  # "mean": FedPer-style equal-weight mean of the group backbones
                 new = tr.leaders_sum(new) / topo.leaders.Get_size()
             t = timed("cross", t)
@@ -405,9 +449,7 @@ class Federation:
         e = self.config.training.local_epochs
         cols = unpack_records(gathered, e, n)
         groups = cols["group"][:, 0].astype(np.int64)
-        ari = (
-            adjusted_rand(self.true_labels, groups) if self.scheme.cluster else float("nan")
-        )
+        ari = adjusted_rand(self.true_labels, groups) if self.scheme.cluster else float("nan")
         leader_rows = np.flatnonzero(cols["leader"][:, 0] == 1)
         solver = cols["hca_solver_ok"][leader_rows, 0]
         rows: dict[str, np.ndarray | float | int] = {
@@ -425,7 +467,9 @@ class Federation:
             "clustering/ari": ari,
             "clustering/k": int(np.nanmax(cols["k"][:, 0])) if n else 0,
             "hca/weights": cols["hca_weight"][:, 0],
-            "hca/mean_delta_norm": float(np.nanmax(cols["hca_mean_delta_norm"][:, 0], initial=np.nan))
+            "hca/mean_delta_norm": float(
+                np.nanmax(cols["hca_mean_delta_norm"][:, 0], initial=np.nan)
+            )
             if leader_rows.size and not np.all(np.isnan(cols["hca_mean_delta_norm"][:, 0]))
             else float("nan"),
             "hca/update_norm": float(np.nanmax(cols["hca_update_norm"][:, 0]))

@@ -17,7 +17,9 @@ def mpiexec() -> str:
     """The mpiexec on PATH (from the `mpich` extra or the site MPI)."""
     exe = shutil.which("mpiexec") or shutil.which("mpirun")
     if exe is None:
-        raise RuntimeError("mpiexec not found: install the test extras with pip install -e '.[mpich,test]'")
+        raise RuntimeError(
+            "mpiexec not found: install the test extras with pip install -e '.[mpich,test]'"
+        )
     return exe
 
 
@@ -29,10 +31,18 @@ def run_mpi(
     cmd = [mpiexec(), "-n", str(n), *argv]
     try:
         return subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT, env=env, check=False
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=cwd or ROOT,
+            env=env,
+            check=False,
         )
     except subprocess.TimeoutExpired as err:
-        pytest.fail(f"{' '.join(cmd)} did not finish in {timeout}s (hang?)\n{err.stdout}\n{err.stderr}")
+        pytest.fail(
+            f"{' '.join(cmd)} did not finish in {timeout}s (hang?)\n{err.stdout}\n{err.stderr}"
+        )
 
 
 def colnet(*args: str) -> list[str]:

@@ -36,9 +36,9 @@ _ZERO_REL = 1e-12  # a row whose norm is below this fraction of the largest row 
 def _check_int(name: str, value: object, minimum: int, allowed: str = "") -> int:
     """Return ``value`` as an int, or raise ValueError naming it and the allowed range."""
     ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-    if not ok or int(value) < minimum:  # type: ignore[arg-type]
+    if not ok or int(value) < minimum:  # type: ignore[call-overload]
         raise ValueError(f"{name} must be {allowed or f'an integer >= {minimum}'}, got {value!r}")
-    return int(value)  # type: ignore[arg-type]
+    return int(value)  # type: ignore[call-overload]
 
 
 def cosine_matrix(vectors: torch.Tensor, *, centered: bool = True) -> np.ndarray:

@@ -15,10 +15,10 @@ ESTIMATORS = ("exact", "hutchinson")
 
 
 def _module_device(module: nn.Module) -> torch.device | None:
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
+    for p in module.parameters():
+        return p.device
+    for b in module.buffers():
+        return b.device
     return None
 
 

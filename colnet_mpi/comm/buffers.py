@@ -32,7 +32,9 @@ class FlatState:
 
     def __init__(self, module: nn.Module) -> None:
         bn_prefixes = {
-            name for name, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            name
+            for name, m in module.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
         }
 
         def is_bn(full_name: str) -> bool:
@@ -74,7 +76,7 @@ class FlatState:
         elif out.numel() != self.numel:
             raise ValueError(f"buffer has {out.numel()} elements, the layout needs {self.numel}")
         with torch.no_grad():
-            for e, t in zip(self.entries, self._tensors):
+            for e, t in zip(self.entries, self._tensors, strict=False):
                 out[e.offset : e.offset + e.numel].copy_(t.reshape(-1))
         return out
 
@@ -83,7 +85,7 @@ class FlatState:
         if flat.numel() != self.numel:
             raise ValueError(f"vector has {flat.numel()} elements, the layout needs {self.numel}")
         with torch.no_grad():
-            for e, t in zip(self.entries, self._tensors):
+            for e, t in zip(self.entries, self._tensors, strict=False):
                 if keep_batchnorm and e.batchnorm:
                     continue
                 t.copy_(flat[e.offset : e.offset + e.numel].view(e.shape))

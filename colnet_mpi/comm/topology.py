@@ -65,7 +65,9 @@ class Topology:
         members = [int(r) for r in np.flatnonzero(group_ids == my_group)]
         leaders_here = [r for r in members if leader_flags[r]]
         if len(leaders_here) != 1:
-            raise ValueError(f"group {my_group} has {len(leaders_here)} leaders; exactly one is required")
+            raise ValueError(
+                f"group {my_group} has {len(leaders_here)} leaders; exactly one is required"
+            )
         key = group_ids.tobytes()
         if key != self._groups_key:
             self._free(self.group)

@@ -115,11 +115,13 @@ class Transport:
         send = self._wire(flat)
         recv = {src: self._empty(numel) for src in self.topology.neighbours}
         requests = [world.Irecv(self._buf(buf), source=src, tag=tag) for src, buf in recv.items()]
-        requests += [world.Isend(self._buf(send), dest=dst, tag=tag) for dst in self.topology.neighbours]
+        requests += [
+            world.Isend(self._buf(send), dest=dst, tag=tag) for dst in self.topology.neighbours
+        ]
         statuses = [MPI.Status() for _ in requests]
         MPI.Request.Waitall(requests, statuses)
         n = len(self.topology.neighbours)
-        for status, (src, buf) in zip(statuses[:n], recv.items()):
+        for status, (src, buf) in zip(statuses[:n], recv.items(), strict=False):
             count = status.Get_count(MPI.FLOAT)
             if count != numel:
                 raise ReceiveError(
@@ -195,7 +197,9 @@ class Transport:
             self.bytes_sent += size * (topo.group_size - 1)
         else:
             self.bytes_received += size
-            check_vector(wire, vec.numel(), f"rank {topo.rank}: backbone broadcast by the group leader")
+            check_vector(
+                wire, vec.numel(), f"rank {topo.rank}: backbone broadcast by the group leader"
+            )
         return self._back(wire)
 
     # -- small per-round records -----------------------------------------------------------------
@@ -203,6 +207,10 @@ class Transport:
         """Gather one float64 record per rank onto ``root`` -> (size, len) there, None elsewhere."""
         world = self.topology.world
         rec = np.ascontiguousarray(record, dtype=np.float64)
-        out = np.empty((world.Get_size(), rec.size), dtype=np.float64) if world.Get_rank() == root else None
+        out = (
+            np.empty((world.Get_size(), rec.size), dtype=np.float64)
+            if world.Get_rank() == root
+            else None
+        )
         world.Gather([rec, MPI.DOUBLE], [out, MPI.DOUBLE] if out is not None else None, root=root)
         return out

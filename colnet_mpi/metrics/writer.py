@@ -12,7 +12,16 @@ from typing import Any
 import h5py
 import numpy as np
 
-STAGES = ("local_train", "exchange", "clustering", "intra", "cross", "redistribute", "evaluate", "total")
+STAGES = (
+    "local_train",
+    "exchange",
+    "clustering",
+    "intra",
+    "cross",
+    "redistribute",
+    "evaluate",
+    "total",
+)
 TEST_METRICS = (
     "loss",
     "precision_micro",
@@ -104,14 +113,19 @@ class ResultsWriter:
             str_dt = h5py.string_dtype()
             f.create_dataset("nodes/name", data=np.array(node_names, dtype=object), dtype=str_dt)
             f.create_dataset("nodes/task", data=np.array(node_tasks, dtype=object), dtype=str_dt)
-            f.create_dataset("nodes/true_group", data=np.array(true_groups, dtype=object), dtype=str_dt)
+            f.create_dataset(
+                "nodes/true_group", data=np.array(true_groups, dtype=object), dtype=str_dt
+            )
             for name, series in self.layout.items():
                 f.create_dataset(
                     name,
                     shape=(0, *series.row),
                     maxshape=(None, *series.row),
                     dtype=series.dtype,
-                    chunks=(max(1, min(64, 2**20 // max(1, int(np.prod(series.row)) * 8))), *series.row),
+                    chunks=(
+                        max(1, min(64, 2**20 // max(1, int(np.prod(series.row)) * 8))),
+                        *series.row,
+                    ),
                 )
 
     def append(self, rows: Mapping[str, np.ndarray | float | int]) -> None:
@@ -123,7 +137,9 @@ class ResultsWriter:
                 if arr.shape == series.row:
                     arr = arr[None]
                 if arr.shape[1:] != series.row:
-                    raise ValueError(f"{name}: rows of shape {arr.shape[1:]}, expected {series.row}")
+                    raise ValueError(
+                        f"{name}: rows of shape {arr.shape[1:]}, expected {series.row}"
+                    )
                 ds = f[name]
                 start = ds.shape[0]
                 ds.resize(start + arr.shape[0], axis=0)

@@ -91,8 +91,12 @@ def make_stem(width: int, stem: str, in_channels: int) -> dict[str, nn.Module]:
     else:
         conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
         pool = nn.Identity()
-    return {"conv1": conv1, "bn1": nn.BatchNorm2d(width), "relu": nn.ReLU(inplace=True),
-            "maxpool": pool}
+    return {
+        "conv1": conv1,
+        "bn1": nn.BatchNorm2d(width),
+        "relu": nn.ReLU(inplace=True),
+        "maxpool": pool,
+    }
 
 
 def make_stage(width: int, stage: int) -> nn.Sequential:
@@ -165,15 +169,17 @@ class ResNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Map images [n, in_channels, h, w] to outputs [n, num_outputs]."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # type: ignore[operator]
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         x = torch.flatten(self.avgpool(x), 1)
         return self.fc(x)
 
     def extra_repr(self) -> str:
         """Summarise the configuration in ``repr``."""
-        return (f"width={self.width}, stem={self.stem!r}, in_channels={self.in_channels}, "
-                f"num_outputs={self.num_outputs}")
+        return (
+            f"width={self.width}, stem={self.stem!r}, in_channels={self.in_channels}, "
+            f"num_outputs={self.num_outputs}"
+        )
 
 
 def resnet18(

@@ -53,7 +53,7 @@ def backbone_stage_names(privatization: int) -> tuple[str, ...]:
 def head_stage_names(privatization: int) -> tuple[str, ...]:
     """Return the residual stages in the head at BL-``privatization`` (("layer4",) for BL-1)."""
     k = _check_privatization(privatization)
-    return STAGE_NAMES[len(STAGE_NAMES) - k:]
+    return STAGE_NAMES[len(STAGE_NAMES) - k :]
 
 
 def backbone_out_channels(width: int, privatization: int) -> int:

@@ -16,27 +16,59 @@ from tests.conftest import ROOT, colnet, run_mpi
 QUICK = str(ROOT / "configs" / "quickstart.toml")
 # the quickstart, shrunk so that a CI run takes seconds
 SMALL = [
-    "--set", "training.rounds=3",
-    "--set", "data.samples_per_node=64",
-    "--set", "data.test_samples=48",
-    "--set", "model.width=4",
-    "--set", "clustering.max_batches=1",
+    "--set",
+    "training.rounds=3",
+    "--set",
+    "data.samples_per_node=64",
+    "--set",
+    "data.test_samples=48",
+    "--set",
+    "model.width=4",
+    "--set",
+    "clustering.max_batches=1",
 ]
 
 DESIGN_NAMES = [
-    "nodes/name", "nodes/task", "nodes/true_group", "epoch/train_loss", "epoch/val_loss",
+    "nodes/name",
+    "nodes/task",
+    "nodes/true_group",
+    "epoch/train_loss",
+    "epoch/val_loss",
     *(f"round/test_{m}" for m in TEST_METRICS),
-    "round/group", "round/leader", "round/backbone_checksum", "round/bytes_sent",
-    "round/bytes_received", *(f"round/seconds/{s}" for s in STAGES),
-    "clustering/affinity", "clustering/proposal", "clustering/ari",
-    "hca/weights", "hca/mean_delta_norm", "hca/update_norm", "hca/solver_ok",
+    "round/group",
+    "round/leader",
+    "round/backbone_checksum",
+    "round/bytes_sent",
+    "round/bytes_received",
+    *(f"round/seconds/{s}" for s in STAGES),
+    "clustering/affinity",
+    "clustering/proposal",
+    "clustering/ari",
+    "hca/weights",
+    "hca/mean_delta_norm",
+    "hca/update_norm",
+    "hca/solver_ok",
 ]
-ROOT_ATTRS = ["config", "version", "git_commit", "mpi_library", "world_size", "hostnames",
-              "torch_version", "device", "seed", "started", "finished", "status"]
+ROOT_ATTRS = [
+    "config",
+    "version",
+    "git_commit",
+    "mpi_library",
+    "world_size",
+    "hostnames",
+    "torch_version",
+    "device",
+    "seed",
+    "started",
+    "finished",
+    "status",
+]
 
 
 @pytest.fixture(scope="module")
-def six_rank_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+def six_rank_run(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, subprocess.CompletedProcess[str]]:
     out = tmp_path_factory.mktemp("run") / "quick.h5"
     proc = run_mpi(6, colnet("run", QUICK, "--out", str(out), *SMALL), timeout=400)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -94,14 +126,23 @@ def test_six_rank_run_reads_back(six_rank_run) -> None:
 @pytest.mark.slow
 def test_same_seed_same_metrics(tmp_path: Path) -> None:
     """Two launches with one seed give bit-identical metrics and backbones."""
-    args = ["--set", "training.rounds=2", "--set", "data.samples_per_node=48",
-            "--set", "model.width=4", "--set", "data.test_samples=32"]
+    args = [
+        "--set",
+        "training.rounds=2",
+        "--set",
+        "data.samples_per_node=48",
+        "--set",
+        "model.width=4",
+        "--set",
+        "data.test_samples=32",
+    ]
     cfg = str(ROOT / "configs" / "digits_label_het.toml")
     two = tmp_path / "two.toml"
     two.write_text(
-        Path(cfg).read_text().replace("count = 3", "count = 1").replace(
-            'name = "digits_label_het"', 'name = "two"'
-        )
+        Path(cfg)
+        .read_text()
+        .replace("count = 3", "count = 1")
+        .replace('name = "digits_label_het"', 'name = "two"')
     )
     metrics = []
     for i in range(2):
@@ -109,8 +150,17 @@ def test_same_seed_same_metrics(tmp_path: Path) -> None:
         proc = run_mpi(2, colnet("run", str(two), "--out", str(out), "--quiet", *args), timeout=240)
         assert proc.returncode == 0, proc.stderr
         with h5py.File(out) as f:
-            metrics.append({k: f[k][:] for k in ("round/test_loss", "round/test_f1_micro",
-                                                 "epoch/train_loss", "round/backbone_checksum")})
+            metrics.append(
+                {
+                    k: f[k][:]
+                    for k in (
+                        "round/test_loss",
+                        "round/test_f1_micro",
+                        "epoch/train_loss",
+                        "round/backbone_checksum",
+                    )
+                }
+            )
     for key in metrics[0]:
         np.testing.assert_array_equal(metrics[0][key], metrics[1][key], err_msg=key)
 
@@ -142,15 +192,21 @@ def test_output_exists(tmp_path: Path) -> None:
 
 @pytest.mark.mpi
 def test_invalid_config(tmp_path: Path) -> None:
-    proc = run_mpi(2, colnet("run", QUICK, "--set", "federation.scheme=magic",
-                             "--out", str(tmp_path / "x.h5")), timeout=120)
+    proc = run_mpi(
+        2,
+        colnet("run", QUICK, "--set", "federation.scheme=magic", "--out", str(tmp_path / "x.h5")),
+        timeout=120,
+    )
     _fails(proc, "federation.scheme", "'magic'", "colnet")
 
 
 @pytest.mark.mpi
 def test_unknown_dataset(tmp_path: Path) -> None:
-    proc = run_mpi(2, colnet("run", QUICK, "--set", "data.dataset=imagenet21k",
-                             "--out", str(tmp_path / "x.h5")), timeout=120)
+    proc = run_mpi(
+        2,
+        colnet("run", QUICK, "--set", "data.dataset=imagenet21k", "--out", str(tmp_path / "x.h5")),
+        timeout=120,
+    )
     _fails(proc, "imagenet21k", "digits", "synthetic_faces")
 
 
@@ -173,8 +229,9 @@ def test_exception_on_one_rank_aborts_job(tmp_path: Path) -> None:
         "rnd.Federation.round = round\n"
         "sys.exit(cli.main(sys.argv[1:]))\n"
     )
-    proc = run_mpi(2, [sys.executable, str(script), "run", str(cfg), "--out", str(out), *SMALL],
-                   timeout=240)
+    proc = run_mpi(
+        2, [sys.executable, str(script), "run", str(cfg), "--out", str(out), *SMALL], timeout=240
+    )
     assert proc.returncode != 0
     assert "rank 1 of 2" in proc.stderr and "injected failure" in proc.stderr, proc.stderr
     with h5py.File(out) as f:
@@ -184,10 +241,22 @@ def test_exception_on_one_rank_aborts_job(tmp_path: Path) -> None:
 
 
 def test_python_dash_m_and_check_config() -> None:
-    proc = subprocess.run(colnet("check-config", QUICK, "--set", "training.rounds=7"),
-                          capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
+    proc = subprocess.run(
+        colnet("check-config", QUICK, "--set", "training.rounds=7"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "rounds = 7" in proc.stdout and "needs 6 MPI ranks" in proc.stderr
-    bad = subprocess.run(colnet("check-config", QUICK, "--set", "model.privatization=5"),
-                         capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
+    bad = subprocess.run(
+        colnet("check-config", QUICK, "--set", "model.privatization=5"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        check=False,
+    )
     assert bad.returncode == 2 and "model.privatization" in bad.stderr

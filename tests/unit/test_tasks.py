@@ -141,8 +141,9 @@ def test_landmarks_metrics() -> None:
     rng = np.random.default_rng(3)
     out, tgt = rng.normal(size=(23, 10)) * 5, rng.normal(size=(23, 10)) * 5
     acc = MetricAccumulator("landmarks", 10)
-    for x, y in _batches(torch.tensor(out, dtype=torch.float32),
-                         torch.tensor(tgt, dtype=torch.float32), 8):
+    for x, y in _batches(
+        torch.tensor(out, dtype=torch.float32), torch.tensor(tgt, dtype=torch.float32), 8
+    ):
         acc.update(x, y)
     res = acc.result()
     assert math.isclose(res["loss"], float(((out - tgt) ** 2).mean()), rel_tol=1e-5)
@@ -238,8 +239,7 @@ def test_train_epoch_lowers_loss(kind: str) -> None:
     opt = make_optimizer("adam", [*backbone.parameters(), *head.parameters()], lr=1e-2)
     loader = _batches(x, y, 16)
     before = evaluate(backbone, head, loader, kind, outputs, CPU)["loss"]
-    losses = [train_epoch(backbone, head, loader, kind, opt, CPU, grad_clip=1.0)
-              for _ in range(8)]
+    losses = [train_epoch(backbone, head, loader, kind, opt, CPU, grad_clip=1.0) for _ in range(8)]
     after = evaluate(backbone, head, loader, kind, outputs, CPU)["loss"]
     assert losses[-1] < 0.7 * losses[0]
     assert after < 0.7 * before
@@ -294,10 +294,13 @@ def test_train_epoch_with_resnet_split() -> None:
     y = (x[..., :4].mean(dim=(1, 2, 3)) > x[..., 4:].mean(dim=(1, 2, 3))).long()
     x[..., :4] += y.view(-1, 1, 1, 1).float() * 0.5
     loader = _batches(x, y, 8)
-    opt = make_optimizer("adamw", [*backbone.parameters(), *head.parameters()], lr=1e-2,
-                         weight_decay=1e-4)
-    losses = [train_epoch(backbone, head, loader, "single_label", opt, CPU, grad_clip=1.0)
-              for _ in range(6)]
+    opt = make_optimizer(
+        "adamw", [*backbone.parameters(), *head.parameters()], lr=1e-2, weight_decay=1e-4
+    )
+    losses = [
+        train_epoch(backbone, head, loader, "single_label", opt, CPU, grad_clip=1.0)
+        for _ in range(6)
+    ]
     assert losses[-1] < losses[0]
 
 

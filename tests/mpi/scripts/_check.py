@@ -26,7 +26,9 @@ def run_checks(checks: list[Callable[[MPI.Comm], None]], comm: MPI.Comm = MPI.CO
         if flags.any():
             failed_any = True
             if comm.Get_rank() == 0:
-                sys.stderr.write(f"{check.__name__}: failed on ranks {np.flatnonzero(flags).tolist()}\n")
+                sys.stderr.write(
+                    f"{check.__name__}: failed on ranks {np.flatnonzero(flags).tolist()}\n"
+                )
         elif comm.Get_rank() == 0:
             print(f"{check.__name__}: ok on {comm.Get_size()} ranks", flush=True)
     sys.stderr.flush()

@@ -67,12 +67,16 @@ def check_group_mean_and_leaders(comm: MPI.Comm) -> None:
         total = tr.reduce_to_leader(vector_of(topo.rank))
         if topo.is_leader:
             assert total is not None
-            np.testing.assert_allclose(total.numpy(), ref[members].sum(axis=0), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(
+                total.numpy(), ref[members].sum(axis=0), rtol=1e-5, atol=1e-5
+            )
             # leaders' communicator: one member per group, ordered by group id
             n_groups = np.unique(groups).size
             assert topo.leaders.Get_size() == n_groups
             stacked = tr.leaders_allgather(vector_of(topo.rank))
-            leader_ranks = [int(np.flatnonzero(leaders & (groups == g))[0]) for g in range(n_groups)]
+            leader_ranks = [
+                int(np.flatnonzero(leaders & (groups == g))[0]) for g in range(n_groups)
+            ]
             np.testing.assert_array_equal(stacked.numpy(), ref[leader_ranks])
         else:
             assert total is None and topo.leaders == MPI.COMM_NULL
@@ -101,7 +105,9 @@ def check_receive_rejects_bad_buffers(comm: MPI.Comm) -> None:
                 buf = np.zeros(P, dtype=np.float32)
                 good = vector_of(1)
                 reqs = [
-                    topo.world.Isend([(payload if d == 0 else good).numpy(), MPI.FLOAT], dest=d, tag=17)
+                    topo.world.Isend(
+                        [(payload if d == 0 else good).numpy(), MPI.FLOAT], dest=d, tag=17
+                    )
                     for d in topo.neighbours
                 ]
                 for src in topo.neighbours:

@@ -18,16 +18,26 @@ def make_config(size: int, scheme: str):
     return config_from_dict(
         {
             "run": {"name": "t", "seed": 3},
-            "data": {"dataset": "synthetic_faces", "samples_per_node": 40, "test_samples": 32,
-                     "image_size": 16},
+            "data": {
+                "dataset": "synthetic_faces",
+                "samples_per_node": 40,
+                "test_samples": 32,
+                "image_size": 16,
+            },
             "model": {"width": 4, "privatization": 1},
-            "training": {"rounds": 2, "local_epochs": 1, "batch_size": 16,
-                         "multi_label": {"name": "adamw", "lr": 2e-3},
-                         "landmarks": {"name": "adam", "lr": 5e-3}},
+            "training": {
+                "rounds": 2,
+                "local_epochs": 1,
+                "batch_size": 16,
+                "multi_label": {"name": "adamw", "lr": 2e-3},
+                "landmarks": {"name": "adam", "lr": 5e-3},
+            },
             "federation": {"scheme": scheme},
             "clustering": {"k": min(2, size), "max_batches": 1},
-            "nodes": [{"task": "attributes", "count": half},
-                      {"task": "landmarks", "count": size - half}],
+            "nodes": [
+                {"task": "attributes", "count": half},
+                {"task": "landmarks", "count": size - half},
+            ],
         }
     )
 
@@ -46,8 +56,14 @@ class Recorder:
         self.sizes: list[int] = []
         self.fed = fed
         node, tr = fed.node, fed.transport
-        for name in ("exchange", "group_sum", "reduce_to_leader", "leaders_allgather",
-                     "leaders_sum", "group_broadcast"):
+        for name in (
+            "exchange",
+            "group_sum",
+            "reduce_to_leader",
+            "leaders_allgather",
+            "leaders_sum",
+            "group_broadcast",
+        ):
             original = getattr(tr, name)
 
             def wrapped(vec, *a, _orig=original, **kw):
@@ -95,7 +111,7 @@ def check_colnet_round(comm: MPI.Comm) -> None:
         # heads never travel: every payload is backbone-sized (+1 weight / trainable part)
         allowed = {flat.numel, flat.numel + 1, flat.n_trainable, flat.n_trainable + 1}
         assert set(rec.sizes) <= allowed, f"unexpected payload sizes {set(rec.sizes) - allowed}"
-        for before, p in zip(rec.head_after_training, node.head.parameters()):
+        for before, p in zip(rec.head_after_training, node.head.parameters(), strict=False):
             assert torch.equal(before, p.detach()), "aggregation touched the head"
         # recompute stages 3-5 from everyone's start and trained backbones
         starts = allgather_vec(comm, rec.start).astype(np.float64)
@@ -108,7 +124,9 @@ def check_colnet_round(comm: MPI.Comm) -> None:
             deltas = torch.tensor(
                 np.stack([means[g][:p] - starts[groups == g].mean(axis=0)[:p] for g in labels])
             )
-            expected[:p] += fed.config.hca.psi * hca_update(deltas, alpha=fed.config.hca.alpha).update.numpy()
+            expected[:p] += (
+                fed.config.hca.psi * hca_update(deltas, alpha=fed.config.hca.alpha).update.numpy()
+            )
         np.testing.assert_allclose(final[topo.rank], expected, rtol=1e-4, atol=1e-5)
         leaders_seen.append(res.leader)
         rec.sizes.clear()
