@@ -94,9 +94,13 @@ class Node:
         )
         m = config.model
         stem = m.resolved_stem(self.data.image_size)
+
         def backbone() -> torch.nn.Module:
             return build_backbone(
-                width=m.width, stem=stem, in_channels=self.data.channels, privatization=m.privatization
+                width=m.width,
+                stem=stem,
+                in_channels=self.data.channels,
+                privatization=m.privatization,
             ).to(device)
 
         torch.manual_seed(_seed(seed, 1))  # one shared backbone initialisation for every node

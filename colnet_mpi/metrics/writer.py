@@ -12,6 +12,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from colnet_mpi.tasks import METRIC_NAMES
+
 STAGES = (
     "local_train",
     "exchange",
@@ -22,15 +24,7 @@ STAGES = (
     "evaluate",
     "total",
 )
-TEST_METRICS = (
-    "loss",
-    "precision_micro",
-    "recall_micro",
-    "f1_micro",
-    "precision_macro",
-    "recall_macro",
-    "f1_macro",
-)
+TEST_METRICS = METRIC_NAMES  # stored as round/test_<metric>
 
 
 def now_iso() -> str:
