@@ -240,6 +240,15 @@ def test_exception_on_one_rank_aborts_job(tmp_path: Path) -> None:
         assert f["round/test_loss"].shape[0] == 1  # round 1 was kept
 
 
+@pytest.mark.mpi
+def test_dry_run_checks_everything_and_trains_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "dry.h5"
+    proc = run_mpi(6, colnet("run", QUICK, "--dry-run", "--out", str(out), *SMALL), timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert "dry run: config, world size, data and models are fine" in proc.stdout
+    assert "round   1" not in proc.stdout and not out.exists()
+
+
 def test_python_dash_m_and_check_config() -> None:
     proc = subprocess.run(
         colnet("check-config", QUICK, "--set", "training.rounds=7"),

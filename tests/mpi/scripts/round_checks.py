@@ -152,6 +152,18 @@ def check_intra_is_fedavg(comm: MPI.Comm) -> None:
     topo.free()
 
 
+def check_fedper_is_mean_of_groups(comm: MPI.Comm) -> None:
+    fed, rec, topo = federation(comm, "fedper")
+    res = fed.round(1)
+    trained = allgather_vec(comm, rec.trained).astype(np.float64)
+    groups = res.groups
+    group_means = np.stack([trained[groups == g].mean(axis=0) for g in np.unique(groups)])
+    np.testing.assert_allclose(
+        fed.node.flat.pack().numpy(), group_means.mean(axis=0), rtol=1e-5, atol=1e-6
+    )
+    topo.free()
+
+
 def check_none_sends_nothing(comm: MPI.Comm) -> None:
     fed, rec, topo = federation(comm, "none")
     res = fed.round(1)
@@ -162,4 +174,11 @@ def check_none_sends_nothing(comm: MPI.Comm) -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    run_checks([check_colnet_round, check_intra_is_fedavg, check_none_sends_nothing])
+    run_checks(
+        [
+            check_colnet_round,
+            check_intra_is_fedavg,
+            check_fedper_is_mean_of_groups,
+            check_none_sends_nothing,
+        ]
+    )
