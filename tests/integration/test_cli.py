@@ -191,23 +191,22 @@ def test_output_exists(tmp_path: Path) -> None:
 
 
 @pytest.mark.mpi
-def test_invalid_config(tmp_path: Path) -> None:
-    proc = run_mpi(
-        2,
-        colnet("run", QUICK, "--set", "federation.scheme=magic", "--out", str(tmp_path / "x.h5")),
-        timeout=120,
-    )
-    _fails(proc, "federation.scheme", "'magic'", "colnet")
-
-
-@pytest.mark.mpi
-def test_unknown_dataset(tmp_path: Path) -> None:
-    proc = run_mpi(
-        2,
-        colnet("run", QUICK, "--set", "data.dataset=imagenet21k", "--out", str(tmp_path / "x.h5")),
-        timeout=120,
-    )
-    _fails(proc, "imagenet21k", "digits", "synthetic_faces")
+@pytest.mark.parametrize(
+    ("override", "needles"),
+    [
+        ("federation.scheme=magic", ("federation.scheme", "'magic'", "colnet")),  # invalid value
+        (
+            "data.dataset=imagenet21k",
+            ("imagenet21k", "digits", "synthetic_faces"),
+        ),  # unknown dataset
+    ],
+    ids=["invalid_config", "unknown_dataset"],
+)
+def test_bad_config_stops_before_training(tmp_path: Path, override: str, needles: tuple) -> None:
+    out = tmp_path / "x.h5"
+    proc = run_mpi(2, colnet("run", QUICK, "--set", override, "--out", str(out)), timeout=120)
+    _fails(proc, *needles)
+    assert not out.exists()
 
 
 @pytest.mark.mpi
