@@ -235,6 +235,12 @@ class RoundResult:
         )
 
 
+def _any_value(column: np.ndarray) -> float:
+    """The value the leaders reported (identical on all of them), NaN when no leader ran HCA."""
+    finite = column[~np.isnan(column)]
+    return float(finite.max()) if finite.size else float("nan")
+
+
 def unpack_records(records: np.ndarray, epochs: int, n: int) -> dict[str, np.ndarray]:
     """Split the gathered (n, len) records into named columns (the inverse of RoundResult.pack)."""
     cols: dict[str, np.ndarray] = {}
@@ -471,14 +477,8 @@ class Federation:
             "clustering/ari": ari,
             "clustering/k": int(np.nanmax(cols["k"][:, 0])) if n else 0,
             "hca/weights": cols["hca_weight"][:, 0],
-            "hca/mean_delta_norm": float(
-                np.nanmax(cols["hca_mean_delta_norm"][:, 0], initial=np.nan)
-            )
-            if leader_rows.size and not np.all(np.isnan(cols["hca_mean_delta_norm"][:, 0]))
-            else float("nan"),
-            "hca/update_norm": float(np.nanmax(cols["hca_update_norm"][:, 0]))
-            if not np.all(np.isnan(cols["hca_update_norm"][:, 0]))
-            else float("nan"),
+            "hca/mean_delta_norm": _any_value(cols["hca_mean_delta_norm"][:, 0]),
+            "hca/update_norm": _any_value(cols["hca_update_norm"][:, 0]),
             "hca/solver_ok": int(solver.min()) if solver.size else -1,
         }
         for m in TEST_METRICS:

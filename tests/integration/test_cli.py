@@ -249,22 +249,14 @@ def test_dry_run_checks_everything_and_trains_nothing(tmp_path: Path) -> None:
 
 
 def test_python_dash_m_and_check_config() -> None:
-    proc = subprocess.run(
-        colnet("check-config", QUICK, "--set", "training.rounds=7"),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-        check=False,
-    )
+    def check(*overrides: str) -> subprocess.CompletedProcess[str]:
+        cmd = colnet("check-config", QUICK, *(x for o in overrides for x in ("--set", o)))
+        return subprocess.run(
+            cmd, capture_output=True, text=True, timeout=120, cwd=ROOT, check=False
+        )
+
+    proc = check("training.rounds=7")
     assert proc.returncode == 0, proc.stderr
     assert "rounds = 7" in proc.stdout and "needs 6 MPI ranks" in proc.stderr
-    bad = subprocess.run(
-        colnet("check-config", QUICK, "--set", "model.privatization=5"),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-        check=False,
-    )
+    bad = check("model.privatization=5")
     assert bad.returncode == 2 and "model.privatization" in bad.stderr
