@@ -49,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE"
     )
+    # Subcommands that live in their own modules register their parser and set ``func``.
+    from colnet_mpi import sweep
+    from colnet_mpi.metrics import report
+
+    sweep.add_parser(sub)
+    report.add_parser(sub)
     return p
 
 
@@ -238,6 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_run(args)
     if args.command == "check-config":
         return cmd_check_config(args)
+    if hasattr(args, "func"):
+        return int(args.func(args))
     raise AssertionError(args.command)  # pragma: no cover
 
 
