@@ -122,6 +122,68 @@ def test_six_rank_run_reads_back(six_rank_run) -> None:
                 assert np.isnan(w[r, ~lead]).all() and abs(np.nansum(w[r, lead]) - 1) < 1e-6
 
 
+def _layout(f: h5py.File) -> dict[str, tuple]:
+    """Every dataset's name with its shape after the round/epoch axis."""
+    names: dict[str, tuple] = {}
+    f.visititems(
+        lambda name, obj: names.__setitem__(name, obj.shape[1:])
+        if isinstance(obj, h5py.Dataset)
+        else None
+    )
+    return names
+
+
+#: stages each baseline scheme does not run: recorded as 0 seconds
+SKIPPED = {
+    "none": ("exchange", "clustering", "intra", "cross", "redistribute"),
+    "intra": ("cross", "redistribute"),
+    "fedper": (),
+}
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", sorted(SKIPPED))
+def test_baseline_scheme_same_layout(six_rank_run, tmp_path: Path, scheme: str) -> None:
+    """none/intra/fedper write the colnet file's layout; stages they skip are 0 s and 0 bytes."""
+    colnet_out, _ = six_rank_run
+    out = tmp_path / f"{scheme}.h5"
+    proc = run_mpi(
+        6,
+        colnet("run", QUICK, "--out", str(out), *SMALL, "--set", f"federation.scheme={scheme}"),
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with h5py.File(colnet_out) as ref, h5py.File(out) as f:
+        assert _layout(f) == _layout(ref)
+        assert f.attrs["scheme"] == scheme and f.attrs["status"] == "finished"
+        for stage in SKIPPED[scheme]:
+            assert (f[f"round/seconds/{stage}"][:] == 0).all(), stage
+        for stage in ("local_train", "evaluate", "total"):
+            assert (f[f"round/seconds/{stage}"][:] > 0).all(), stage
+        groups, sums = f["round/group"][:], f["round/backbone_checksum"][:]
+        sent = f["round/bytes_sent"][:]
+        if scheme == "none":
+            assert (sent == 0).all() and (f["round/bytes_received"][:] == 0).all()
+            assert np.isnan(f["clustering/ari"][:]).all()
+            # nothing is shared: six different backbones
+            assert all(len(set(row)) == 6 for row in sums)
+        else:
+            assert (sent > 0).all() and (f["round/seconds/exchange"][:] > 0).all()
+            for r in range(groups.shape[0]):
+                for g in np.unique(groups[r]):
+                    members = np.flatnonzero(groups[r] == g)
+                    assert len(set(sums[r, members])) == 1
+        if scheme == "fedper":
+            # cross-group mean: every node ends with the same backbone whenever groups > 1
+            for r in range(groups.shape[0]):
+                if np.unique(groups[r]).size > 1:
+                    assert len(set(sums[r])) == 1
+                    assert (f["round/seconds/cross"][r] > 0).any()
+        assert (f["hca/solver_ok"][:] == -1).all()  # HCA never runs outside colnet
+        assert np.isnan(f["hca/weights"][:]).all()
+
+
 @pytest.mark.mpi
 @pytest.mark.slow
 def test_same_seed_same_metrics(tmp_path: Path) -> None:
