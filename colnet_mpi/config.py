@@ -231,6 +231,99 @@ class HCAConfig:
         _positive("hca.psi", self.psi, allow_zero=True)
 
 
+ATTACKS = ("none", "label_flip", "boost", "at2fl", "manipulate", "bad_buffer")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttackConfig:
+    """[attack]: one poisoning attack (or none), which nodes run it and from which round.
+
+    Defaults are the settings of the paper's robustness experiments (REFERENCE_FACTS "Attacks").
+    """
+
+    kind: str = "none"  # none | label_flip | boost | at2fl | manipulate | bad_buffer
+    nodes: tuple[int, ...] = (0,)  # attacking nodes by index in [[nodes]] order (= world rank)
+    start_round: int = 1  # first round in which the attackers act
+    flip_probability: float = 1.0  # label_flip: chance that a training label is flipped
+    boost_scale: float = 5.0  # boost: upload B_prev + s * (B - B_prev)
+    boost_clamp: float = 1000.0  # boost: clamp the boosted values to +-clamp; 0 = no clamping
+    bn_batches: int = 50  # boost: re-estimate BatchNorm statistics on this many batches; 0 = no
+    epsilon: float = 0.03  # at2fl: FGSM step size (the paper: 0.03 CIFAR-10, 0.015 CelebA)
+    adversarial_batches: int = 10  # at2fl: adversarial mini-batches per local epoch
+    weight_clip: float = 10.0  # at2fl: clip weights to +-clip after local training; 0 = no
+    manipulation: str = "scale"  # manipulate: scale | noise (applied by a malicious leader)
+    manipulation_factor: float = 2.0  # scale: multiply; noise: noise norm / result norm
+    buffer_fault: str = "nan"  # bad_buffer: nan | inf | short | long
+
+    def __post_init__(self) -> None:
+        _choice("attack.kind", self.kind, ATTACKS)
+        if any(isinstance(i, bool) or i < 0 for i in self.nodes):
+            raise ConfigError(
+                f"attack.nodes = {list(self.nodes)!r} is not allowed; use node indices >= 0"
+            )
+        if len(set(self.nodes)) != len(self.nodes):
+            raise ConfigError(f"attack.nodes = {list(self.nodes)!r} lists a node twice")
+        _positive("attack.start_round", self.start_round)
+        if not 0 <= self.flip_probability <= 1:
+            raise ConfigError(
+                f"attack.flip_probability = {self.flip_probability!r} is not allowed; use 0..1"
+            )
+        _positive("attack.boost_scale", self.boost_scale)
+        _positive("attack.boost_clamp", self.boost_clamp, allow_zero=True)
+        _positive("attack.bn_batches", self.bn_batches, allow_zero=True)
+        _positive("attack.epsilon", self.epsilon, allow_zero=True)
+        _positive("attack.adversarial_batches", self.adversarial_batches, allow_zero=True)
+        _positive("attack.weight_clip", self.weight_clip, allow_zero=True)
+        _choice("attack.manipulation", self.manipulation, ("scale", "noise"))
+        _positive("attack.manipulation_factor", self.manipulation_factor, allow_zero=True)
+        _choice("attack.buffer_fault", self.buffer_fault, ("nan", "inf", "short", "long"))
+
+    def active(self, rank: int, r: int) -> bool:
+        """Whether node ``rank`` runs the attack in round ``r``."""
+        return self.kind != "none" and rank in self.nodes and r >= self.start_round
+
+
+ROBUST_RULES = ("mean", "median", "trimmed_mean", "clipped_mean")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DefenseConfig:
+    """[defense]: robust intra-group aggregation, update screening, leader verification.
+
+    All off by default (the paper's ColNet). Non-finite or wrongly sized buffers are always
+    refused, whatever this section says.
+    """
+
+    aggregation: str = "mean"  # mean (FedAvg) | median | trimmed_mean | clipped_mean
+    trim: float = 0.2  # trimmed_mean: fraction dropped at each end per coordinate
+    clip: float = 0.0  # clipped_mean: max update norm; 0 = the median norm of the group
+    screening: bool = False  # exclude members whose update is an outlier in their group
+    norm_ratio: float = 3.0  # screening: flag norm / median norm above this (or below 1/this)
+    min_cosine: float = 0.0  # screening: flag cosine to the others' median below this
+    verify_leader: bool = False  # members recompute HCA and reject a manipulated broadcast
+    tolerance: float = 1e-3  # verify_leader: relative difference still accepted
+
+    def __post_init__(self) -> None:
+        _choice("defense.aggregation", self.aggregation, ROBUST_RULES)
+        if not 0 <= self.trim < 0.5:
+            raise ConfigError(f"defense.trim = {self.trim!r} is not allowed; use 0 <= trim < 0.5")
+        _positive("defense.clip", self.clip, allow_zero=True)
+        if not self.norm_ratio > 1:
+            raise ConfigError(
+                f"defense.norm_ratio = {self.norm_ratio!r} is not allowed; it must be > 1"
+            )
+        if not -1 <= self.min_cosine <= 1:
+            raise ConfigError(
+                f"defense.min_cosine = {self.min_cosine!r} is not allowed; use -1..1"
+            )
+        _positive("defense.tolerance", self.tolerance)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any defense beyond the always-on buffer checks is switched on."""
+        return self.aggregation != "mean" or self.screening or self.verify_leader
+
+
 @dataclass(frozen=True, kw_only=True)
 class NodeConfig:
     """One federation node (one MPI rank): its name and its task (ground truth, never shown to the algorithm)."""
@@ -250,6 +343,8 @@ class Config:
     federation: FederationConfig = field(default_factory=FederationConfig)
     clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
     hca: HCAConfig = field(default_factory=HCAConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    defense: DefenseConfig = field(default_factory=DefenseConfig)
     nodes: tuple[NodeConfig, ...] = ()
 
     def __post_init__(self) -> None:
@@ -275,6 +370,13 @@ class Config:
                 f"clustering.k = {self.clustering.k} is not allowed with {len(self.nodes)} nodes; "
                 f"use at most {len(self.nodes)}"
             )
+        if self.attack.kind != "none":
+            bad = [i for i in self.attack.nodes if i >= len(self.nodes)]
+            if bad:
+                raise ConfigError(
+                    f"attack.nodes = {list(self.attack.nodes)!r} is not allowed: node {bad[0]} does "
+                    f"not exist; use indices 0..{len(self.nodes) - 1}"
+                )
 
     @property
     def world_size(self) -> int:
@@ -293,6 +395,8 @@ _SECTIONS = {
     "federation": FederationConfig,
     "clustering": ClusteringConfig,
     "hca": HCAConfig,
+    "attack": AttackConfig,
+    "defense": DefenseConfig,
 }
 
 
@@ -306,6 +410,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key} must be a table, got {value!r}")
         return _build(tp, value, key)
+    if typing.get_origin(tp) is tuple:
+        item = typing.get_args(tp)[0]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} = {value!r} has the wrong type; expected a list")
+        return tuple(_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value))
     options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, _UnionType) else (tp,)
     for option in options:
         if option is bool and isinstance(value, bool):
@@ -451,6 +560,8 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, str):
         return json.dumps(value, ensure_ascii=False)  # JSON string escapes are valid TOML
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} as TOML")
 
 

@@ -148,7 +148,9 @@ def test_integer_given_for_float_becomes_float(tmp_path):
     assert cfg.hca.psi == 1.0 and isinstance(cfg.hca.psi, float)
 
 
-@pytest.mark.parametrize("name", ["quickstart.toml", "digits_label_het.toml"])
+@pytest.mark.parametrize(
+    "name", ["quickstart.toml", "digits_label_het.toml", "faces_task_het.toml"]
+)
 def test_shipped_configs_load_and_validate(name):
     cfg = load_config(REPO / "configs" / name)
     assert cfg.world_size == 6
@@ -575,3 +577,62 @@ def test_resolved_stem(stem, size, expected):
 def test_round_trip_of_strings_with_control_characters():
     cfg = Config(data=DataConfig(root="/data/a\nb\tc\x01"), nodes=two_nodes())
     assert config_from_toml(to_toml(cfg)) == cfg
+
+
+# -- [attack] and [defense] ---------------------------------------------------------------------
+QUICK = REPO / "configs" / "quickstart.toml"
+
+
+def test_attack_and_defense_default_off():
+    config = load_config(QUICK)
+    assert config.attack.kind == "none" and not config.attack.active(0, 1)
+    assert not config.defense.enabled
+
+
+def test_attack_nodes_list_round_trips_through_toml():
+    config = load_config(
+        QUICK,
+        [
+            "attack.kind=boost",
+            "attack.nodes=[0, 4]",
+            "attack.start_round=3",
+            "defense.aggregation=trimmed_mean",
+            "defense.screening=true",
+        ],
+    )
+    assert config.attack.nodes == (0, 4)
+    assert config.attack.active(4, 3) and not config.attack.active(4, 2)
+    assert not config.attack.active(1, 3)
+    assert config.defense.enabled
+    assert "nodes = [0, 4]" in to_toml(config)
+    assert config_from_toml(to_toml(config)) == config
+
+
+@pytest.mark.parametrize(
+    ("override", "fragments"),
+    [
+        ("attack.kind=poison", ["attack.kind", "'label_flip'", "'manipulate'"]),
+        ("attack.nodes=2", ["attack.nodes", "expected a list"]),
+        ('attack.nodes=["a"]', ["attack.nodes[0]", "expected int"]),
+        ("attack.nodes=[1, 1]", ["attack.nodes", "twice"]),
+        ("attack.nodes=[-1]", ["attack.nodes", ">= 0"]),
+        ("attack.flip_probability=1.5", ["attack.flip_probability", "0..1"]),
+        ("attack.buffer_fault=zero", ["attack.buffer_fault", "'short'"]),
+        ("attack.manipulation=flip", ["attack.manipulation", "'noise'"]),
+        ("defense.aggregation=krum", ["defense.aggregation", "'median'", "'clipped_mean'"]),
+        ("defense.trim=0.5", ["defense.trim", "trim < 0.5"]),
+        ("defense.norm_ratio=1", ["defense.norm_ratio", "> 1"]),
+        ("defense.min_cosine=2", ["defense.min_cosine", "-1..1"]),
+    ],
+)
+def test_attack_and_defense_errors_name_the_key(override, fragments):
+    raises_naming(fragments, load_config, QUICK, [override])
+
+
+def test_attacker_must_exist():
+    raises_naming(
+        ["attack.nodes", "node 6 does not", "0..5"],
+        load_config,
+        QUICK,
+        ["attack.kind=label_flip", "attack.nodes=[6]"],
+    )
