@@ -70,6 +70,7 @@ class Transport:
             self.path = "host-staged"
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.rejected: list[tuple[int, str]] = []  # (sender rank, reason) refused this round
 
     # -- buffer plumbing -------------------------------------------------------------------------
     def _wire(self, t: torch.Tensor) -> torch.Tensor:
@@ -98,40 +99,52 @@ class Transport:
         return [t.numpy(), dtype]
 
     def reset_counters(self) -> None:
-        """Start counting the bytes of a new round."""
+        """Start counting the bytes (and refused buffers) of a new round."""
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.rejected = []
 
     # -- stage 2: neighbour exchange ----------------------------------------------------------
-    def exchange(self, flat: torch.Tensor, tag: int = 17) -> dict[int, torch.Tensor]:
-        """Send ``flat`` to every neighbour and receive theirs (non-blocking); every vector is checked.
+    def exchange(
+        self, flat: torch.Tensor, tag: int = 17, *, expected: int | None = None
+    ) -> dict[int, torch.Tensor]:
+        """Send ``flat`` to every neighbour and receive theirs; bad buffers are refused, not used.
 
-        Every rank uses the same buffer layout, so a peer's vector must have exactly as many values
-        as this rank's own.
+        Every rank uses the same buffer layout, so a peer's vector must have exactly ``expected``
+        values (default: as many as ``flat``) and only finite ones. Each incoming message is probed
+        first, so a wrongly sized one is received whole (no truncation error) and then refused.
+        Refused senders are left out of the result and listed in ``self.rejected`` as
+        ``(rank, reason)``; the job goes on.
         """
-        numel = flat.numel()
-        check_vector(flat, numel, f"rank {self.topology.rank}: own backbone before sending")
+        numel = flat.numel() if expected is None else expected
+        if expected is None:
+            check_vector(flat, numel, f"rank {self.topology.rank}: own backbone before sending")
         world = self.topology.world
         send = self._wire(flat)
-        recv = {src: self._empty(numel) for src in self.topology.neighbours}
-        requests = [world.Irecv(self._buf(buf), source=src, tag=tag) for src, buf in recv.items()]
-        requests += [
+        sends = [
             world.Isend(self._buf(send), dest=dst, tag=tag) for dst in self.topology.neighbours
         ]
-        statuses = [MPI.Status() for _ in requests]
-        MPI.Request.Waitall(requests, statuses)
-        n = len(self.topology.neighbours)
-        for status, (src, buf) in zip(statuses[:n], recv.items(), strict=False):
+        received: dict[int, torch.Tensor] = {}
+        for src in self.topology.neighbours:
+            status = MPI.Status()
+            message = world.Mprobe(source=src, tag=tag, status=status)
             count = status.Get_count(MPI.FLOAT)
-            if count != numel:
-                raise ReceiveError(
-                    f"rank {self.topology.rank}: backbone from rank {src} has {count} values, "
-                    f"expected {numel}"
-                )
-            check_vector(buf, numel, f"rank {self.topology.rank}: backbone from rank {src}")
-        self.bytes_sent += n * numel * 4
-        self.bytes_received += n * numel * 4
-        return {src: self._back(buf) for src, buf in recv.items()}
+            size_ok = count == numel
+            buf = self._empty(numel if size_ok else max(status.Get_count(MPI.BYTE), 0) // 4 + 1)
+            message.Recv(self._buf(buf))
+            self.bytes_received += max(status.Get_count(MPI.BYTE), 0)
+            what = f"rank {self.topology.rank}: backbone from rank {src}"
+            try:
+                if not size_ok:
+                    raise ReceiveError(f"{what} has {count} values, expected {numel}")
+                check_vector(buf, numel, what)
+            except ReceiveError as err:
+                self.rejected.append((src, str(err)))
+                continue
+            received[src] = self._back(buf)
+        MPI.Request.Waitall(sends)
+        self.bytes_sent += len(sends) * send.numel() * send.element_size()
+        return received
 
     # -- stage 3: intra-group FedAvg -----------------------------------------------------------
     def group_sum(self, vec: torch.Tensor) -> torch.Tensor:
@@ -159,6 +172,27 @@ class Transport:
         self.bytes_sent += wire.numel() * wire.element_size()
         return None
 
+    def gather_to_leader(self, vec: torch.Tensor) -> torch.Tensor | None:
+        """Every member's ``vec`` stacked in group-rank order on the leader -> (members, len).
+
+        Used by the robust aggregation rules, which need the individual contributions. Rows are
+        not checked here: the caller screens them (a non-finite row is excluded, not fatal).
+        """
+        topo = self.topology
+        if topo.group_size == 1:
+            return vec.clone().unsqueeze(0)
+        wire = self._wire(vec)
+        root = topo.leader_rank_in_group
+        size = wire.numel() * wire.element_size()
+        if topo.is_leader:
+            out = self._empty(topo.group_size, vec.numel())
+            topo.group.Gather(self._buf(wire), self._buf(out), root=root)
+            self.bytes_received += size * (topo.group_size - 1)
+            return self._back(out)
+        topo.group.Gather(self._buf(wire), None, root=root)
+        self.bytes_sent += size
+        return None
+
     # -- stage 4: leaders ---------------------------------------------------------------------
     def leaders_allgather(self, vec: torch.Tensor) -> torch.Tensor:
         """Every leader's vector, stacked in group order -> (leaders, len); leaders only."""
@@ -169,10 +203,7 @@ class Transport:
         comm.Allgather(self._buf(wire), self._buf(out))
         self.bytes_sent += wire.numel() * 4 * (n - 1)
         self.bytes_received += wire.numel() * 4 * (n - 1)
-        out = self._back(out)
-        for i in range(n):
-            check_vector(out[i], vec.numel(), f"rank {self.topology.rank}: delta of leader {i}")
-        return out
+        return self._back(out)  # rows unchecked: the caller leaves non-finite deltas out
 
     def leaders_sum(self, vec: torch.Tensor) -> torch.Tensor:
         """Element-wise sum over the leaders' communicator; leaders only."""
@@ -186,7 +217,11 @@ class Transport:
 
     # -- stage 5: redistribution ----------------------------------------------------------------
     def group_broadcast(self, vec: torch.Tensor) -> torch.Tensor:
-        """The leader's ``vec`` on every member of the group (checked on arrival)."""
+        """The leader's ``vec`` on every member of the group (checked on arrival).
+
+        A member that receives non-finite values keeps its own ``vec`` and records the leader in
+        ``self.rejected``; the job goes on.
+        """
         topo = self.topology
         if topo.group_size == 1:
             return vec
@@ -197,9 +232,14 @@ class Transport:
             self.bytes_sent += size * (topo.group_size - 1)
         else:
             self.bytes_received += size
-            check_vector(
-                wire, vec.numel(), f"rank {topo.rank}: backbone broadcast by the group leader"
-            )
+            leader = int(topo.group_members[topo.leader_rank_in_group])
+            try:
+                check_vector(
+                    wire, vec.numel(), f"rank {topo.rank}: backbone broadcast by leader {leader}"
+                )
+            except ReceiveError as err:
+                self.rejected.append((leader, str(err)))
+                return vec
         return self._back(wire)
 
     # -- small per-round records -----------------------------------------------------------------

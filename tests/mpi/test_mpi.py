@@ -16,7 +16,7 @@ SCRIPTS = ROOT / "tests" / "mpi" / "scripts"
 def test_comm_layer(ranks: int) -> None:
     proc = run_mpi(ranks, [sys.executable, str(SCRIPTS / "comm_checks.py")], timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count(f"ok on {ranks} ranks") == 4, proc.stdout
+    assert proc.stdout.count(f"ok on {ranks} ranks") == 5, proc.stdout
 
 
 @pytest.mark.mpi
@@ -25,4 +25,4 @@ def test_comm_layer(ranks: int) -> None:
 def test_full_round(ranks: int) -> None:
     proc = run_mpi(ranks, [sys.executable, str(SCRIPTS / "round_checks.py")], timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count(f"ok on {ranks} ranks") == 4, proc.stdout
+    assert proc.stdout.count(f"ok on {ranks} ranks") == 5, proc.stdout

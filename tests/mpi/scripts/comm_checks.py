@@ -8,7 +8,7 @@ from _check import run_checks
 from mpi4py import MPI
 
 from colnet_mpi.comm.topology import Topology, neighbours_of
-from colnet_mpi.comm.transport import ReceiveError, Transport
+from colnet_mpi.comm.transport import Transport
 
 P = 1000
 
@@ -89,41 +89,63 @@ def check_group_mean_and_leaders(comm: MPI.Comm) -> None:
         assert topo.group.Get_size() == topo.size
 
 
-def check_receive_rejects_bad_buffers(comm: MPI.Comm) -> None:
-    """Rank 1 sends rank 0 a short buffer, then a NaN buffer: rank 0's exchange must refuse both."""
+def check_receive_refuses_bad_buffers(comm: MPI.Comm) -> None:
+    """Rank 1 sends rank 0 a short, a long, a NaN and an Inf buffer through the real exchange:
+    rank 0 refuses it (names rank 1), keeps every other peer's buffer and the job goes on."""
     rank, size = comm.Get_rank(), comm.Get_size()
-    for bad in ("short", "nan"):
+    for bad in ("short", "long", "nan", "inf"):
         with Topology(comm, kind="full") as topo:
             tr = Transport(topo, torch.device("cpu"))
+            tr.reset_counters()
             if rank == 1:
-                payload = vector_of(1)
+                payload = vector_of(1).clone()
                 if bad == "short":
                     payload = payload[: P // 2].clone()
+                elif bad == "long":
+                    payload = torch.cat([payload, payload[:3]])
                 else:
-                    payload = payload.clone()
-                    payload[7] = float("nan")
-                buf = np.zeros(P, dtype=np.float32)
-                good = vector_of(1)
-                reqs = [
-                    topo.world.Isend(
-                        [(payload if d == 0 else good).numpy(), MPI.FLOAT], dest=d, tag=17
-                    )
-                    for d in topo.neighbours
-                ]
-                for src in topo.neighbours:
-                    topo.world.Recv([buf, MPI.FLOAT], source=src, tag=17)
-                MPI.Request.Waitall(reqs)
-            elif rank == 0:
-                try:
-                    tr.exchange(vector_of(0))
-                except ReceiveError as err:
-                    assert "rank 1" in str(err), str(err)
-                else:
-                    raise AssertionError(f"a {bad} buffer from rank 1 was accepted")
+                    payload[7] = float(bad)
+                got = tr.exchange(payload, expected=P)  # a faulty sender: everyone gets it
             else:
                 got = tr.exchange(vector_of(rank))
-                assert len(got) == size - 1
+            expected_peers = [r for r in range(size) if r != rank and r != 1]
+            if rank == 1:
+                expected_peers = [r for r in range(size) if r != 1]
+            assert sorted(got) == expected_peers, (bad, sorted(got))
+            for src, vec in got.items():
+                assert torch.equal(vec, vector_of(src))
+            if rank != 1:
+                assert [who for who, _ in tr.rejected] == [1], tr.rejected
+                assert "rank 1" in tr.rejected[0][1]
+            else:
+                assert tr.rejected == []
             topo.world.Barrier()
+
+
+def check_gather_and_refused_broadcast(comm: MPI.Comm) -> None:
+    """gather_to_leader stacks the members' rows in group order; a NaN broadcast is refused."""
+    with Topology(comm) as topo:
+        tr = Transport(topo, torch.device("cpu"))
+        groups, leaders = partition(topo.size)
+        topo.set_groups(groups, leaders)
+        members = np.flatnonzero(groups == groups[topo.rank])
+        rows = tr.gather_to_leader(vector_of(topo.rank))
+        if topo.is_leader:
+            assert rows is not None
+            np.testing.assert_array_equal(rows.numpy(), all_vectors(topo.size)[members])
+        else:
+            assert rows is None
+        tr.reset_counters()
+        payload = vector_of(topo.rank).clone()
+        if topo.is_leader:
+            payload[0] = float("nan")
+        got = tr.group_broadcast(payload)
+        if topo.is_leader or members.size == 1:
+            assert tr.rejected == []
+        else:
+            leader = int(members[topo.leader_rank_in_group])
+            assert torch.equal(got, vector_of(topo.rank))  # kept its own
+            assert [who for who, _ in tr.rejected] == [leader]
 
 
 if __name__ == "__main__":
@@ -132,6 +154,7 @@ if __name__ == "__main__":
             check_exchange_full,
             check_exchange_ring,
             check_group_mean_and_leaders,
-            check_receive_rejects_bad_buffers,
+            check_receive_refuses_bad_buffers,
+            check_gather_and_refused_broadcast,
         ]
     )
