@@ -61,20 +61,34 @@ class DataConfig:
     """[data]: which dataset and how much of it each node holds."""
 
     dataset: str = "synthetic_faces"
-    root: str = ""  # directory of on-disk datasets (unused by the embedded ones)
+    # on-disk datasets (cifar10, celeba): the directory holding cifar-10-batches-py/ or celeba/
+    # (torchvision's root), or that folder itself; unused by the embedded datasets
+    root: str = ""
     samples_per_node: int = 0  # train+val per node before the 80/20 split; 0 = dataset default
     test_samples: int = 0  # size of each group's common test split; 0 = dataset default
+    # square side in pixels; 0 = native size (on-disk only): cifar10 32 (or 0), celeba 0 =
+    # 218x178 or a side >= 8 to resize to (landmarks scaled); embedded datasets >= 8
     image_size: int = 32
+    workers: int = 0  # DataLoader worker processes per loader of each rank; 0 = load in the rank
 
     def __post_init__(self) -> None:
-        from colnet_mpi.data import known_datasets
+        from colnet_mpi.data import ON_DISK_DATASETS, image_size_problem, known_datasets
 
         _choice("data.dataset", self.dataset, known_datasets())
         _positive("data.samples_per_node", self.samples_per_node, allow_zero=True)
         _positive("data.test_samples", self.test_samples, allow_zero=True)
-        if self.image_size < 8:
+        _positive("data.workers", self.workers, allow_zero=True)
+        problem = image_size_problem(self.dataset, self.image_size)
+        if problem is not None:
             raise ConfigError(
-                f"data.image_size = {self.image_size} is not allowed; it must be >= 8"
+                f"data.image_size = {self.image_size} is not allowed for dataset "
+                f"{self.dataset!r}; {problem}"
+            )
+        if self.dataset in ON_DISK_DATASETS and not self.root.strip():
+            raise ConfigError(
+                f"data.root = {self.root!r} is not allowed for dataset {self.dataset!r}, which is "
+                "read from disk; set data.root to the directory that holds "
+                + ("cifar-10-batches-py/" if self.dataset == "cifar10" else "celeba/")
             )
 
 
@@ -283,7 +297,7 @@ class AttackConfig:
         return self.kind != "none" and rank in self.nodes and r >= self.start_round
 
 
-ROBUST_RULES = ("mean", "median", "trimmed_mean", "clipped_mean")
+ROBUST_RULES = ("mean", "median", "trimmed_mean", "norm_clipped_mean")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -294,9 +308,9 @@ class DefenseConfig:
     refused, whatever this section says.
     """
 
-    aggregation: str = "mean"  # mean (FedAvg) | median | trimmed_mean | clipped_mean
+    aggregation: str = "mean"  # mean (FedAvg) | median | trimmed_mean | norm_clipped_mean
     trim: float = 0.2  # trimmed_mean: fraction dropped at each end per coordinate
-    clip: float = 0.0  # clipped_mean: max update norm; 0 = the median norm of the group
+    clip: float = 0.0  # norm_clipped_mean: max update norm; 0 = the median norm of the group
     screening: bool = False  # exclude members whose update is an outlier in their group
     norm_ratio: float = 3.0  # screening: flag norm / median norm above this (or below 1/this)
     min_cosine: float = 0.0  # screening: flag cosine to the others' median below this

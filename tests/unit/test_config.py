@@ -619,7 +619,7 @@ def test_attack_nodes_list_round_trips_through_toml():
         ("attack.flip_probability=1.5", ["attack.flip_probability", "0..1"]),
         ("attack.buffer_fault=zero", ["attack.buffer_fault", "'short'"]),
         ("attack.manipulation=flip", ["attack.manipulation", "'noise'"]),
-        ("defense.aggregation=krum", ["defense.aggregation", "'median'", "'clipped_mean'"]),
+        ("defense.aggregation=krum", ["defense.aggregation", "'median'", "'norm_clipped_mean'"]),
         ("defense.trim=0.5", ["defense.trim", "trim < 0.5"]),
         ("defense.norm_ratio=1", ["defense.norm_ratio", "> 1"]),
         ("defense.min_cosine=2", ["defense.min_cosine", "-1..1"]),
