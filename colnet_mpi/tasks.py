@@ -16,6 +16,7 @@ __all__ = [
     "METRIC_NAMES",
     "OPTIMIZER_NAMES",
     "TASK_KINDS",
+    "BatchHook",
     "MetricAccumulator",
     "evaluate",
     "loss_function",
@@ -42,6 +43,9 @@ METRIC_NAMES: tuple[str, ...] = (
 OPTIMIZER_NAMES: tuple[str, ...] = ("sgd", "adam", "adamw")
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+
+#: ``batch_hook(index, x, y) -> (x, y)`` of :func:`train_epoch`: replaces a batch before its step.
+BatchHook = Callable[[int, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 def _check_kind(kind: Any) -> str:
@@ -231,12 +235,15 @@ def train_epoch(
     device: torch.device,
     *,
     grad_clip: float | None,
+    batch_hook: BatchHook | None = None,
 ) -> float:
     """Train ``head(backbone(x))`` for one pass over ``loader``; return the mean loss per sample.
 
     Both modules are put in train mode (and left there). If ``grad_clip`` is given, the gradient
     norm over all parameters of both modules is clipped to it before every step. Returns NaN for
-    an empty loader.
+    an empty loader. ``batch_hook`` (used by the attacks) is called as ``hook(i, x, y)`` with the
+    0-based batch index and the batch already on ``device``, before the gradients are zeroed; the
+    step is taken on the ``(x, y)`` it returns.
 
     Raises:
         ValueError: on an unknown kind or a ``grad_clip`` that is not a finite number > 0.
@@ -251,8 +258,10 @@ def train_epoch(
     head.train()
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
-    for x, y in loader:
+    for i, (x, y) in enumerate(loader):
         x, y = _to_device(x, device), _to_device(y, device)
+        if batch_hook is not None:
+            x, y = batch_hook(i, x, y)
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(head(backbone(x)), y)
         loss.backward()
