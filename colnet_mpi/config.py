@@ -177,6 +177,7 @@ class FederationConfig:
     """[federation]: aggregation scheme and communication topology."""
 
     scheme: str = "colnet"
+    grouping: str = "cluster"  # cluster: task-aware clustering; tasks: the true task groups
     topology: str = "full"  # full: every node is every node's neighbour; ring: i-1 and i+1
     intra_weights: str = "equal"  # equal (the paper) or samples (training-set sizes)
     local_bn: bool = False  # FedBN-style: BatchNorm layers stay local
@@ -184,6 +185,7 @@ class FederationConfig:
 
     def __post_init__(self) -> None:
         _choice("federation.scheme", self.scheme, SCHEMES)
+        _choice("federation.grouping", self.grouping, ("cluster", "tasks"))
         _choice("federation.topology", self.topology, ("full", "ring"))
         _choice("federation.intra_weights", self.intra_weights, ("equal", "samples"))
         _choice("federation.cuda_aware", self.cuda_aware, ("auto", "yes", "no"))

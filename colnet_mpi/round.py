@@ -6,13 +6,15 @@ the cross-group stage combines groups; every scheme runs this same loop.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from colnet_mpi.algorithms.clustering import (
     adjusted_rand,
@@ -24,15 +26,18 @@ from colnet_mpi.algorithms.clustering import (
     spectral_labels,
 )
 from colnet_mpi.algorithms.hca import hca_update
+from colnet_mpi.algorithms.robust import robust_aggregate, screen_updates, verify_hca
 from colnet_mpi.algorithms.signals import loss_and_jacobian
+from colnet_mpi.attacks.plan import AttackPlan, finite_rows, relative_difference
 from colnet_mpi.comm.buffers import FlatState, checksum
 from colnet_mpi.comm.topology import Topology, ints_allgather
 from colnet_mpi.comm.transport import Transport
 from colnet_mpi.config import Config
 from colnet_mpi.data import DataSizes, NodeData, TaskSpec, build_node_data, dataset_tasks
-from colnet_mpi.metrics.writer import STAGES, TEST_METRICS, ResultsWriter
+from colnet_mpi.metrics.writer import EXCLUSION_REASONS, STAGES, TEST_METRICS, ResultsWriter
 from colnet_mpi.models import build_backbone, build_head
 from colnet_mpi.tasks import (
+    BatchHook,
     evaluate,
     loss_function,
     make_optimizer,
@@ -64,6 +69,30 @@ def _seed(*parts: int) -> int:
     """A 63-bit seed derived from several integers (stable across runs and platforms)."""
     return int(
         np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1
+    )
+
+
+def _loader(
+    split: Dataset[Any],
+    batch_size: int,
+    workers: int,
+    pin_memory: bool,
+    generator: torch.Generator | None = None,
+) -> DataLoader[Any]:
+    """A loader over ``split``, shuffled by ``generator`` if one is given (the training loader).
+
+    Worker processes (``data.workers`` > 0) start from a fork server rather than by forking this
+    rank: forking a process that has initialised MPI is unsafe with some interconnects.
+    """
+    return DataLoader(
+        split,
+        batch_size=batch_size,
+        shuffle=generator is not None,
+        generator=generator,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=pin_memory,
+        multiprocessing_context="forkserver" if workers > 0 else None,
     )
 
 
@@ -121,17 +150,18 @@ class Node:
         self.loss_fn = loss_function(self.task.kind)
         t = config.training
         gen = torch.Generator().manual_seed(_seed(seed, 3, rank))
-        self.train_loader = DataLoader(
-            self.data.train, batch_size=t.batch_size, shuffle=True, generator=gen
-        )
-        self.val_loader = DataLoader(self.data.val, batch_size=t.eval_batch_size)
-        self.test_loader = DataLoader(self.data.test, batch_size=t.eval_batch_size)
+        workers, pin = config.data.workers, device.type == "cuda"
+        # local training iterates the augmented view (if the dataset has one), never val/test
+        self.train_loader = _loader(self.data.training_view(), t.batch_size, workers, pin, gen)
+        self.val_loader = _loader(self.data.val, t.eval_batch_size, workers, pin)
+        self.test_loader = _loader(self.data.test, t.eval_batch_size, workers, pin)
+        # clustering signals: the first items of the un-augmented training split
         n_probe = min(len(self.data.train), config.clustering.max_batches * t.batch_size)
-        x, y = self.data.train.tensors
-        self.probe_batches = [
-            (x[i : i + t.batch_size].to(device), y[i : i + t.batch_size].to(device))
-            for i in range(0, n_probe, t.batch_size)
-        ]
+        self.probe_batches = []
+        for i in range(0, n_probe, t.batch_size):
+            items = [self.data.train[j] for j in range(i, min(i + t.batch_size, n_probe))]
+            x, y = default_collate(items)
+            self.probe_batches.append((x.to(device), y.to(device)))
         torch.manual_seed(_seed(seed, 4, rank))
 
     @property
@@ -139,8 +169,13 @@ class Node:
         """Training samples of this node."""
         return len(self.data.train)
 
-    def train_local(self, epochs: int) -> tuple[list[float], list[float]]:
-        """Stage 1: E local epochs; returns per-epoch training and validation losses."""
+    def train_local(
+        self, epochs: int, batch_hook: BatchHook | None = None
+    ) -> tuple[list[float], list[float]]:
+        """Stage 1: E local epochs; returns per-epoch training and validation losses.
+
+        ``batch_hook`` (an attack's) may replace each training batch before its step.
+        """
         train, val = [], []
         clip = self.config.training.grad_clip or None
         for _ in range(epochs):
@@ -153,6 +188,7 @@ class Node:
                     self.optimizer,
                     self.device,
                     grad_clip=clip,
+                    batch_hook=batch_hook,
                 )
             )
             self.scheduler.step()
@@ -181,6 +217,35 @@ class Node:
 
 
 @dataclass
+class Defended:
+    """What this rank's defenses saw in one round (the ``defense/*`` datasets)."""
+
+    n: int
+    excluded: int = 0  # 1: this node's contribution was left out of its group's aggregate
+    reason: int = 0  # index into EXCLUSION_REASONS
+    norm_score: float = float("nan")
+    cosine_score: float = float("nan")
+    leader_rejected: int = 0  # 1: this node refused its leader's broadcast
+    verify_error: float = float("nan")  # relative error found when checking the leader
+    refused: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (n,): 1 = refused j
+
+    def __post_init__(self) -> None:
+        if self.refused.size != self.n:
+            self.refused = np.zeros(self.n)
+
+
+DEFENSE_COLUMNS = (
+    "attacking",
+    "excluded",
+    "reason",
+    "norm_score",
+    "cosine_score",
+    "leader_rejected",
+    "verify_error",
+)
+
+
+@dataclass
 class RoundResult:
     """What one rank knows after a round (packed into one float64 record for the writer)."""
 
@@ -206,6 +271,8 @@ class RoundResult:
     hca_solver_ok: int = -1  # 1 ok, 0 failed (uniform weights used), -1 not run
     k: int = 0
     groups: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    attacking: int = 0
+    defense: Defended = field(default_factory=lambda: Defended(0))
 
     def pack(self) -> np.ndarray:
         """One flat float64 record (same length on every rank)."""
@@ -224,10 +291,18 @@ class RoundResult:
             self.hca_update_norm,
             self.hca_solver_ok,
             self.k,
+            self.attacking,
+            self.defense.excluded,
+            self.defense.reason,
+            self.defense.norm_score,
+            self.defense.cosine_score,
+            self.defense.leader_rejected,
+            self.defense.verify_error,
         ]
         return np.concatenate(
             [
                 np.asarray(head, dtype=np.float64),
+                self.defense.refused.astype(np.float64),
                 self.proposal.astype(np.float64),
                 self.signals.reshape(-1).astype(np.float64),
                 self.affinity.reshape(-1).astype(np.float64),
@@ -239,6 +314,23 @@ def _any_value(column: np.ndarray) -> float:
     """The value the leaders reported (identical on all of them), NaN when no leader ran HCA."""
     finite = column[~np.isnan(column)]
     return float(finite.max()) if finite.size else float("nan")
+
+
+def n_true_groups(labels: np.ndarray) -> int:
+    """Number of distinct task groups."""
+    return int(np.unique(labels).size)
+
+
+def _reason_code(reason: str, kept: bool) -> int:
+    """Index into EXCLUSION_REASONS for a screening reason text."""
+    if kept:
+        return 0
+    if "non-finite" in reason:
+        return EXCLUSION_REASONS.index("non-finite")
+    norm, cosine = "norm" in reason, "cosine" in reason
+    if norm and cosine:
+        return EXCLUSION_REASONS.index("norm+cosine")
+    return EXCLUSION_REASONS.index("cosine" if cosine else "norm")
 
 
 def unpack_records(records: np.ndarray, epochs: int, n: int) -> dict[str, np.ndarray]:
@@ -261,6 +353,9 @@ def unpack_records(records: np.ndarray, epochs: int, n: int) -> dict[str, np.nda
         take(f"seconds/{s}", 1)
     for name in ("hca_weight", "hca_mean_delta_norm", "hca_update_norm", "hca_solver_ok", "k"):
         take(name, 1)
+    for name in DEFENSE_COLUMNS:
+        take(name, 1)
+    take("refused", n)
     take("proposal", n)
     take("loss", n)
     take("jacobian", n)
@@ -297,6 +392,14 @@ class Federation:
             config.clustering.record_affinity == "auto" and n <= 64
         )
         self.epochs_done = 0
+        self.attack = AttackPlan(
+            config.attack,
+            topology.rank,
+            kind=node.task.kind,
+            num_outputs=node.task.num_outputs,
+            seed=_seed(config.run.seed, 7, topology.rank),
+            device=node.device,
+        )
 
     # -- stages ------------------------------------------------------------------------------------
     def _cluster(self, r: int, own: torch.Tensor, received: dict[int, torch.Tensor]) -> tuple:
@@ -346,14 +449,70 @@ class Federation:
             flags[members[leader_position(r, members.size)]] = True
         return flags
 
-    # -- the round ---------------------------------------------------------------------------------
+    def _weight(self) -> float:
+        """This node's FedAvg weight."""
+        equal = self.config.federation.intra_weights == "equal"
+        return 1.0 if equal else float(self.node.n_train)
+
+    def _robust_intra(
+        self, contribution: torch.Tensor, start: torch.Tensor, defended: Defended
+    ) -> torch.Tensor:
+        """Stage 3c with defenses: every member gathers the members' updates, screens them and
+        applies the robust rule; all members compute the same result (no leader involved).
+
+        Updates are taken from the group's common starting backbone (the leader's start when the
+        members' starts differ, i.e. the group changed this round). Non-finite rows are always
+        left out; screening and the rule follow ``[defense]``.
+        """
+        d = self.config.defense
+        tr, flat = self.transport, self.node.flat
+        if tr.group_all_equal(checksum(start)):
+            reference = start
+        else:
+            reference = tr.group_broadcast(start)
+        weight = contribution.new_tensor([self._weight()])
+        rows = tr.group_allgather(torch.cat([contribution - reference, weight]))
+        updates, weights = rows[:, :-1], rows[:, -1]
+        p = flat.n_trainable
+        screen = screen_updates(
+            updates[:, :p].double(),
+            norm_ratio=d.norm_ratio if d.screening else math.inf,
+            min_cosine=d.min_cosine if d.screening else -1.0,
+        )
+        keep = screen.keep & finite_rows(updates).to(screen.keep.device) & torch.isfinite(weights)
+        me = self.topology.group_members.index(self.topology.rank)
+        reason = screen.reasons[me]
+        defended.excluded = int(not bool(keep[me]))
+        defended.reason = _reason_code(reason, bool(keep[me]))
+        defended.norm_score = float(screen.norm_scores[me])
+        defended.cosine_score = float(screen.cosine_scores[me])
+        if screen.note and me == self.topology.leader_rank_in_group:
+            self.log(f"  group of rank {self.topology.rank}: {screen.note}")
+        if not bool(keep.any()):  # nothing usable: keep the common start
+            return reference.clone()
+        aggregate = robust_aggregate(
+            updates[keep].double(),
+            d.aggregation,
+            weights[keep].double().tolist(),
+            trim=d.trim,
+            clip=d.clip or None,
+        )
+        return reference + aggregate.to(reference.dtype)
+
     def round(self, r: int) -> RoundResult:
         """Run round ``r`` (1-based) on this rank and return its record."""
         cfg = self.config
-        node, topo, tr, scheme = self.node, self.topology, self.transport, self.scheme
+        node, topo, tr, scheme, attack = (
+            self.node,
+            self.topology,
+            self.transport,
+            self.scheme,
+            self.attack,
+        )
         n = topo.size
         seconds = dict.fromkeys(STAGES, 0.0)
         tr.reset_counters()
+        defended = Defended(n)
         t_round = time.perf_counter()
 
         def timed(stage: str, t0: float) -> float:
@@ -361,10 +520,12 @@ class Federation:
             seconds[stage] += now - t0
             return now
 
-        # Stage 1: local training
+        # Stage 1: local training (attack hooks: poisoned batches, then boost / weight clipping)
         t = time.perf_counter()
         start = node.flat.pack().clone()
-        train_loss, val_loss = node.train_local(cfg.training.local_epochs)
+        hook = attack.batch_hook(r, node.backbone, node.head)
+        train_loss, val_loss = node.train_local(cfg.training.local_epochs, hook)
+        attack.after_training(r, start, node.flat, (node.backbone, node.head), node.train_loader)
         t = timed("local_train", t)
 
         proposal = np.full(n, -1, dtype=np.int64)
@@ -376,53 +537,85 @@ class Federation:
         k = 0
         own = node.flat.pack()
         if scheme.exchange:
-            # Stage 2: backbone exchange with the neighbours (one buffer, one message each)
-            received = tr.exchange(own)
+            # Stage 2: backbone exchange with the neighbours (one buffer, one message each);
+            # refused buffers (wrong size, non-finite) are left out of everything that follows
+            upload = attack.upload(r, own)
+            received = tr.exchange(upload, expected=None if upload is own else own.numel())
             t = timed("exchange", t)
         if scheme.cluster:
             # Stage 3a/3b: task-aware clustering and the agreed partition
-            proposal, affinity, signals, groups, k = self._cluster(r, own, received)
+            if cfg.federation.grouping == "tasks":  # fixed groups, as in the authors' code
+                groups, k = self.true_labels.astype(np.int64), n_true_groups(self.true_labels)
+            else:
+                proposal, affinity, signals, groups, k = self._cluster(r, own, received)
             leaders = self._leaders(groups, r)
             topo.set_groups(groups, leaders)
             t = timed("clustering", t)
         new = own
+        d = cfg.defense
+        p = node.flat.n_trainable
+        group_delta: torch.Tensor | None = None  # known to the leader (to all with verification)
         if scheme.intra:
-            # Stage 3c: FedAvg inside the group (one Allreduce carrying the weight as its last entry)
-            w = 1.0 if cfg.federation.intra_weights == "equal" else float(node.n_train)
-            summed = tr.group_sum(torch.cat([own * w, own.new_tensor([w])]))
-            new = summed[:-1] / summed[-1]
+            # Stage 3c: FedAvg inside the group, or the robust rule when a defense asks for it
+            contribution = attack.contribution(r, own)
+            robust = d.aggregation != "mean" or d.screening
+            w = self._weight()
+            if not robust:
+                summed = tr.group_sum(torch.cat([contribution * w, own.new_tensor([w])]))
+                if bool(torch.isfinite(summed).all()):
+                    new = summed[:-1] / summed[-1]
+                else:  # a member sent non-finite values: every member saw it, all fall back
+                    robust = True
+                    if topo.is_leader:
+                        self.log(f"round {r}: non-finite values in the group sum; screening them")
+            if robust:
+                new = self._robust_intra(contribution, start, defended)
+                group_delta = new[:p] - start[:p]
             t = timed("intra", t)
+        intra_new = new
         n_groups = int(np.unique(groups).size)
         cross_ran = scheme.cross is not None and n_groups > 1
         if cross_ran:
             # Stage 4: leaders combine the groups
-            p = node.flat.n_trainable
+            verify = d.verify_leader and scheme.cross == "hca" and topo.group_size > 1
+            row = int(np.searchsorted(np.unique(groups), groups[topo.rank]))
+            deltas: torch.Tensor | None = None
             if scheme.cross == "hca":
-                w = 1.0 if cfg.federation.intra_weights == "equal" else float(node.n_train)
-                part = torch.cat([(own[:p] - start[:p]) * w, own.new_tensor([w])])
-                delta_sum = tr.reduce_to_leader(part)
+                if group_delta is None:
+                    part = torch.cat([(contribution[:p] - start[:p]) * w, own.new_tensor([w])])
+                    if verify:  # every member needs the group delta to check its leader
+                        total: torch.Tensor | None = tr.group_sum(part)
+                    else:
+                        total = tr.reduce_to_leader(part)
+                    if total is not None:
+                        group_delta = total[:-1] / total[-1]
                 if topo.is_leader:
-                    assert delta_sum is not None
-                    group_delta = delta_sum[:-1] / delta_sum[-1]
+                    assert group_delta is not None
                     deltas = tr.leaders_allgather(group_delta)
-                    res = hca_update(deltas.double(), alpha=cfg.hca.alpha)
-                    new = new.clone()
-                    new[:p] += cfg.hca.psi * res.update.to(new.dtype)
-                    result_kw = dict(
-                        hca_weight=float(res.weights[topo.leaders.Get_rank()]),
-                        hca_mean_delta_norm=res.mean_delta_norm,
-                        hca_update_norm=res.update_norm,
-                        hca_solver_ok=int(res.solver_ok),
-                    )
-                    if not res.solver_ok:
-                        self.log(
-                            f"round {r}: HCA solver failed ({res.message}); used uniform weights"
-                        )
+                    new, result_kw = self._hca(r, intra_new, deltas, row)
             elif topo.is_leader:  # "mean": FedPer-style equal-weight mean of the group backbones
-                new = tr.leaders_sum(new) / topo.leaders.Get_size()
+                backbones = tr.leaders_allgather(new)
+                usable = finite_rows(backbones)
+                new = backbones[usable].mean(dim=0) if bool(usable[row]) else new
             t = timed("cross", t)
             # Stage 5: the leader sends the combined backbone back to its group
-            new = tr.group_broadcast(new)
+            sent = attack.broadcast(r, new, topo.is_leader)
+            received_new = tr.group_broadcast(sent)
+            if not topo.is_leader:
+                new = received_new
+            if verify:
+                shape = (n_groups, p)
+                deltas = tr.group_broadcast_rows(deltas, shape)
+                if not topo.is_leader:
+                    assert group_delta is not None
+                    new = self._check_leader(r, new, intra_new, deltas, group_delta, row, defended)
+            elif (
+                not topo.is_leader
+                and tr.rejected
+                and tr.rejected[-1][0] == int(topo.group_members[topo.leader_rank_in_group])
+            ):
+                defended.leader_rejected = 1  # a non-finite broadcast: kept the group result
+                new = intra_new
             t = timed("redistribute", t)
         if scheme.intra:
             node.flat.unpack(new, keep_batchnorm=cfg.federation.local_bn)
@@ -432,6 +625,8 @@ class Federation:
         digest = checksum(shared)
         t = timed("evaluate", t)
         seconds["total"] = time.perf_counter() - t_round
+        for src, _reason in tr.rejected:
+            defended.refused[src] = 1
         return RoundResult(
             train_loss=train_loss,
             val_loss=val_loss,
@@ -447,8 +642,75 @@ class Federation:
             signals=signals,
             k=k,
             groups=groups,
+            attacking=int(attack.active(r)),
+            defense=defended,
             **result_kw,  # type: ignore[arg-type]
         )
+
+    def _hca(
+        self, r: int, intra_new: torch.Tensor, deltas: torch.Tensor, row: int
+    ) -> tuple[torch.Tensor, dict[str, float | int]]:
+        """Stage 4 on a leader: HCA over the leaders' finite deltas, added to the group result."""
+        cfg = self.config
+        usable = finite_rows(deltas)
+        if not bool(usable[row]) or int(usable.sum()) < 2:
+            self.log(f"round {r}: leader {self.topology.rank} skipped HCA (non-finite deltas)")
+            return intra_new, {}
+        res = hca_update(deltas[usable].double(), alpha=cfg.hca.alpha)
+        new = intra_new.clone()
+        p = self.node.flat.n_trainable
+        new[:p] += cfg.hca.psi * res.update.to(new.dtype)
+        if not res.solver_ok:
+            self.log(f"round {r}: HCA solver failed ({res.message}); used uniform weights")
+        return new, dict(
+            hca_weight=float(res.weights[int(usable[:row].sum())]),
+            hca_mean_delta_norm=res.mean_delta_norm,
+            hca_update_norm=res.update_norm,
+            hca_solver_ok=int(res.solver_ok),
+        )
+
+    def _check_leader(
+        self,
+        r: int,
+        received: torch.Tensor,
+        intra_new: torch.Tensor,
+        deltas: torch.Tensor,
+        group_delta: torch.Tensor,
+        row: int,
+        defended: Defended,
+    ) -> torch.Tensor:
+        """Leader verification on a member: recompute HCA from the leader's deltas (after checking
+        this group's own row) and compare with the broadcast; on a mismatch keep the recomputed
+        result and record the leader as suspect."""
+        cfg = self.config
+        tol = cfg.defense.tolerance
+        p = self.node.flat.n_trainable
+        own_row_error = relative_difference(deltas[row], group_delta)
+        honest, _ = self._hca(r, intra_new, deltas, row)
+        error = max(own_row_error, relative_difference(received, honest))
+        if cfg.hca.psi > 0 and bool(torch.isfinite(received).all()):
+            # the paper-level check: the trainable update against a fresh HCA solve
+            update = (received[:p] - intra_new[:p]).double() / cfg.hca.psi
+            usable = finite_rows(deltas)
+            if bool(usable[row]) and int(usable.sum()) >= 2:
+                check = verify_hca(deltas[usable], update, cfg.hca.alpha, tol)
+                error = max(
+                    own_row_error,
+                    check.rel_error,
+                    relative_difference(received[p:], intra_new[p:])
+                    if received.numel() > p
+                    else 0.0,
+                )
+        defended.verify_error = error
+        if error <= tol:
+            return received
+        defended.leader_rejected = 1
+        leader = int(self.topology.group_members[self.topology.leader_rank_in_group])
+        self.log(
+            f"round {r}: rank {self.topology.rank} rejected the broadcast of leader {leader} "
+            f"(relative error {error:.3g} > {tol:g})"
+        )
+        return honest
 
     def record(self, r: int, result: RoundResult) -> dict[str, np.ndarray] | None:
         """Gather every rank's record onto rank 0 and append it to the results file."""
@@ -485,6 +747,10 @@ class Federation:
             rows[f"round/test_{m}"] = cols[f"test_{m}"][:, 0]
         for s in STAGES:
             rows[f"round/seconds/{s}"] = cols[f"seconds/{s}"][:, 0]
+        rows["attack/active"] = cols["attacking"][:, 0]
+        for name in DEFENSE_COLUMNS[1:]:
+            rows[f"defense/{name}"] = cols[name][:, 0]
+        rows["defense/refused"] = cols["refused"]
         if self.record_affinity:
             rows["clustering/affinity"] = cols["affinity"].reshape(n, n, n)
             rows["clustering/cosine"] = cols["cosine"].reshape(n, n, n)

@@ -172,6 +172,33 @@ class Transport:
         self.bytes_sent += wire.numel() * wire.element_size()
         return None
 
+    def group_allgather(self, vec: torch.Tensor) -> torch.Tensor:
+        """Every member's ``vec`` stacked in group-rank order on every member -> (members, len).
+
+        Used by the robust aggregation rules, which need the individual contributions; every
+        member then computes the same deterministic aggregate. Rows are not checked here: the
+        caller screens them (a non-finite row is excluded, not fatal).
+        """
+        topo = self.topology
+        if topo.group_size == 1:
+            return vec.clone().unsqueeze(0)
+        wire = self._wire(vec)
+        out = self._empty(topo.group_size, vec.numel())
+        topo.group.Allgather(self._buf(wire), self._buf(out))
+        size = wire.numel() * wire.element_size()
+        self.bytes_sent += size * (topo.group_size - 1)
+        self.bytes_received += size * (topo.group_size - 1)
+        return self._back(out)
+
+    def group_all_equal(self, value: int) -> bool:
+        """Whether every member of the group passed the same integer (e.g. a checksum)."""
+        topo = self.topology
+        if topo.group_size == 1:
+            return True
+        both = np.array([value, -value], dtype=np.int64)
+        topo.group.Allreduce(MPI.IN_PLACE, [both, MPI.INT64_T], op=MPI.MAX)
+        return bool(both[0] == -both[1])
+
     def gather_to_leader(self, vec: torch.Tensor) -> torch.Tensor | None:
         """Every member's ``vec`` stacked in group-rank order on the leader -> (members, len).
 
@@ -240,6 +267,26 @@ class Transport:
             except ReceiveError as err:
                 self.rejected.append((leader, str(err)))
                 return vec
+        return self._back(wire)
+
+    def group_broadcast_rows(self, rows: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor:
+        """The leader's ``rows`` (e.g. the leaders' deltas it used) on every member, unchecked.
+
+        Members pass ``rows=None`` and the ``shape`` they expect; the caller checks the content.
+        """
+        topo = self.topology
+        if topo.is_leader:
+            assert rows is not None and tuple(rows.shape) == shape
+            wire = self._wire(rows.to(torch.float32))
+        else:
+            wire = self._empty(*shape)
+        if topo.group_size > 1:
+            topo.group.Bcast(self._buf(wire), root=topo.leader_rank_in_group)
+            size = wire.numel() * wire.element_size()
+            if topo.is_leader:
+                self.bytes_sent += size * (topo.group_size - 1)
+            else:
+                self.bytes_received += size
         return self._back(wire)
 
     # -- small per-round records -----------------------------------------------------------------

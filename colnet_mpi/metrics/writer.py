@@ -26,6 +26,9 @@ STAGES = (
 )
 TEST_METRICS = METRIC_NAMES  # stored as round/test_<metric>
 
+#: Codes of ``defense/reason``: why a node's contribution was left out of its group's aggregate.
+EXCLUSION_REASONS = ("kept", "non-finite", "norm", "cosine", "norm+cosine")
+
 
 def now_iso() -> str:
     """Current UTC time as ISO 8601 text."""
@@ -70,6 +73,18 @@ def result_layout(n_nodes: int, *, record_affinity: bool) -> dict[str, Series]:
     )
     for stage in STAGES:
         layout[f"round/seconds/{stage}"] = Series("f8", (n,))
+    layout.update(
+        {
+            "attack/active": Series("i1", (n,)),  # 1 where the node attacked in the round
+            "defense/excluded": Series("i1", (n,)),  # 1: left out of its group's aggregate
+            "defense/reason": Series("i1", (n,)),  # index into EXCLUSION_REASONS
+            "defense/norm_score": Series("f8", (n,)),  # update norm / group median norm
+            "defense/cosine_score": Series("f8", (n,)),  # cosine to the others' median
+            "defense/refused": Series("i1", (n, n)),  # [i, j] = 1: node i refused j's buffer
+            "defense/leader_rejected": Series("i1", (n,)),  # 1: refused its leader's broadcast
+            "defense/verify_error": Series("f8", (n,)),  # relative error of the leader check
+        }
+    )
     if record_affinity:
         layout["clustering/affinity"] = Series("f4", (n, n, n))
         layout["clustering/cosine"] = Series("f4", (n, n, n))
@@ -104,6 +119,7 @@ class ResultsWriter:
             f.attrs["status"] = "running"
             f.attrs["started"] = now_iso()
             f.attrs["finished"] = ""
+            f.attrs["defense_reasons"] = ",".join(EXCLUSION_REASONS)  # defense/reason codes
             str_dt = h5py.string_dtype()
             f.create_dataset("nodes/name", data=np.array(node_names, dtype=object), dtype=str_dt)
             f.create_dataset("nodes/task", data=np.array(node_tasks, dtype=object), dtype=str_dt)

@@ -26,3 +26,11 @@ def test_full_round(ranks: int) -> None:
     proc = run_mpi(ranks, [sys.executable, str(SCRIPTS / "round_checks.py")], timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count(f"ok on {ranks} ranks") == 5, proc.stdout
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_attacks_and_defenses_in_rounds() -> None:
+    proc = run_mpi(6, [sys.executable, str(SCRIPTS / "defense_checks.py")], timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("ok on 6 ranks") == 4, proc.stdout

@@ -73,9 +73,9 @@ class Recorder:
             setattr(tr, name, wrapped)
         train = node.train_local
 
-        def train_and_snapshot(epochs):
+        def train_and_snapshot(epochs, *args):
             self.start = node.flat.pack().clone()
-            out = train(epochs)
+            out = train(epochs, *args)
             self.trained = node.flat.pack().clone()
             self.head_after_training = [p.detach().clone() for p in node.head.parameters()]
             return out

@@ -1,0 +1,148 @@
+"""Attacks and defenses in real rounds under mpiexec -n 6 (groups fixed to the tasks: 0-2, 3-5)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from _check import run_checks
+from mpi4py import MPI
+from round_checks import Recorder, allgather_vec, make_config
+
+from colnet_mpi.comm.buffers import checksum
+from colnet_mpi.comm.topology import Topology
+from colnet_mpi.config import config_from_dict, to_toml
+from colnet_mpi.round import Federation, Node
+
+
+def federation(
+    comm: MPI.Comm, scheme: str = "colnet", **sections: dict
+) -> tuple[Federation, Recorder, Topology]:
+    """A 6-node federation with the true task groups and extra config sections."""
+    import tomllib
+
+    raw = tomllib.loads(to_toml(make_config(comm.Get_size(), scheme)))
+    raw["federation"]["grouping"] = "tasks"
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    config = config_from_dict(raw)
+    topo = Topology(comm, kind="full")
+    node = Node(config, topo.rank, torch.device("cpu"))
+    fed = Federation(config, topo, node, None, lambda _m: None)
+    return fed, Recorder(fed), topo
+
+
+def gather_ints(comm: MPI.Comm, value: int) -> np.ndarray:
+    out = np.empty(comm.Get_size(), dtype=np.int64)
+    comm.Allgather([np.array([value], dtype=np.int64), MPI.INT64_T], [out, MPI.INT64_T])
+    return out
+
+
+def check_nan_node_poisons_nobody(comm: MPI.Comm) -> None:
+    """Node 1 sends NaN to its neighbours and into its group's sum: everybody else stays finite,
+    refuses its buffer, and its group aggregates without it."""
+    for fault in ("nan", "short"):
+        fed, rec, topo = federation(
+            comm, attack={"kind": "bad_buffer", "nodes": [1], "buffer_fault": fault}
+        )
+        for r in (1, 2):
+            res = fed.round(r)
+            assert bool(torch.isfinite(fed.node.flat.pack()).all()), f"{fault}: NaN reached us"
+            assert np.isfinite(res.test["loss"]), res.test
+            refused = res.defense.refused
+            if topo.rank != 1:
+                assert refused[1] == 1 and refused.sum() == 1, (fault, refused)
+            excluded = gather_ints(comm, res.defense.excluded)
+            assert excluded.tolist() == [0, 1, 0, 0, 0, 0], (fault, excluded)
+        # the honest members of group 0 hold the mean of their own two trained backbones
+        trained = allgather_vec(comm, rec.trained).astype(np.float64)
+        final = allgather_vec(comm, fed.node.flat.pack())
+        assert (final[0] == final[2]).all() and np.isfinite(final).all()
+        topo.free()
+        del trained
+
+
+def check_screening_excludes_boosted_node(comm: MPI.Comm) -> None:
+    """A node boosting its update x50 is excluded by screening; its group averages the others."""
+    fed, rec, topo = federation(
+        comm,
+        scheme="intra",
+        attack={"kind": "boost", "nodes": [1], "boost_scale": 50.0, "bn_batches": 0},
+        defense={"screening": True, "norm_ratio": 3.0},
+    )
+    uploaded = {}
+    original = fed.attack.upload
+
+    def spy(r, vec):
+        uploaded["own"] = vec.clone()
+        return original(r, vec)
+
+    fed.attack.upload = spy
+    res = fed.round(1)
+    excluded = gather_ints(comm, res.defense.excluded)
+    assert excluded.tolist() == [0, 1, 0, 0, 0, 0], excluded
+    reasons = gather_ints(comm, res.defense.reason)
+    assert reasons[1] == 2, reasons  # "norm"
+    norms = allgather_vec(comm, torch.tensor([res.defense.norm_score], dtype=torch.float32))
+    assert norms[1, 0] > 10 and (norms[[0, 2], 0] < 3).all(), norms[:, 0]
+    own = allgather_vec(comm, uploaded["own"]).astype(np.float64)
+    start = allgather_vec(comm, rec.start).astype(np.float64)
+    final = fed.node.flat.pack().numpy()
+    if topo.rank < 3:
+        expected = start[0] + ((own[0] - start[0]) + (own[2] - start[0])) / 2
+        np.testing.assert_allclose(final, expected, rtol=1e-4, atol=1e-5)
+    topo.free()
+
+
+def check_median_rule(comm: MPI.Comm) -> None:
+    """defense.aggregation = median: the group result is the start plus the coordinate median."""
+    fed, rec, topo = federation(comm, scheme="intra", defense={"aggregation": "median"})
+    res = fed.round(1)
+    trained = allgather_vec(comm, rec.trained).astype(np.float64)
+    start = rec.start.numpy().astype(np.float64)
+    members = np.flatnonzero(res.groups == res.groups[topo.rank])
+    expected = start + np.median(trained[members] - start, axis=0)
+    np.testing.assert_allclose(fed.node.flat.pack().numpy(), expected, rtol=1e-4, atol=1e-5)
+    assert res.defense.excluded == 0
+    topo.free()
+
+
+def check_leader_verification(comm: MPI.Comm) -> None:
+    """Node 0 leads group 0 in round 1 and doubles what it broadcasts. Without verification its
+    members take the doubled backbone; with it they reject it, keep the recomputed HCA result
+    (bit-identical to the leader's honest one) and record the leader as suspect."""
+    for verify in (False, True):
+        fed, rec, topo = federation(
+            comm,
+            attack={"kind": "manipulate", "nodes": [0], "manipulation_factor": 2.0},
+            defense={"verify_leader": verify},
+        )
+        res = fed.round(1)
+        assert res.leader == int(topo.rank in (0, 3))
+        final = allgather_vec(comm, fed.node.flat.pack())
+        rejected = gather_ints(comm, res.defense.leader_rejected)
+        if verify:
+            assert rejected.tolist() == [0, 1, 1, 0, 0, 0], rejected
+            assert (final[1] == final[0]).all() and (final[2] == final[0]).all()
+            assert (final[4] == final[3]).all() and (final[5] == final[3]).all()
+            errors = allgather_vec(comm, torch.tensor([res.defense.verify_error]))[:, 0]
+            assert errors[1] > 0.5 and errors[4] < 1e-3, errors
+        else:
+            assert rejected.sum() == 0
+            np.testing.assert_allclose(final[1], 2 * final[0], rtol=1e-6)
+            assert (final[4] == final[3]).all()
+        sums = gather_ints(comm, checksum(fed.node.flat.pack()))
+        assert (sums[[1, 2]] == sums[0]).all() == verify
+        topo.free()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    assert MPI.COMM_WORLD.Get_size() == 6, "run under mpiexec -n 6"
+    run_checks(
+        [
+            check_nan_node_poisons_nobody,
+            check_screening_excludes_boosted_node,
+            check_median_rule,
+            check_leader_verification,
+        ]
+    )
