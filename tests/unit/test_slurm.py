@@ -1,11 +1,13 @@
-"""Unit tests for slurm/run.sbatch: run under bash with a stand-in srun, check the launch line."""
+"""Unit tests for slurm/run.sbatch and slurm/sweep.sbatch: bash, a stand-in srun, the launch line."""
 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,7 +101,7 @@ def test_sbatch_header():
     first_command = next(i for i, line in enumerate(lines) if line.startswith("set -euo pipefail"))
     assert all(i < first_command for i, line in enumerate(lines) if line.startswith("#SBATCH"))
     # one launch line only
-    assert sum('"$COLNET_SRUN"' in line for line in lines) == 1
+    assert sum("colnet-mpi run" in line and not line.startswith("#") for line in lines) == 1
 
 
 def test_default_command_line(tmp_path):
@@ -204,4 +206,295 @@ def test_launcher_failure_propagates(tmp_path):
     failing.write_text("#!/usr/bin/env bash\nexit 7\n")
     failing.chmod(0o755)
     proc, _ = run_script(tmp_path, env=clean_env(tmp_path, **SLURM_ENV))
+    assert proc.returncode == 7
+
+
+def test_run_sbatch_documents_account_partition_and_time():
+    text = SCRIPT.read_text()
+    for name in ("SBATCH_ACCOUNT", "SBATCH_PARTITION", "SBATCH_TIMELIMIT", "COLNET_LAUNCH"):
+        assert name in text
+
+
+def test_run_sbatch_launcher_override_needs_no_slurm(tmp_path):
+    make_stand_in(tmp_path / "bin", "mpiexec")
+    env = clean_env(tmp_path, COLNET_LAUNCH="mpiexec -n 6", COLNET_DRY_RUN="1")
+    proc, argv = run_script(tmp_path, "configs/quickstart.toml", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert argv == [
+        "mpiexec",
+        "-n",
+        "6",
+        "colnet-mpi",
+        "run",
+        "configs/quickstart.toml",
+        "--out",
+        "results/colnet_local.h5",
+        "--dry-run",
+    ]
+    assert (tmp_path / "argv.omp").read_text() == "1"
+
+
+# ---------------------------------------------------------------------------------------------
+# slurm/sweep.sbatch: array index -> one override set -> one results file.
+
+ROOT = SCRIPT.parents[1]
+SWEEP_SCRIPT = ROOT / "slurm" / "sweep.sbatch"
+SPEC = "configs/sweeps/epochs_x_privatization.toml"
+ARRAY_ENV = {**SLURM_ENV, "SLURM_ARRAY_TASK_ID": "4", "SLURM_JOB_NAME": "colnet-sweep"}
+
+# `colnet-mpi` for the steps before srun: this interpreter, the sweep subcommand only (the same
+# add_parser and main as the console script, without importing the other subcommands).
+COLNET_SHIM = """#!/usr/bin/env bash
+exec {python} -c '
+import argparse, sys
+from colnet_mpi import sweep
+p = argparse.ArgumentParser(prog="colnet-mpi")
+sweep.add_parser(p.add_subparsers(dest="command", required=True))
+a = p.parse_args(sys.argv[1:])
+sys.exit(a.func(a))' "$@"
+"""
+
+
+def sweep_workdir(tmp_path: Path) -> Path:
+    """A submission directory: the repository's configs, a stand-in srun and colnet-mpi."""
+    (tmp_path / "configs").symlink_to(ROOT / "configs", target_is_directory=True)
+    make_stand_in(tmp_path / "bin")
+    shim = tmp_path / "bin" / "colnet-mpi"
+    shim.write_text(COLNET_SHIM.format(python=shlex.quote(sys.executable)))
+    shim.chmod(0o755)
+    return tmp_path
+
+
+def run_sweep(
+    tmp_path: Path, *args: str, env: dict[str, str]
+) -> tuple[subprocess.CompletedProcess[str], list[str] | None]:
+    proc = subprocess.run(
+        [BASH, str(SWEEP_SCRIPT), *args],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    record = tmp_path / "argv"
+    argv = record.read_bytes().decode().split("\0")[:-1] if record.exists() else None
+    return proc, argv
+
+
+def sweep_expected(index: int, *tail: str, out_dir: str = "results/epochs_x_privatization"):
+    epochs, rounds = [(2, 15), (3, 10), (5, 6)][index // 3]
+    return [
+        "srun",
+        "--ntasks=6",
+        "--cpus-per-task=4",
+        "colnet-mpi",
+        "run",
+        "configs/cifar10_label_het.toml",
+        "--set",
+        "run.seed=0",
+        "--set",
+        f"training.local_epochs={epochs}",
+        "--set",
+        f"training.rounds={rounds}",
+        "--set",
+        f"model.privatization={index % 3}",
+        "--set",
+        f"run.name=epochs_x_privatization_{index}",
+        "--out",
+        f"{out_dir}/epochs_x_privatization_{index}.h5",
+        *tail,
+    ]
+
+
+def write_results(path: Path, status: str) -> None:
+    import h5py
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        f.attrs["status"] = status
+
+
+def test_sweep_bash_accepts_the_script():
+    proc = subprocess.run(
+        [BASH, "-n", str(SWEEP_SCRIPT)], capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_sweep_sbatch_header():
+    lines = SWEEP_SCRIPT.read_text().splitlines()
+    assert lines[0].startswith("#!") and "bash" in lines[0]
+    directives = [line.split(None, 1)[1] for line in lines if line.startswith("#SBATCH ")]
+    assert "--ntasks=6" in directives
+    assert "--gpus-per-task=1" in directives  # one GPU per rank by default
+    assert "--requeue" in directives
+    assert any(d.startswith("--cpus-per-task=") for d in directives)
+    assert any(d.startswith("--time=") for d in directives)
+    assert "--output=%x_%A_%a.log" in directives
+    assert not any(d.startswith("--array") for d in directives)  # the submitter chooses
+    first_command = next(i for i, line in enumerate(lines) if line.startswith("set -euo pipefail"))
+    assert all(i < first_command for i, line in enumerate(lines) if line.startswith("#SBATCH"))
+    assert sum("colnet-mpi run" in line and not line.startswith("#") for line in lines) == 1
+    text = SWEEP_SCRIPT.read_text()
+    for name in (
+        "SBATCH_ACCOUNT",
+        "SBATCH_PARTITION",
+        "SBATCH_TIMELIMIT",
+        "--overwrite",
+        "COLNET_LAUNCH",
+        "--unfinished",
+        "no checkpoints",
+    ):
+        assert name in text
+
+
+@pytest.mark.parametrize("index", [0, 4, 8])
+def test_sweep_command_line_and_output_name(tmp_path, index):
+    sweep_workdir(tmp_path)
+    env = clean_env(tmp_path, **{**ARRAY_ENV, "SLURM_ARRAY_TASK_ID": str(index)})
+    proc, argv = run_sweep(tmp_path, SPEC, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert argv == sweep_expected(index)
+    assert (tmp_path / "argv.omp").read_text() == "4"
+
+
+def test_sweep_spec_from_environment_and_extra_args(tmp_path):
+    sweep_workdir(tmp_path)
+    env = clean_env(tmp_path, COLNET_SWEEP=SPEC, **ARRAY_ENV)
+    proc, argv = run_sweep(tmp_path, "--quiet", "--set", "training.batch_size=32", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert argv == sweep_expected(4, "--quiet", "--set", "training.batch_size=32")
+
+
+def test_sweep_out_dir(tmp_path):
+    sweep_workdir(tmp_path)
+    env = clean_env(tmp_path, COLNET_OUT_DIR="/scratch/me/exp", **ARRAY_ENV)
+    proc, argv = run_sweep(tmp_path, SPEC, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert argv == sweep_expected(4, out_dir="/scratch/me/exp")
+
+
+def test_sweep_without_array_id_fails_before_launch(tmp_path):
+    sweep_workdir(tmp_path)
+    env = clean_env(tmp_path, **SLURM_ENV)
+    proc, argv = run_sweep(tmp_path, SPEC, env=env)
+    assert proc.returncode == 2
+    assert argv is None
+    assert "SLURM_ARRAY_TASK_ID is not set" in proc.stderr
+    assert f"sbatch --array=0-<count-1> slurm/sweep.sbatch {SPEC}" in proc.stderr
+
+
+def test_sweep_without_spec_fails_before_launch(tmp_path):
+    sweep_workdir(tmp_path)
+    proc, argv = run_sweep(tmp_path, env=clean_env(tmp_path, **ARRAY_ENV))
+    assert proc.returncode != 0
+    assert argv is None
+    assert "give the sweep spec" in proc.stderr
+
+
+def test_sweep_index_out_of_range_fails_before_launch(tmp_path):
+    sweep_workdir(tmp_path)
+    env = clean_env(tmp_path, **{**ARRAY_ENV, "SLURM_ARRAY_TASK_ID": "9"})
+    proc, argv = run_sweep(tmp_path, SPEC, env=env)
+    assert proc.returncode == 2
+    assert argv is None
+    assert "has 9 sets, indices 0 to 8" in proc.stderr
+
+
+def test_sweep_missing_config_fails_before_launch(tmp_path):
+    sweep_workdir(tmp_path)
+    (tmp_path / "configs").unlink()  # submitted from the wrong directory
+    spec = ROOT / SPEC
+    proc, argv = run_sweep(tmp_path, str(spec), env=clean_env(tmp_path, **ARRAY_ENV))
+    assert proc.returncode == 2
+    assert argv is None
+    assert "config file 'configs/cifar10_label_het.toml' of index 4 does not exist" in proc.stderr
+
+
+def test_sweep_skips_a_finished_task(tmp_path):
+    sweep_workdir(tmp_path)
+    write_results(
+        tmp_path / "results/epochs_x_privatization/epochs_x_privatization_4.h5", "finished"
+    )
+    proc, argv = run_sweep(tmp_path, SPEC, env=clean_env(tmp_path, **ARRAY_ENV))
+    assert proc.returncode == 0, proc.stderr
+    assert argv is None
+    assert (
+        "index 4 of configs/sweeps/epochs_x_privatization.toml is finished; skipping" in proc.stdout
+    )
+
+
+def test_sweep_finished_task_in_out_dir_is_skipped(tmp_path):
+    sweep_workdir(tmp_path)
+    write_results(tmp_path / "elsewhere/epochs_x_privatization_4.h5", "finished")
+    env = clean_env(tmp_path, COLNET_OUT_DIR="elsewhere", **ARRAY_ENV)
+    proc, argv = run_sweep(tmp_path, SPEC, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert argv is None
+
+
+def test_sweep_rerun_overwrites_a_finished_task(tmp_path):
+    sweep_workdir(tmp_path)
+    write_results(
+        tmp_path / "results/epochs_x_privatization/epochs_x_privatization_4.h5", "finished"
+    )
+    env = clean_env(tmp_path, COLNET_RERUN="1", **ARRAY_ENV)
+    proc, argv = run_sweep(tmp_path, SPEC, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert argv == sweep_expected(4, "--overwrite")
+
+
+@pytest.mark.parametrize("status", ["running", "failed", "junk"])
+def test_sweep_restarts_an_unfinished_task_with_overwrite(tmp_path, status):
+    sweep_workdir(tmp_path)
+    out = tmp_path / "results/epochs_x_privatization/epochs_x_privatization_4.h5"
+    if status == "junk":
+        out.parent.mkdir(parents=True)
+        out.write_text("killed while creating the file")
+    else:
+        write_results(out, status)
+    env = clean_env(tmp_path, SLURM_RESTART_COUNT="1", **ARRAY_ENV)
+    proc, argv = run_sweep(tmp_path, SPEC, "--quiet", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert argv == sweep_expected(4, "--overwrite", "--quiet")
+    shown = "unreadable" if status == "junk" else status
+    assert f"results of index 4 are '{shown}'; starting over from round 1" in proc.stdout
+
+
+def test_sweep_dry_run(tmp_path):
+    sweep_workdir(tmp_path)
+    write_results(
+        tmp_path / "results/epochs_x_privatization/epochs_x_privatization_4.h5", "finished"
+    )
+    env = clean_env(tmp_path, COLNET_DRY_RUN="1", **ARRAY_ENV)
+    proc, argv = run_sweep(tmp_path, SPEC, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert argv == sweep_expected(4, "--dry-run")  # no status check, no --overwrite
+
+
+def test_sweep_dry_run_on_a_login_node(tmp_path):
+    sweep_workdir(tmp_path)
+    make_stand_in(tmp_path / "bin", "mpiexec")
+    env = clean_env(
+        tmp_path, SLURM_ARRAY_TASK_ID="2", COLNET_DRY_RUN="1", COLNET_LAUNCH="mpiexec -n 6"
+    )
+    proc, argv = run_sweep(tmp_path, SPEC, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert argv == ["mpiexec", "-n", "6", *sweep_expected(2, "--dry-run")[3:]]
+    assert (tmp_path / "argv.omp").read_text() == "1"
+
+
+def test_sweep_missing_ntasks_fails_before_launch(tmp_path):
+    sweep_workdir(tmp_path)
+    env = clean_env(tmp_path, SLURM_ARRAY_TASK_ID="1")
+    proc, argv = run_sweep(tmp_path, SPEC, env=env)
+    assert proc.returncode != 0
+    assert argv is None
+    assert "ntasks" in proc.stderr
+
+
+def test_sweep_launcher_failure_propagates(tmp_path):
+    sweep_workdir(tmp_path)
+    (tmp_path / "bin" / "srun").write_text("#!/usr/bin/env bash\nexit 7\n")
+    proc, _ = run_sweep(tmp_path, SPEC, env=clean_env(tmp_path, **ARRAY_ENV))
     assert proc.returncode == 7
