@@ -1,0 +1,476 @@
+"""Unit tests for the results reader and ``colnet-mpi report`` on synthetic files written by ResultsWriter."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from colnet_mpi.cli import main as cli_main
+from colnet_mpi.config import Config, config_from_dict, to_toml
+from colnet_mpi.metrics import reader
+from colnet_mpi.metrics.reader import (
+    IncompatibleRunsError,
+    NotAResultsFileError,
+    ReportError,
+    UnfinishedRunWarning,
+    aggregate,
+    group_summary,
+    load_run,
+    load_runs,
+    setting_label,
+    settings,
+    val_loss_curves,
+)
+from colnet_mpi.metrics.report import csv_header, write_report
+from colnet_mpi.metrics.writer import TEST_METRICS, ResultsWriter
+
+FACES_NODES = [
+    {"task": "attributes", "count": 2},
+    {"task": "landmarks", "count": 2},
+]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def make_config(
+    *,
+    scheme: str = "colnet",
+    seed: int = 0,
+    epochs: int = 2,
+    rounds: int = 3,
+    name: str = "run",
+    dataset: str = "synthetic_faces",
+    nodes: list[dict] | None = None,
+) -> Config:
+    return config_from_dict(
+        {
+            "run": {"name": name, "seed": seed, "output": f"results/{name}.h5"},
+            "data": {"dataset": dataset},
+            "training": {"rounds": rounds, "local_epochs": epochs},
+            "federation": {"scheme": scheme},
+            "nodes": nodes or FACES_NODES,
+        }
+    )
+
+
+def write_run(
+    path: Path,
+    config: Config,
+    rng: np.random.Generator,
+    *,
+    rounds: int | None = None,
+    status: str = "finished",
+) -> dict[str, np.ndarray]:
+    """A results file with random metrics; returns the arrays written (NaN F1 etc. for landmarks)."""
+    from colnet_mpi.data import dataset_tasks
+
+    tasks = dataset_tasks(config.data.dataset)
+    names = [n.name for n in config.nodes]
+    node_tasks = [n.task for n in config.nodes]
+    groups = [tasks[t].group for t in node_tasks]
+    no_scores = np.array([tasks[t].kind == "landmarks" for t in node_tasks])
+    n, e = len(names), config.training.local_epochs
+    writer = ResultsWriter(
+        path,
+        attrs={
+            "config": to_toml(config),
+            "seed": config.run.seed,
+            "scheme": config.federation.scheme,
+        },
+        node_names=names,
+        node_tasks=node_tasks,
+        true_groups=groups,
+        record_affinity=False,
+    )
+    written: dict[str, list[np.ndarray]] = {}
+    for r in range(1, (rounds or config.training.rounds) + 1):
+        rows: dict[str, np.ndarray | float | int] = {
+            name: np.zeros((e, *series.row) if name.startswith("epoch/") else series.row)
+            for name, series in writer.layout.items()
+        }
+        rows |= {
+            "epoch/val_loss": rng.uniform(0.5, 2.0, size=(e, n)),
+            "epoch/train_loss": rng.uniform(0.5, 2.0, size=(e, n)),
+            "epoch/round": np.full(e, r),
+            "round/group": np.zeros(n, dtype=int),
+            "clustering/ari": 1.0,
+        }
+        for m in TEST_METRICS:
+            values = rng.uniform(0.0, 1.0, size=n)
+            if m != "loss":
+                values[no_scores] = np.nan
+            rows[f"round/test_{m}"] = values
+        writer.append(rows)
+        for k, v in rows.items():
+            written.setdefault(k, []).append(np.asarray(v))
+    if status == "finished":
+        writer.finish()
+    else:
+        writer.set_attrs(status=status)
+    out = {k: np.stack(v) for k, v in written.items()}
+    out["epoch/val_loss"] = np.concatenate(written["epoch/val_loss"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def sweep(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, dict[tuple[str, int], dict[str, np.ndarray]]]:
+    """Two schemes x three seeds, files named like a sweep's (<sweep>_<index>.h5)."""
+    tmp_path = tmp_path_factory.mktemp("sweep")
+    rng = np.random.default_rng(7)
+    truth = {}
+    index = 0
+    for scheme in ("colnet", "none"):
+        for seed in (0, 1, 2):
+            name = f"sw_{index}"
+            cfg = make_config(scheme=scheme, seed=seed, name=name)
+            truth[(scheme, seed)] = write_run(tmp_path / "sw" / f"{name}.h5", cfg, rng)
+            index += 1
+    return tmp_path / "sw", truth
+
+
+def group_means(arr: np.ndarray, nodes: slice) -> np.ndarray:
+    return arr[..., nodes].mean(axis=-1)
+
+
+ATTR, LAND = slice(0, 2), slice(2, 4)
+
+
+def test_load_run_reads_everything(sweep) -> None:
+    folder, truth = sweep
+    run = load_run(folder / "sw_0.h5")
+    assert run.status == "finished" and run.finished
+    assert run.seed == 0 and run.name == "sw_0" and run.dataset == "synthetic_faces"
+    assert run.config.federation.scheme == "colnet"
+    assert run.node_names == ("attributes-0", "attributes-1", "landmarks-0", "landmarks-1")
+    assert run.groups == ("attributes", "landmarks")
+    assert run.n_rounds == 3 and run.n_epochs == 6
+    t = truth[("colnet", 0)]
+    np.testing.assert_array_equal(run["round/test_loss"], t["round/test_loss"])
+    np.testing.assert_array_equal(run["epoch/val_loss"], t["epoch/val_loss"])
+    assert run["clustering/ari"].shape == (3,)
+    assert "hca/weights" in run.data
+    np.testing.assert_array_equal(run.read("round/test_loss"), t["round/test_loss"])
+    assert run.read("epoch/val_loss").shape == (6, 4)
+    final = run.final_round()
+    np.testing.assert_array_equal(final["f1_micro"], t["round/test_f1_micro"][-1])
+    np.testing.assert_array_equal(run.node_metrics(1)["loss"], t["round/test_loss"][0])
+    with pytest.raises(IndexError, match="round 4"):
+        run.node_metrics(4)
+
+
+def test_group_summary_matches_numpy(sweep) -> None:
+    folder, truth = sweep
+    run = load_run(folder / "sw_1.h5")
+    t = truth[("colnet", 1)]
+    s = group_summary(run)
+    for m in TEST_METRICS:
+        assert s["attributes"][m] == pytest.approx(group_means(t[f"round/test_{m}"][-1], ATTR))
+    assert s["landmarks"]["loss"] == pytest.approx(group_means(t["round/test_loss"][-1], LAND))
+    assert math.isnan(s["landmarks"]["f1_micro"]) and math.isnan(s["landmarks"]["precision_macro"])
+    s2 = group_summary(run, round=2)
+    assert s2["attributes"]["loss"] == pytest.approx(group_means(t["round/test_loss"][1], ATTR))
+
+
+def test_settings_ignore_seed_name_output(sweep) -> None:
+    folder, _ = sweep
+    runs = load_runs([folder])
+    assert [r.name for r in runs] == [f"sw_{i}" for i in range(6)]
+    assert settings(runs) == ("federation.scheme",)
+    assert settings(runs[:3]) == ()
+    assert settings(runs, ignore=["federation.scheme"]) == ()
+
+
+def test_aggregate_mean_std_over_seeds(sweep) -> None:
+    folder, truth = sweep
+    rows = aggregate(load_runs([folder]))
+    assert [(r.group, r.label) for r in rows] == [
+        ("attributes", "scheme=colnet"),
+        ("attributes", "scheme=none"),
+        ("landmarks", "scheme=colnet"),
+        ("landmarks", "scheme=none"),
+    ]
+    for row in rows:
+        scheme = row.setting["federation.scheme"]
+        nodes = ATTR if row.group == "attributes" else LAND
+        assert row.n == 3 and row.seeds == (0, 1, 2)
+        for m in TEST_METRICS:
+            per_seed = [
+                group_means(truth[(scheme, s)][f"round/test_{m}"][-1], nodes) for s in (0, 1, 2)
+            ]
+            stat = row.metrics[m]
+            assert stat.n == 3
+            if row.group == "landmarks" and m != "loss":
+                assert math.isnan(stat.mean) and stat.format() == "–"
+                continue
+            assert stat.mean == pytest.approx(np.mean(per_seed))
+            assert stat.std == pytest.approx(np.std(per_seed, ddof=1))
+
+
+def test_single_run_has_no_std_and_by_node(sweep) -> None:
+    folder, truth = sweep
+    rows = aggregate([load_run(folder / "sw_0.h5")])
+    assert [r.label for r in rows] == ["all runs", "all runs"]
+    assert rows[0].n == 1 and math.isnan(rows[0].metrics["loss"].std)
+    assert rows[0].metrics["loss"].format() == f"{rows[0].metrics['loss'].mean:.3f}"
+    per_node = aggregate(load_runs([folder]), by="node")
+    assert len(per_node) == 4 * 2
+    first = per_node[0]
+    assert first.group == "attributes-0" and first.label == "scheme=colnet"
+    want = [truth[("colnet", s)]["round/test_f1_micro"][-1][0] for s in (0, 1, 2)]
+    assert first.metrics["f1_micro"].mean == pytest.approx(np.mean(want))
+
+
+def test_val_loss_curves(sweep) -> None:
+    folder, truth = sweep
+    curves = val_loss_curves(load_runs([folder]))
+    assert [(c.group, c.label) for c in curves] == [
+        ("attributes", "scheme=colnet"),
+        ("attributes", "scheme=none"),
+        ("landmarks", "scheme=colnet"),
+        ("landmarks", "scheme=none"),
+    ]
+    c = curves[3]
+    per_seed = np.stack(
+        [group_means(truth[("none", s)]["epoch/val_loss"], LAND) for s in (0, 1, 2)]
+    )
+    np.testing.assert_array_equal(c.x, np.arange(1, 7))
+    np.testing.assert_allclose(c.mean, per_seed.mean(axis=0))
+    np.testing.assert_allclose(c.std, per_seed.std(axis=0, ddof=1))
+    assert c.n == 3
+
+
+def test_report_files(sweep, tmp_path: Path) -> None:
+    folder, truth = sweep
+    runs = load_runs([folder])
+    text, written, note = write_report(runs, tmp_path / "rep")
+    names = sorted(p.name for p in written)
+    if note is None:
+        assert names == ["table.csv", "table.md", "test_metrics.png", "val_loss.png"]
+        for png in ("val_loss.png", "test_metrics.png"):
+            data = (tmp_path / "rep" / png).read_bytes()
+            assert data.startswith(PNG_MAGIC) and len(data) > 1000
+    else:
+        assert names == ["table.csv", "table.md"] and "colnet-mpi[plot]" in note
+    assert (tmp_path / "rep" / "table.md").read_text() == text
+
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert table[0] == "| Task group | Setting | n | Loss | Precision | Recall | F1 |"
+    body = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
+    assert [(b[0], b[1], b[2]) for b in body] == [
+        ("attributes", "scheme=colnet", "3"),
+        ("", "scheme=none", "3"),
+        ("landmarks", "scheme=colnet", "3"),
+        ("", "scheme=none", "3"),
+    ]
+    f1 = [group_means(truth[("none", s)]["round/test_f1_micro"][-1], ATTR) for s in (0, 1, 2)]
+    assert body[1][6] == f"{np.mean(f1):.3f} ± {np.std(f1, ddof=1):.3f}"
+    assert body[3][3:] == [body[3][3], "–", "–", "–"] and "±" in body[3][3]
+
+    with (tmp_path / "rep" / "table.csv").open() as fh:
+        parsed = list(csv.DictReader(fh))
+    assert list(parsed[0]) == csv_header(["federation.scheme"])
+    assert [(p["dataset"], p["group"], p["federation.scheme"], p["n"]) for p in parsed] == [
+        ("synthetic_faces", "attributes", "colnet", "3"),
+        ("synthetic_faces", "attributes", "none", "3"),
+        ("synthetic_faces", "landmarks", "colnet", "3"),
+        ("synthetic_faces", "landmarks", "none", "3"),
+    ]
+    assert float(parsed[1]["f1_micro_mean"]) == pytest.approx(np.mean(f1))
+    assert float(parsed[1]["f1_micro_std"]) == pytest.approx(np.std(f1, ddof=1))
+    macro = [group_means(truth[("colnet", s)]["round/test_f1_macro"][-1], ATTR) for s in (0, 1, 2)]
+    assert float(parsed[0]["f1_macro_mean"]) == pytest.approx(np.mean(macro))
+    assert parsed[2]["f1_micro_mean"] == "" and parsed[2]["loss_mean"] != ""
+
+
+def test_two_keys_label(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    for i, (epochs, rounds) in enumerate([(2, 3), (3, 2)]):
+        write_run(
+            tmp_path / f"e_{i}.h5", make_config(epochs=epochs, rounds=rounds, name=f"e_{i}"), rng
+        )
+    runs = load_runs([tmp_path])
+    assert settings(runs) == ("training.rounds", "training.local_epochs")
+    rows = aggregate(runs)
+    assert rows[0].label == "rounds=3, local_epochs=2"
+    assert setting_label({"attack.kind": "boost", "model.privatization": 2}) == (
+        "attack.kind=boost, privatization=2"
+    )
+    assert setting_label({"training.single_label.lr": 0.1, "hca.alpha": 0.4}) == (
+        "single_label.lr=0.1, hca.alpha=0.4"
+    )
+    assert setting_label({}) == "all runs"
+    curves = val_loss_curves(runs)
+    assert len(curves[0].x) == 6 and len(curves[1].x) == 6
+
+
+def test_different_datasets_name_both_files(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    a, b = tmp_path / "faces.h5", tmp_path / "digits.h5"
+    write_run(a, make_config(), rng)
+    digits = [{"task": "low_digits", "count": 2}, {"task": "high_digits", "count": 2}]
+    write_run(b, make_config(dataset="digits", nodes=digits), rng)
+    with pytest.raises(IncompatibleRunsError) as err:
+        aggregate([load_run(a), load_run(b)])
+    msg = str(err.value)
+    assert str(a) in msg and str(b) in msg and "synthetic_faces" in msg and "digits" in msg
+
+
+def test_report_splits_datasets_into_scenarios(tmp_path: Path, capsys) -> None:
+    """A sweep over two configs (e.g. CIFAR-10 and CelebA) in one directory: one table per dataset."""
+    rng = np.random.default_rng(6)
+    digits = [{"task": "low_digits", "count": 2}, {"task": "high_digits", "count": 2}]
+    for i, (dataset, nodes) in enumerate([("synthetic_faces", None), ("digits", digits)] * 2):
+        scheme = "colnet" if i < 2 else "none"
+        cfg = make_config(dataset=dataset, nodes=nodes, scheme=scheme, name=f"mix_{i}")
+        write_run(tmp_path / "mix" / f"mix_{i}.h5", cfg, rng)
+    out = tmp_path / "rep"
+    assert cli_main(["report", str(tmp_path / "mix"), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.index("## Dataset `synthetic_faces`") < text.index("## Dataset `digits`")
+    assert text.count("| Task group | Setting |") == 2
+    assert (
+        "| low_digits | scheme=colnet | 1 |" in text and "| landmarks | scheme=colnet | 1 |" in text
+    )
+    with (out / "table.csv").open() as fh:
+        parsed = list(csv.DictReader(fh))
+    assert [p["dataset"] for p in parsed] == ["synthetic_faces"] * 4 + ["digits"] * 4
+
+
+def test_different_node_sets_name_both_files(tmp_path: Path, capsys) -> None:
+    rng = np.random.default_rng(3)
+    a, b = tmp_path / "four.h5", tmp_path / "six.h5"
+    write_run(a, make_config(), rng)
+    six = [{"task": "attributes", "count": 3}, {"task": "landmarks", "count": 3}]
+    write_run(b, make_config(nodes=six), rng)
+    with pytest.raises(IncompatibleRunsError) as err:
+        val_loss_curves([load_run(a), load_run(b)])
+    msg = str(err.value)
+    assert str(a) in msg and str(b) in msg and "attributes-2" in msg
+    assert cli_main(["report", str(tmp_path), "--out", str(tmp_path / "rep")]) == 2
+    assert "six.h5" in capsys.readouterr().err
+
+
+def test_unfinished_skipped_or_used(tmp_path: Path, capsys) -> None:
+    rng = np.random.default_rng(4)
+    done = write_run(tmp_path / "a_0.h5", make_config(seed=0, name="a_0"), rng)
+    part = write_run(
+        tmp_path / "a_1.h5", make_config(seed=1, name="a_1"), rng, rounds=2, status="running"
+    )
+    with pytest.warns(UnfinishedRunWarning, match=r"a_1\.h5 \(running, 2 of 3 rounds\)"):
+        runs = load_runs([tmp_path])
+    assert [r.name for r in runs] == ["a_0"]
+    with pytest.warns(UnfinishedRunWarning, match="last complete round"):
+        runs = load_runs([tmp_path], include_unfinished=True)
+    assert [r.name for r in runs] == ["a_0", "a_1"]
+    row = aggregate(runs)[0]
+    assert row.n == 2
+    want = [
+        group_means(done["round/test_loss"][-1], ATTR),
+        group_means(part["round/test_loss"][1], ATTR),
+    ]
+    assert row.metrics["loss"].mean == pytest.approx(np.mean(want))
+    curve = val_loss_curves(runs)[0]
+    assert len(curve.x) == 4  # the common prefix of 6 and 4 epochs
+
+    assert cli_main(["report", str(tmp_path), "--out", str(tmp_path / "r1"), "--no-figures"]) == 0
+    captured = capsys.readouterr()
+    assert "skipping 1 unfinished run(s)" in captured.err and "--include-unfinished" in captured.err
+    assert "| attributes | all runs | 1 |" in captured.out
+    args = ["report", str(tmp_path), "--out", str(tmp_path / "r2"), "--include-unfinished"]
+    assert cli_main([*args, "--no-figures"]) == 0
+    out = capsys.readouterr().out
+    assert "| attributes | all runs | 2 |" in out and "(round 2, 3)" in out
+
+
+def test_torn_last_round_is_dropped(tmp_path: Path) -> None:
+    """A job killed in the middle of an append: only rounds every dataset holds are used."""
+    import h5py
+
+    path = tmp_path / "torn.h5"
+    write_run(path, make_config(), np.random.default_rng(5), status="failed")
+    with h5py.File(path, "a") as f:
+        ds = f["round/test_loss"]
+        ds.resize(ds.shape[0] + 1, axis=0)
+    run = load_run(path)
+    assert run.n_rounds == 3 and run["round/test_loss"].shape == (3, 4)
+
+
+def test_bad_inputs(tmp_path: Path, capsys) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ReportError, match="no .h5 results files found under .*empty"):
+        load_runs([empty])
+    with pytest.raises(ReportError, match="no such file or directory: .*nope"):
+        load_runs([tmp_path / "nope"])
+    junk = tmp_path / "junk.h5"
+    junk.write_text("not hdf5")
+    with pytest.raises(NotAResultsFileError, match="junk.h5: not a readable HDF5 file"):
+        load_run(junk)
+    import h5py
+
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["x"] = np.arange(3)
+    with pytest.raises(NotAResultsFileError, match="other.h5: not a colnet-mpi results file"):
+        load_run(other)
+    assert cli_main(["report", str(empty)]) == 2
+    assert "no .h5 results files found" in capsys.readouterr().err
+    assert cli_main(["report", str(junk), "--out", str(tmp_path / "r")]) == 2
+    assert "junk.h5" in capsys.readouterr().err
+
+
+def test_cli_default_out_and_stdout(sweep, capsys) -> None:
+    folder, _ = sweep
+    assert cli_main(["report", str(folder)]) == 0
+    captured = capsys.readouterr()
+    assert "| Task group | Setting | n | Loss | Precision | Recall | F1 |" in captured.out
+    assert f"to {folder / 'report'}/" in captured.err
+    assert (folder / "report" / "table.md").is_file() and (
+        folder / "report" / "table.csv"
+    ).is_file()
+    assert cli_main(["report", str(folder / "sw_0.h5"), "--round", "9", "--no-figures"]) == 2
+    assert "round 9 is not recorded" in capsys.readouterr().err
+
+
+def test_missing_matplotlib_still_writes_tables(sweep, tmp_path: Path, monkeypatch, capsys) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("no matplotlib here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    folder, _ = sweep
+    out = tmp_path / "rep"
+    assert cli_main(["report", str(folder), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "pip install 'colnet-mpi[plot]'" in err
+    assert sorted(p.name for p in out.iterdir()) == ["table.csv", "table.md"]
+
+
+def test_public_names_and_metric_names() -> None:
+    for name in reader.__all__:
+        assert hasattr(reader, name)
+    assert reader.TEST_METRICS == TEST_METRICS  # the reader's copy of the writer's names
+
+
+def test_report_does_not_import_torch(sweep, tmp_path: Path) -> None:
+    """The report runs on a login node without paying for torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from colnet_mpi.cli import main; "
+        f"rc = main(['report', {str(sweep[0])!r}, '--out', {str(tmp_path / 'r')!r}, '--no-figures']); "
+        "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
