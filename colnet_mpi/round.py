@@ -26,7 +26,12 @@ from colnet_mpi.algorithms.clustering import (
     spectral_labels,
 )
 from colnet_mpi.algorithms.hca import hca_update
-from colnet_mpi.algorithms.robust import robust_aggregate, screen_updates, verify_hca
+from colnet_mpi.algorithms.robust import (
+    local_norm_scores,
+    robust_aggregate,
+    screen_updates,
+    verify_hca,
+)
 from colnet_mpi.algorithms.signals import loss_and_jacobian
 from colnet_mpi.attacks.plan import AttackPlan, finite_rows, relative_difference
 from colnet_mpi.comm.buffers import FlatState, checksum
@@ -392,6 +397,7 @@ class Federation:
             config.clustering.record_affinity == "auto" and n <= 64
         )
         self.epochs_done = 0
+        self.prev_groups = np.zeros(n, dtype=np.int64)  # round 1: one shared initial backbone
         self.attack = AttackPlan(
             config.attack,
             topology.rank,
@@ -402,49 +408,108 @@ class Federation:
         )
 
     # -- stages ------------------------------------------------------------------------------------
-    def _cluster(self, r: int, own: torch.Tensor, received: dict[int, torch.Tensor]) -> tuple:
-        """Stage 3a/3b: this node's proposal from its own view, then the agreed partition."""
+    def _cluster(
+        self,
+        r: int,
+        own: torch.Tensor,
+        received: dict[int, torch.Tensor],
+        quarantined: np.ndarray,
+    ) -> tuple:
+        """Stage 3a/3b: this node's proposal from its own view, then the agreed partition.
+
+        Quarantined nodes (``quarantined[j]``) are left out of every view and of the consensus;
+        they get group -1. A quarantined node proposes nothing but still joins the collective.
+        """
         cfg = self.config.clustering
         topo = self.topology
         n = topo.size
-        view = [topo.rank, *sorted(received)]
-        vectors = torch.stack([own, *(received[j] for j in view[1:])])
-        p = self.node.flat.n_trainable
-        cos = cosine_matrix(vectors[:, :p], centered=cfg.cosine == "centered")
-        gen = torch.Generator(device=self.node.device).manual_seed(
-            _seed(self.config.run.seed, 5, topo.rank, r)
-        )
-        losses, jacobians = zip(*(self.node.signals(v, gen) for v in vectors), strict=False)
-        m = len(view)
-        loss_m = np.tile(np.asarray(losses, dtype=np.float64), (m, 1))
-        jac_m = np.tile(np.asarray(jacobians, dtype=np.float64), (m, 1))
-        affinity = fuse_affinity(
-            cos,
-            loss_m,
-            jac_m,
-            alpha=cfg.alpha,
-            beta=cfg.beta,
-            gamma=cfg.gamma,
-            tau_loss=cfg.tau_loss,
-            tau_jacobian=cfg.tau_jacobian,
-        )
-        k = cfg.k if isinstance(cfg.k, int) else eigengap_k(affinity, min(cfg.k_max, m))
-        labels = spectral_labels(affinity, k, seed=_seed(self.config.run.seed, 6, r) % (2**31))
         proposal = np.full(n, -1, dtype=np.int64)
-        proposal[view] = labels
-        proposals = ints_allgather(topo.world, proposal)
-        groups = consensus_partition(proposals, cfg.k if isinstance(cfg.k, int) else None)
         world_aff = np.full((2, n, n), np.nan, dtype=np.float64)
-        world_aff[0][np.ix_(view, view)] = affinity
-        world_aff[1][np.ix_(view, view)] = cos
         signals = np.full((2, n), np.nan)
-        signals[0, view] = losses
-        signals[1, view] = jacobians
-        return proposal, world_aff, signals, np.asarray(groups, dtype=np.int64), int(k)
+        k = 0
+        if not quarantined[topo.rank]:
+            view = [topo.rank, *(j for j in sorted(received) if not quarantined[j])]
+            vectors = torch.stack([own, *(received[j] for j in view[1:])])
+            p = self.node.flat.n_trainable
+            cos = cosine_matrix(vectors[:, :p], centered=cfg.cosine == "centered")
+            gen = torch.Generator(device=self.node.device).manual_seed(
+                _seed(self.config.run.seed, 5, topo.rank, r)
+            )
+            losses, jacobians = zip(*(self.node.signals(v, gen) for v in vectors), strict=False)
+            m = len(view)
+            loss_m = np.tile(np.asarray(losses, dtype=np.float64), (m, 1))
+            jac_m = np.tile(np.asarray(jacobians, dtype=np.float64), (m, 1))
+            affinity = fuse_affinity(
+                cos,
+                loss_m,
+                jac_m,
+                alpha=cfg.alpha,
+                beta=cfg.beta,
+                gamma=cfg.gamma,
+                tau_loss=cfg.tau_loss,
+                tau_jacobian=cfg.tau_jacobian,
+            )
+            k = cfg.k if isinstance(cfg.k, int) else eigengap_k(affinity, min(cfg.k_max, m))
+            k = min(k, m)
+            labels = spectral_labels(affinity, k, seed=_seed(self.config.run.seed, 6, r) % (2**31))
+            proposal[view] = labels
+            world_aff[0][np.ix_(view, view)] = affinity
+            world_aff[1][np.ix_(view, view)] = cos
+            signals[0, view] = losses
+            signals[1, view] = jacobians
+        proposals = ints_allgather(topo.world, proposal)
+        active = np.flatnonzero(~quarantined)
+        want = min(cfg.k, active.size) if isinstance(cfg.k, int) else None
+        groups = np.full(n, -1, dtype=np.int64)
+        groups[active] = consensus_partition(proposals[np.ix_(active, active)], want)
+        return proposal, world_aff, signals, groups, int(k)
+
+    def _prescreen(
+        self,
+        own: torch.Tensor,
+        start: torch.Tensor,
+        received: dict[int, torch.Tensor],
+        defended: Defended,
+    ) -> np.ndarray:
+        """Update screening before clustering (``defense.screening``): which nodes to quarantine.
+
+        Every node tests the updates of last round's group-mates (their backbones started from
+        the same point as its own, so ``backbone - start`` is their update; in round 1, everyone)
+        with a norm test against the most similar updates (``local_norm_scores``): nodes of other
+        tasks may update at another scale, a boosted update is large against its own task's.
+        Only too-large updates are flagged here; refused buffers count as flagged. A node is
+        quarantined for the round when a strict majority of the nodes that tested it flagged
+        it; the decision is the same on every rank.
+        """
+        topo = self.topology
+        n = topo.size
+        verdict = np.full(n, -1, dtype=np.int64)  # -1 not tested, 0 passed, 1 flagged
+        for src, _reason in self.transport.rejected:
+            verdict[src] = 1
+        prev = self.prev_groups
+        mates = [topo.rank]
+        if prev[topo.rank] >= 0:
+            mates += [j for j in sorted(received) if prev[j] == prev[topo.rank]]
+        p = self.node.flat.n_trainable
+        rows = torch.stack([own[:p] - start[:p], *(received[j][:p] - start[:p] for j in mates[1:])])
+        scores = local_norm_scores(rows.double())
+        ratio = self.config.defense.norm_ratio
+        for i, j in enumerate(mates):
+            verdict[j] = int(not float(scores[i]) <= ratio)
+        verdicts = ints_allgather(topo.world, verdict)
+        tested = (verdicts >= 0).sum(axis=0)
+        flagged = (verdicts == 1).sum(axis=0)
+        quarantined = 2 * flagged > tested
+        defended.norm_score = float(scores[0])
+        if quarantined[topo.rank]:
+            defended.excluded = 1
+            finite = bool(torch.isfinite(rows[0]).all())
+            defended.reason = EXCLUSION_REASONS.index("norm" if finite else "non-finite")
+        return quarantined
 
     def _leaders(self, groups: np.ndarray, r: int) -> np.ndarray:
         flags = np.zeros(groups.size, dtype=bool)
-        for g in np.unique(groups):
+        for g in np.unique(groups[groups >= 0]):  # -1: quarantined, leads nothing
             members = np.flatnonzero(groups == g)
             flags[members[leader_position(r, members.size)]] = True
         return flags
@@ -487,7 +552,7 @@ class Federation:
         defended.norm_score = float(screen.norm_scores[me])
         defended.cosine_score = float(screen.cosine_scores[me])
         if screen.note and me == self.topology.leader_rank_in_group:
-            self.log(f"  group of rank {self.topology.rank}: {screen.note}")
+            self.log(f"  screening in the group led by rank {self.topology.rank}: {screen.note}")
         if not bool(keep.any()):  # nothing usable: keep the common start
             return reference.clone()
         aggregate = robust_aggregate(
@@ -544,10 +609,16 @@ class Federation:
             t = timed("exchange", t)
         if scheme.cluster:
             # Stage 3a/3b: task-aware clustering and the agreed partition
+            quarantined = np.zeros(n, dtype=bool)
+            if cfg.defense.screening:
+                quarantined = self._prescreen(own, start, received, defended)
             if cfg.federation.grouping == "tasks":  # fixed groups, as in the authors' code
                 groups, k = self.true_labels.astype(np.int64), n_true_groups(self.true_labels)
+                groups = np.where(quarantined, -1, groups)
             else:
-                proposal, affinity, signals, groups, k = self._cluster(r, own, received)
+                proposal, affinity, signals, groups, k = self._cluster(
+                    r, own, received, quarantined
+                )
             leaders = self._leaders(groups, r)
             topo.set_groups(groups, leaders)
             t = timed("clustering", t)
@@ -555,7 +626,7 @@ class Federation:
         d = cfg.defense
         p = node.flat.n_trainable
         group_delta: torch.Tensor | None = None  # known to the leader (to all with verification)
-        if scheme.intra:
+        if scheme.intra and not topo.isolated:
             # Stage 3c: FedAvg inside the group, or the robust rule when a defense asks for it
             contribution = attack.contribution(r, own)
             robust = d.aggregation != "mean" or d.screening
@@ -573,12 +644,12 @@ class Federation:
                 group_delta = new[:p] - start[:p]
             t = timed("intra", t)
         intra_new = new
-        n_groups = int(np.unique(groups).size)
-        cross_ran = scheme.cross is not None and n_groups > 1
+        n_groups = int(np.unique(groups[groups >= 0]).size)
+        cross_ran = scheme.cross is not None and n_groups > 1 and not topo.isolated
         if cross_ran:
             # Stage 4: leaders combine the groups
             verify = d.verify_leader and scheme.cross == "hca" and topo.group_size > 1
-            row = int(np.searchsorted(np.unique(groups), groups[topo.rank]))
+            row = int(np.searchsorted(np.unique(groups[groups >= 0]), groups[topo.rank]))
             deltas: torch.Tensor | None = None
             if scheme.cross == "hca":
                 if group_delta is None:
@@ -627,6 +698,7 @@ class Federation:
         seconds["total"] = time.perf_counter() - t_round
         for src, _reason in tr.rejected:
             defended.refused[src] = 1
+        self.prev_groups = groups
         return RoundResult(
             train_loss=train_loss,
             val_loss=val_loss,

@@ -16,6 +16,7 @@ __all__ = [
     "ScreenResult",
     "VerifyResult",
     "coordinate_median",
+    "local_norm_scores",
     "norm_clipped_mean",
     "robust_aggregate",
     "screen_updates",
@@ -347,3 +348,45 @@ def verify_hca(
     err = float(torch.linalg.vector_norm(recv - recomputed))
     rel = err / max(float(torch.linalg.vector_norm(recomputed)), float(eps))
     return VerifyResult(rel <= tol, rel, out)
+
+
+def local_norm_scores(updates: torch.Tensor, neighbours: int | None = None) -> torch.Tensor:
+    """``||u_i||`` over the median norm of the rows most similar to ``u_i`` (float64[m]).
+
+    For mixed populations (nodes of different tasks update at different scales, e.g. a landmark
+    regression and an attribute classifier), a global median norm hides a boosted update; its
+    closest rows by cosine, the updates of its own task, do not. ``neighbours`` is how many of
+    the other rows form the reference (default ``max(1, (m - 1) // 2)``; with an even count
+    the lower of the two middle norms is taken, so one outlier among two neighbours cannot lift
+    the reference). A non-finite row
+    scores inf; a row that is the only finite one, or whose reference norm is zero while its own
+    is not, scores inf when non-zero and 1 when zero.
+    """
+    u = _check_updates(updates, finite=False).double()
+    m = u.shape[0]
+    finite = torch.isfinite(u).all(dim=1)
+    scores = torch.full((m,), math.inf, dtype=torch.float64)
+    idx = torch.nonzero(finite).flatten()
+    if idx.numel() == 0:
+        return scores
+    f = u[idx]
+    norms = torch.linalg.vector_norm(f, dim=1)
+    k = max(1, (idx.numel() - 1) // 2) if neighbours is None else int(neighbours)
+    if k < 1:
+        raise ValueError(f"neighbours must be >= 1, got {neighbours!r}")
+    unit = f / norms.clamp_min(_NORM_EPS).unsqueeze(1)
+    cos = unit @ unit.T
+    cos.fill_diagonal_(-math.inf)
+    for a in range(idx.numel()):
+        others = min(k, idx.numel() - 1)
+        if others == 0:
+            ref = 0.0
+        else:
+            nearest = torch.topk(cos[a], others).indices
+            ref = float(torch.median(norms[nearest]))
+        own = float(norms[a])
+        if ref > _NORM_EPS:
+            scores[idx[a]] = own / ref
+        else:
+            scores[idx[a]] = 1.0 if own <= _NORM_EPS else math.inf
+    return scores

@@ -44,6 +44,7 @@ class Topology:
         self._groups_key: bytes | None = None
         self.group_ids = np.zeros(self.size, dtype=np.int64)
         self.is_leader = False
+        self.isolated = False  # quarantined by screening this round (group id -1)
         self.group_members: list[int] = [self.rank]
         self.leader_rank_in_group = 0
 
@@ -52,7 +53,9 @@ class Topology:
         """Make the group and leader communicators match the agreed partition (collective).
 
         ``group_ids`` and ``leader_flags`` must be identical on every rank; the group communicator
-        is only rebuilt when the partition changed, the leader communicator every call.
+        is only rebuilt when the partition changed, the leader communicator every call. A group
+        id of -1 quarantines a rank for the round: it is alone in its group communicator and not
+        in the leaders' communicator.
         """
         group_ids = np.asarray(group_ids, dtype=np.int64)
         leader_flags = np.asarray(leader_flags, dtype=bool)
@@ -62,24 +65,35 @@ class Topology:
                 f"shape ({self.size},)"
             )
         my_group = int(group_ids[self.rank])
-        members = [int(r) for r in np.flatnonzero(group_ids == my_group)]
-        leaders_here = [r for r in members if leader_flags[r]]
-        if len(leaders_here) != 1:
-            raise ValueError(
-                f"group {my_group} has {len(leaders_here)} leaders; exactly one is required"
-            )
+        self.isolated = my_group < 0
+        if self.isolated:  # quarantined this round: a group of its own, not among the leaders
+            if leader_flags[self.rank]:
+                raise ValueError(f"rank {self.rank} is quarantined (group -1) and cannot lead")
+            members = [self.rank]
+            leader = self.rank
+            color = int(max(group_ids.max(), 0)) + 1 + self.rank
+        else:
+            members = [int(r) for r in np.flatnonzero(group_ids == my_group)]
+            leaders_here = [r for r in members if leader_flags[r]]
+            if len(leaders_here) != 1:
+                raise ValueError(
+                    f"group {my_group} has {len(leaders_here)} leaders; exactly one is required"
+                )
+            leader = leaders_here[0]
+            color = my_group
         key = group_ids.tobytes()
         if key != self._groups_key:
             self._free(self.group)
-            self.group = self.world.Split(color=my_group, key=self.rank)
+            self.group = self.world.Split(color=color, key=self.rank)
             self._groups_key = key
         self._free(self.leaders)
-        self.is_leader = bool(leader_flags[self.rank])
-        color = 0 if self.is_leader else MPI.UNDEFINED
-        self.leaders = self.world.Split(color=color, key=my_group)
+        self.is_leader = bool(leader_flags[self.rank]) and not self.isolated
+        self.leaders = self.world.Split(
+            color=0 if self.is_leader else MPI.UNDEFINED, key=max(my_group, 0)
+        )
         self.group_ids = group_ids
         self.group_members = members
-        self.leader_rank_in_group = members.index(leaders_here[0])
+        self.leader_rank_in_group = members.index(leader)
 
     @property
     def group_size(self) -> int:

@@ -62,7 +62,8 @@ def check_nan_node_poisons_nobody(comm: MPI.Comm) -> None:
 
 
 def check_screening_excludes_boosted_node(comm: MPI.Comm) -> None:
-    """A node boosting its update x50 is excluded by screening; its group averages the others."""
+    """A node boosting its update x50 is excluded by screening (quarantined before the groups
+    are formed); its group averages the others."""
     fed, rec, topo = federation(
         comm,
         scheme="intra",
@@ -87,9 +88,35 @@ def check_screening_excludes_boosted_node(comm: MPI.Comm) -> None:
     own = allgather_vec(comm, uploaded["own"]).astype(np.float64)
     start = allgather_vec(comm, rec.start).astype(np.float64)
     final = fed.node.flat.pack().numpy()
-    if topo.rank < 3:
+    if topo.rank in (0, 2):
         expected = start[0] + ((own[0] - start[0]) + (own[2] - start[0])) / 2
         np.testing.assert_allclose(final, expected, rtol=1e-4, atol=1e-5)
+    elif topo.rank == 1:  # quarantined before clustering: kept its own (boosted) backbone
+        np.testing.assert_array_equal(final, own[1].astype(np.float32))
+        assert res.groups[1] == -1
+    topo.free()
+
+
+def check_boosted_node_is_quarantined_before_clustering(comm: MPI.Comm) -> None:
+    """With screening, a x5 boosted node is quarantined before clustering (group -1) in both
+    rounds: it cannot capture a cluster; the honest nodes are clustered and aggregated alone."""
+    import tomllib
+
+    raw = tomllib.loads(to_toml(make_config(comm.Get_size(), "colnet")))
+    raw["attack"] = {"kind": "boost", "nodes": [1], "boost_scale": 5.0, "bn_batches": 0}
+    raw["defense"] = {"screening": True}
+    config = config_from_dict(raw)
+    topo = Topology(comm, kind="full")
+    fed = Federation(config, topo, Node(config, topo.rank, torch.device("cpu")), None, print)
+    for r in (1, 2):
+        res = fed.round(r)
+        assert res.groups[1] == -1 and (np.delete(res.groups, 1) >= 0).all(), res.groups
+        assert res.proposal[1] == -1  # nobody's view contains the quarantined node
+        excluded = gather_ints(comm, res.defense.excluded)
+        assert excluded[1] == 1, excluded
+        if topo.rank == 1:
+            assert topo.isolated and not topo.is_leader and res.hca_solver_ok == -1
+        assert bool(torch.isfinite(fed.node.flat.pack()).all())
     topo.free()
 
 
@@ -142,6 +169,7 @@ if __name__ == "__main__":
         [
             check_nan_node_poisons_nobody,
             check_screening_excludes_boosted_node,
+            check_boosted_node_is_quarantined_before_clustering,
             check_median_rule,
             check_leader_verification,
         ]
