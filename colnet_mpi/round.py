@@ -495,7 +495,8 @@ class Federation:
         scores = local_norm_scores(rows.double())
         ratio = self.config.defense.norm_ratio
         for i, j in enumerate(mates):
-            verdict[j] = int(not float(scores[i]) <= ratio)
+            if not math.isnan(float(scores[i])):  # NaN: nobody to compare with, untested
+                verdict[j] = int(not float(scores[i]) <= ratio)
         verdicts = ints_allgather(topo.world, verdict)
         tested = (verdicts >= 0).sum(axis=0)
         flagged = (verdicts == 1).sum(axis=0)

@@ -380,10 +380,10 @@ def local_norm_scores(updates: torch.Tensor, neighbours: int | None = None) -> t
     for a in range(idx.numel()):
         others = min(k, idx.numel() - 1)
         if others == 0:
-            ref = 0.0
-        else:
-            nearest = torch.topk(cos[a], others).indices
-            ref = float(torch.median(norms[nearest]))
+            scores[idx[a]] = math.nan
+            continue
+        nearest = torch.topk(cos[a], others).indices
+        ref = float(torch.median(norms[nearest]))
         own = float(norms[a])
         if ref > _NORM_EPS:
             scores[idx[a]] = own / ref

@@ -255,3 +255,45 @@ def test_verify_single_group_expects_zero_update() -> None:
 def test_verify_rejects_wrong_shape() -> None:
     with pytest.raises(ValueError, match="shape"):
         verify_hca(_deltas(0), torch.zeros(49, dtype=torch.float64), 0.4)
+
+
+# -- local_norm_scores ----------------------------------------------------------------------------
+def _two_tasks(seed: int) -> torch.Tensor:
+    """Three updates of one task and three of another, the second task at 3x the scale."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(1, 64, generator=g), torch.randn(1, 64, generator=g)
+    return torch.cat(
+        [a + 0.1 * torch.randn(3, 64, generator=g), 3 * (b + 0.1 * torch.randn(3, 64, generator=g))]
+    )
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_local_norm_scores_find_a_boost_that_a_global_median_misses(seed):
+    from colnet_mpi.algorithms.robust import local_norm_scores
+
+    rows = _two_tasks(seed)
+    rows[1] *= 5.0
+    scores = local_norm_scores(rows)
+    assert scores[1] > 4.0
+    assert (torch.cat([scores[:1], scores[2:]]) < 1.5).all(), scores
+    # against the global median the boosted row would pass a ratio-3 test
+    norms = torch.linalg.vector_norm(rows, dim=1)
+    assert norms[1] / norms.median() < 3.0
+
+
+def test_local_norm_scores_non_finite_and_degenerate_rows():
+    from colnet_mpi.algorithms.robust import local_norm_scores
+
+    rows = _two_tasks(0)
+    rows[4, 3] = float("nan")
+    scores = local_norm_scores(rows)
+    assert math.isinf(float(scores[4])) and torch.isfinite(scores[[0, 1, 2, 3, 5]]).all()
+    assert local_norm_scores(torch.zeros(3, 4)).tolist() == [1.0, 1.0, 1.0]
+    single = local_norm_scores(torch.ones(1, 4))
+    assert math.isnan(float(single[0]))  # nothing to compare with
+    lonely = torch.ones(2, 4)
+    lonely[0, 0] = float("inf")
+    assert math.isinf(float(local_norm_scores(lonely)[0]))
+    assert math.isnan(float(local_norm_scores(lonely)[1]))
+    with pytest.raises(ValueError, match="neighbours"):
+        local_norm_scores(rows, neighbours=0)
