@@ -5,15 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 TASK_KINDS: tuple[str, ...] = ("single_label", "multi_label", "landmarks")
 
 #: Number of outputs of a landmark task: 5 points, each as (x, y).
 NUM_LANDMARK_OUTPUTS = 10
 
-#: Order of the 10 landmark outputs (CelebA's aligned-landmark order). "left"/"right" are the
-#: subject's sides: the subject's left eye appears on the image's right side (larger x).
+#: Order of the 10 landmark outputs (CelebA's aligned-landmark column order). Which eye or mouth
+#: corner is called "left" is each dataset's own convention, documented with it: synthetic_faces
+#: uses the subject's left (shown on the image's right, larger x); CelebA's files, kept as they
+#: are, call the image-left point (smaller x) "left" (see ``celeba.py``).
 LANDMARK_NAMES: tuple[str, ...] = (
     "left_eye_x",
     "left_eye_y",
@@ -59,7 +61,10 @@ class DataSizes:
     default (digits: the node's even share of its group's pool; synthetic_faces: 200).
     ``test_samples``: size of the group's common test split; 0 means the dataset's default
     (digits: 20 % of the group's pool; synthetic_faces: 200).
-    ``image_size``: side length in pixels of the square images produced.
+    On-disk datasets: ``samples_per_node`` 0 = the node's even share of its group's pool, and
+    ``test_samples`` 0 = the whole official test split of the group (a seeded subset if > 0).
+    ``image_size``: side length in pixels of the square images produced; 0 = the dataset's
+    native size, only for the on-disk datasets (see ``image_size_problem`` in ``data``).
     """
 
     samples_per_node: int = 0
@@ -80,28 +85,62 @@ class DataSizes:
             raise ValueError(
                 f"DataSizes.test_samples={self.test_samples} must be >= 0 (0 = dataset default)"
             )
-        if not MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE:
+        if self.image_size != 0 and not MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE:
             raise ValueError(
                 f"DataSizes.image_size={self.image_size} must be between "
-                f"{MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE}"
+                f"{MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE}, or 0 for an on-disk dataset's native size"
             )
+
+
+class LabelledDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """A map-style dataset of ``(x, y)`` items whose labels are all held in ``labels``.
+
+    Used by the on-disk datasets, whose images are decoded (and augmented) per item.
+    """
+
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+#: A split of a node's data: the embedded datasets use TensorDatasets, the on-disk ones not.
+Split = TensorDataset | LabelledDataset
+
+
+def split_labels(split: Split) -> torch.Tensor:
+    """Return the label tensor ``y`` of a whole split without touching its images."""
+    if isinstance(split, TensorDataset):
+        return split.tensors[1]
+    return split.labels
 
 
 @dataclass
 class NodeData:
     """One node's data: its task, its own train/val shard and its group's common test split.
 
-    Every split is a ``TensorDataset`` of ``(x, y)``: x float32 ``[n, channels, image_size,
-    image_size]``; y int64 ``[n]`` (single_label), float32 ``[n, A]`` of 0/1 (multi_label) or
-    float32 ``[n, 10]`` pixel coordinates in ``LANDMARK_NAMES`` order (landmarks).
+    Every split is a dataset of ``(x, y)`` items: x float32 ``[channels, H, W]``; y int64 scalar
+    (single_label), float32 ``[A]`` of 0/1 (multi_label) or float32 ``[10]`` pixel coordinates in
+    ``LANDMARK_NAMES`` order (landmarks). The embedded datasets hold ``TensorDataset``s of square
+    images (H = W = ``image_size``). ``image_size`` is the longer image side, which is what picks
+    the model's stem. ``train_augmented``, if set, is the training split with random augmentation,
+    the view that local training iterates; ``train`` itself is never augmented.
     """
 
     task: TaskSpec
-    train: TensorDataset
-    val: TensorDataset
-    test: TensorDataset
+    train: Split
+    val: Split
+    test: Split
     channels: int
     image_size: int
+    train_augmented: Split | None = None
+
+    def training_view(self) -> Split:
+        """The split that local training iterates: the augmented view if there is one."""
+        return self.train if self.train_augmented is None else self.train_augmented
 
 
 def check_node_position(position: int, group_size: int) -> None:

@@ -15,6 +15,7 @@ DEFAULT_TEST_FRACTION = 0.2
 # Sub-stream codes so that the different random decisions of one task never share a generator.
 STREAM_HOLDOUT = 0
 STREAM_TRAIN_VAL = 1
+STREAM_POOL = 2  # order of an on-disk group's training pool before sharding
 
 
 def task_stream(dataset: str, task: str) -> int:

@@ -1,0 +1,157 @@
+"""Training-time augmentation of the on-disk datasets: joint image/landmark geometry and CIFAR's recipe.
+
+Conventions: an image is a float tensor ``[C, H, W]``; a point is ``(x, y)`` in pixels with x the
+column and y the row, and pixel (row i, column j) has its centre at ``(x, y) = (j, i)``. Every
+geometric operation maps the image and the points with the same pixel-centre convention, so a
+point that marks a pixel before the transform marks the transformed pixel after it.
+
+All randomness comes from torch's global generator (``torch.rand``), which the DataLoader seeds
+per worker process, so augmented epochs are reproducible for a fixed run seed and worker count.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+#: CIFAR-10 per-channel normalisation (pixel values in [0, 1]): the paper's constants / 255.
+CIFAR_MEAN: tuple[float, float, float] = (125.3 / 255, 123.0 / 255, 113.9 / 255)
+CIFAR_STD: tuple[float, float, float] = (63.0 / 255, 62.1 / 255, 66.7 / 255)
+
+#: Largest rotation, in degrees, of a training image (both datasets): uniform in [-10, 10].
+MAX_ROTATION_DEGREES = 10.0
+#: Zero padding on each side before CIFAR's random 32x32 crop.
+CIFAR_CROP_PADDING = 4
+#: Strength of CIFAR's colour jitter (brightness, contrast, saturation and hue).
+CIFAR_JITTER = 0.1
+
+#: Landmark point pairs exchanged by a horizontal flip, as indices of the five (x, y) points in
+#: ``LANDMARK_NAMES`` order: the two eyes and the two mouth corners (the nose maps to itself).
+FLIP_SWAP_PAIRS: tuple[tuple[int, int], ...] = ((0, 1), (3, 4))
+
+
+def hflip(
+    image: torch.Tensor, points: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Mirror ``image`` left-right; mirror ``points`` ``[5, 2]`` too and swap left/right pairs.
+
+    A point at column x moves to column ``W - 1 - x``. After mirroring, the point that was on
+    the image's left is on its right, so the two eyes and the two mouth corners trade places in
+    the output order (``FLIP_SWAP_PAIRS``); the labels keep meaning what they meant before.
+    """
+    flipped = torch.flip(image, dims=(-1,))
+    if points is None:
+        return flipped, None
+    width = image.shape[-1]
+    out = points.clone()
+    out[:, 0] = (width - 1) - points[:, 0]
+    for a, b in FLIP_SWAP_PAIRS:
+        out[[a, b]] = out[[b, a]]
+    return flipped, out
+
+
+def _rotation(angle_degrees: float, dtype: torch.dtype) -> torch.Tensor:
+    """2x2 matrix moving a pixel offset (dx, dy) by ``angle`` degrees, counter-clockwise on screen.
+
+    With y pointing down, a counter-clockwise turn on screen is ``[[cos, sin], [-sin, cos]]``.
+    """
+    a = math.radians(angle_degrees)
+    c, s = math.cos(a), math.sin(a)
+    return torch.tensor([[c, s], [-s, c]], dtype=dtype)
+
+
+def rotate(
+    image: torch.Tensor, angle_degrees: float, points: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rotate ``image`` (and ``points`` ``[k, 2]``) about the image centre, zero fill outside.
+
+    The centre is the middle of the pixel grid, ``((W - 1) / 2, (H - 1) / 2)``; a point p moves
+    to ``c + R (p - c)``. The image is resampled bilinearly with ``affine_grid``/``grid_sample``
+    under ``align_corners=True``, where pixel centres 0..W-1 map to -1..1, so the output pixel
+    at ``c + R (p - c)`` samples the input at p: image and points move together, also on
+    non-square images.
+    """
+    if angle_degrees == 0.0:
+        return image, None if points is None else points.clone()
+    height, width = image.shape[-2:]
+    rot = _rotation(angle_degrees, torch.float64)
+    # pixel offset from the centre = scale @ normalised coordinate
+    scale = torch.diag(torch.tensor([(width - 1) / 2, (height - 1) / 2], dtype=torch.float64))
+    # output normalised coord -> input normalised coord: scale^-1 R^-1 scale
+    inverse = torch.linalg.inv(scale) @ rot.T @ scale
+    theta = torch.zeros(1, 2, 3, dtype=image.dtype)
+    theta[0, :, :2] = inverse.to(image.dtype)
+    batch = image.unsqueeze(0)
+    grid = F.affine_grid(theta, list(batch.shape), align_corners=True)
+    rotated = F.grid_sample(batch, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    if points is None:
+        return rotated[0], None
+    centre = torch.tensor([(width - 1) / 2, (height - 1) / 2], dtype=torch.float64)
+    moved = (points.to(torch.float64) - centre) @ rot.T + centre
+    return rotated[0], moved.to(points.dtype)
+
+
+def _uniform(low: float, high: float) -> float:
+    """One draw from U(low, high) from torch's global generator."""
+    return low + (high - low) * float(torch.rand(()))
+
+
+def _coin() -> bool:
+    """A fair coin from torch's global generator."""
+    return bool(torch.rand(()) < 0.5)
+
+
+def normalise_cifar(image: torch.Tensor) -> torch.Tensor:
+    """Normalise a ``[3, H, W]`` image in [0, 1] with ``CIFAR_MEAN``/``CIFAR_STD``."""
+    mean = torch.tensor(CIFAR_MEAN, dtype=image.dtype).view(3, 1, 1)
+    std = torch.tensor(CIFAR_STD, dtype=image.dtype).view(3, 1, 1)
+    return (image - mean) / std
+
+
+class CifarAugment:
+    """CIFAR-10's training augmentation on a ``[3, 32, 32]`` image in [0, 1] (before normalising).
+
+    Random 32x32 crop of the image zero-padded by 4, horizontal flip with probability 1/2,
+    rotation by U(-10, 10) degrees (bilinear, zero fill) and colour jitter 0.1 of brightness,
+    contrast, saturation and hue in random order; the result is clamped to [0, 1].
+    """
+
+    def __init__(self) -> None:
+        from torchvision.transforms import v2  # imported here: only CIFAR training needs it
+
+        self.jitter = v2.ColorJitter(
+            brightness=CIFAR_JITTER,
+            contrast=CIFAR_JITTER,
+            saturation=CIFAR_JITTER,
+            hue=CIFAR_JITTER,
+        )
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        """Return a randomly augmented copy of ``image``."""
+        height, width = image.shape[-2:]
+        pad = CIFAR_CROP_PADDING
+        padded = F.pad(image, (pad, pad, pad, pad))
+        top = int(torch.randint(0, 2 * pad + 1, ()))
+        left = int(torch.randint(0, 2 * pad + 1, ()))
+        out = padded[:, top : top + height, left : left + width]
+        if _coin():
+            out, _ = hflip(out)
+        out, _ = rotate(out, _uniform(-MAX_ROTATION_DEGREES, MAX_ROTATION_DEGREES))
+        out = self.jitter(out.clamp(0.0, 1.0))
+        return out.clamp(0.0, 1.0).contiguous()
+
+
+def augment_face(
+    image: torch.Tensor, points: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """CelebA's training augmentation: flip with probability 1/2, then rotate by U(-10, 10) degrees.
+
+    ``points`` (``[5, 2]`` landmarks in pixels, or None for attribute labels) move with the image.
+    """
+    if _coin():
+        image, points = hflip(image, points)
+    angle = _uniform(-MAX_ROTATION_DEGREES, MAX_ROTATION_DEGREES)
+    image, points = rotate(image, angle, points)
+    return image.clamp(0.0, 1.0).contiguous(), points
