@@ -52,44 +52,38 @@ def hflip(
     return flipped, out
 
 
-def _rotation(angle_degrees: float, dtype: torch.dtype) -> torch.Tensor:
-    """2x2 matrix moving a pixel offset (dx, dy) by ``angle`` degrees, counter-clockwise on screen.
-
-    With y pointing down, a counter-clockwise turn on screen is ``[[cos, sin], [-sin, cos]]``.
-    """
-    a = math.radians(angle_degrees)
-    c, s = math.cos(a), math.sin(a)
-    return torch.tensor([[c, s], [-s, c]], dtype=dtype)
-
-
 def rotate(
     image: torch.Tensor, angle_degrees: float, points: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rotate ``image`` (and ``points`` ``[k, 2]``) about the image centre, zero fill outside.
 
-    The centre is the middle of the pixel grid, ``((W - 1) / 2, (H - 1) / 2)``; a point p moves
-    to ``c + R (p - c)``. The image is resampled bilinearly with ``affine_grid``/``grid_sample``
-    under ``align_corners=True``, where pixel centres 0..W-1 map to -1..1, so the output pixel
-    at ``c + R (p - c)`` samples the input at p: image and points move together, also on
-    non-square images.
+    Positive angles turn counter-clockwise on screen: with y pointing down, an offset from the
+    centre moves by ``R = [[cos, sin], [-sin, cos]]``, so a point p goes to ``c + R (p - c)``
+    with ``c = ((W - 1) / 2, (H - 1) / 2)``, the middle of the pixel grid. The image is resampled
+    bilinearly with ``affine_grid``/``grid_sample`` under ``align_corners=True``, where pixel
+    centres 0..W-1 map to -1..1 (offset = ``D`` times normalised coordinate, ``D = diag((W-1)/2,
+    (H-1)/2)``): the output pixel at ``c + R (p - c)`` samples the input at p through
+    ``D^-1 R^T D``, so image and points move together, also on non-square images.
     """
     if angle_degrees == 0.0:
         return image, None if points is None else points.clone()
     height, width = image.shape[-2:]
-    rot = _rotation(angle_degrees, torch.float64)
-    # pixel offset from the centre = scale @ normalised coordinate
-    scale = torch.diag(torch.tensor([(width - 1) / 2, (height - 1) / 2], dtype=torch.float64))
-    # output normalised coord -> input normalised coord: scale^-1 R^-1 scale
-    inverse = torch.linalg.inv(scale) @ rot.T @ scale
-    theta = torch.zeros(1, 2, 3, dtype=image.dtype)
-    theta[0, :, :2] = inverse.to(image.dtype)
+    a = math.radians(angle_degrees)
+    cos, sin = math.cos(a), math.sin(a)
+    half_w, half_h = (width - 1) / 2, (height - 1) / 2
+    # D^-1 R^T D: output normalised coordinate -> input normalised coordinate
+    theta = torch.tensor(
+        [[[cos, -sin * half_h / half_w, 0.0], [sin * half_w / half_h, cos, 0.0]]],
+        dtype=image.dtype,
+    )
     batch = image.unsqueeze(0)
     grid = F.affine_grid(theta, list(batch.shape), align_corners=True)
     rotated = F.grid_sample(batch, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     if points is None:
         return rotated[0], None
-    centre = torch.tensor([(width - 1) / 2, (height - 1) / 2], dtype=torch.float64)
-    moved = (points.to(torch.float64) - centre) @ rot.T + centre
+    dx = points[:, 0].to(torch.float64) - half_w
+    dy = points[:, 1].to(torch.float64) - half_h
+    moved = torch.stack([half_w + cos * dx + sin * dy, half_h - sin * dx + cos * dy], dim=1)
     return rotated[0], moved.to(points.dtype)
 
 
