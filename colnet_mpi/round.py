@@ -397,7 +397,9 @@ class Federation:
             config.clustering.record_affinity == "auto" and n <= 64
         )
         self.epochs_done = 0
-        self.prev_groups = np.zeros(n, dtype=np.int64)  # round 1: one shared initial backbone
+        # each node's last real group (quarantine, -1, does not change it); round 1: one shared
+        # initial backbone, so everyone is everyone's group-mate
+        self.home_groups = np.zeros(n, dtype=np.int64)
         self.attack = AttackPlan(
             config.attack,
             topology.rank,
@@ -473,8 +475,9 @@ class Federation:
     ) -> np.ndarray:
         """Update screening before clustering (``defense.screening``): which nodes to quarantine.
 
-        Every node tests the updates of last round's group-mates (their backbones started from
-        the same point as its own, so ``backbone - start`` is their update; in round 1, everyone)
+        Every node tests the updates of its group-mates of the last round it was not quarantined
+        in (their backbones started from the same point as its own, so ``backbone - start`` is
+        their update, plus any drift of a node that sat out; in round 1, everyone)
         with a norm test against the most similar updates (``local_norm_scores``): nodes of other
         tasks may update at another scale, a boosted update is large against its own task's.
         Only too-large updates are flagged here; refused buffers count as flagged. A node is
@@ -486,10 +489,8 @@ class Federation:
         verdict = np.full(n, -1, dtype=np.int64)  # -1 not tested, 0 passed, 1 flagged
         for src, _reason in self.transport.rejected:
             verdict[src] = 1
-        prev = self.prev_groups
-        mates = [topo.rank]
-        if prev[topo.rank] >= 0:
-            mates += [j for j in sorted(received) if prev[j] == prev[topo.rank]]
+        home = self.home_groups
+        mates = [topo.rank, *(j for j in sorted(received) if home[j] == home[topo.rank])]
         p = self.node.flat.n_trainable
         rows = torch.stack([own[:p] - start[:p], *(received[j][:p] - start[:p] for j in mates[1:])])
         scores = local_norm_scores(rows.double())
@@ -522,13 +523,14 @@ class Federation:
 
     def _robust_intra(
         self, contribution: torch.Tensor, start: torch.Tensor, defended: Defended
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage 3c with defenses: every member gathers the members' updates, screens them and
         applies the robust rule; all members compute the same result (no leader involved).
 
         Updates are taken from the group's common starting backbone (the leader's start when the
         members' starts differ, i.e. the group changed this round). Non-finite rows are always
-        left out; screening and the rule follow ``[defense]``.
+        left out; screening and the rule follow ``[defense]``. Returns the group's new backbone
+        and the reference it was built on.
         """
         d = self.config.defense
         tr, flat = self.transport, self.node.flat
@@ -555,7 +557,7 @@ class Federation:
         if screen.note and me == self.topology.leader_rank_in_group:
             self.log(f"  screening in the group led by rank {self.topology.rank}: {screen.note}")
         if not bool(keep.any()):  # nothing usable: keep the common start
-            return reference.clone()
+            return reference.clone(), reference
         aggregate = robust_aggregate(
             updates[keep].double(),
             d.aggregation,
@@ -563,7 +565,7 @@ class Federation:
             trim=d.trim,
             clip=d.clip or None,
         )
-        return reference + aggregate.to(reference.dtype)
+        return reference + aggregate.to(reference.dtype), reference
 
     def round(self, r: int) -> RoundResult:
         """Run round ``r`` (1-based) on this rank and return its record."""
@@ -641,8 +643,8 @@ class Federation:
                     if topo.is_leader:
                         self.log(f"round {r}: non-finite values in the group sum; screening them")
             if robust:
-                new = self._robust_intra(contribution, start, defended)
-                group_delta = new[:p] - start[:p]
+                new, reference = self._robust_intra(contribution, start, defended)
+                group_delta = new[:p] - reference[:p]
             t = timed("intra", t)
         intra_new = new
         n_groups = int(np.unique(groups[groups >= 0]).size)
@@ -699,7 +701,7 @@ class Federation:
         seconds["total"] = time.perf_counter() - t_round
         for src, _reason in tr.rejected:
             defended.refused[src] = 1
-        self.prev_groups = groups
+        self.home_groups = np.where(groups >= 0, groups, self.home_groups)
         return RoundResult(
             train_loss=train_loss,
             val_loss=val_loss,
