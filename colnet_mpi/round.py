@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from colnet_mpi.algorithms.clustering import (
     adjusted_rand,
+    canonical_labels,
     consensus_partition,
     cosine_matrix,
     eigengap_k,
@@ -616,7 +617,7 @@ class Federation:
             if cfg.defense.screening:
                 quarantined = self._prescreen(own, start, received, defended)
             if cfg.federation.grouping == "tasks":  # fixed groups, as in the authors' code
-                groups, k = self.true_labels.astype(np.int64), n_true_groups(self.true_labels)
+                groups, k = canonical_labels(self.true_labels), n_true_groups(self.true_labels)
                 groups = np.where(quarantined, -1, groups)
             else:
                 proposal, affinity, signals, groups, k = self._cluster(
