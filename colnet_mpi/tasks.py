@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import Parameter
 
+from colnet_mpi.metrics.names import METRIC_NAMES
+
 __all__ = [
     "METRIC_NAMES",
     "OPTIMIZER_NAMES",
@@ -28,16 +30,7 @@ __all__ = [
 #: Kinds of task a node can learn.
 TASK_KINDS: tuple[str, ...] = ("single_label", "multi_label", "landmarks")
 
-#: Keys of the dict returned by :meth:`MetricAccumulator.result` and :func:`evaluate`.
-METRIC_NAMES: tuple[str, ...] = (
-    "loss",
-    "precision_micro",
-    "recall_micro",
-    "f1_micro",
-    "precision_macro",
-    "recall_macro",
-    "f1_macro",
-)
+# METRIC_NAMES: keys of the dict returned by MetricAccumulator.result and evaluate.
 
 #: Names accepted by :func:`make_optimizer`.
 OPTIMIZER_NAMES: tuple[str, ...] = ("sgd", "adam", "adamw")

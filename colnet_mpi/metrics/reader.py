@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 
+from colnet_mpi.metrics.names import METRIC_NAMES
+
 if TYPE_CHECKING:
     from colnet_mpi.config import Config
 
@@ -52,15 +54,7 @@ __all__ = [
 ]
 
 #: Test metrics stored as ``round/test_<metric>`` (DESIGN §7; the same names as the writer's).
-TEST_METRICS: tuple[str, ...] = (
-    "loss",
-    "precision_micro",
-    "recall_micro",
-    "f1_micro",
-    "precision_macro",
-    "recall_macro",
-    "f1_macro",
-)
+TEST_METRICS: tuple[str, ...] = METRIC_NAMES
 
 #: Config keys that never make two runs different settings (seeds are replicates of one setting).
 NOT_SETTINGS: frozenset[str] = frozenset({"run.seed", "run.name", "run.output"})

@@ -12,22 +12,18 @@ from typing import Any
 import h5py
 import numpy as np
 
-from colnet_mpi.tasks import METRIC_NAMES
+from colnet_mpi.metrics.names import EXCLUSION_REASONS, METRIC_NAMES, STAGES
 
-STAGES = (
-    "local_train",
-    "exchange",
-    "clustering",
-    "intra",
-    "cross",
-    "redistribute",
-    "evaluate",
-    "total",
-)
 TEST_METRICS = METRIC_NAMES  # stored as round/test_<metric>
 
-#: Codes of ``defense/reason``: why a node's contribution was left out of its group's aggregate.
-EXCLUSION_REASONS = ("kept", "non-finite", "norm", "cosine", "norm+cosine")
+__all__ = [
+    "EXCLUSION_REASONS",
+    "STAGES",
+    "TEST_METRICS",
+    "ResultsWriter",
+    "mark_failed",
+    "result_layout",
+]
 
 
 def now_iso() -> str:
