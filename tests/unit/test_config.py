@@ -149,7 +149,14 @@ def test_integer_given_for_float_becomes_float(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", ["quickstart.toml", "digits_label_het.toml", "faces_task_het.toml"]
+    "name",
+    [
+        "quickstart.toml",
+        "digits_label_het.toml",
+        "faces_task_het.toml",
+        "cifar10_label_het.toml",
+        "celeba_task_het.toml",
+    ],
 )
 def test_shipped_configs_load_and_validate(name):
     cfg = load_config(REPO / "configs" / name)
