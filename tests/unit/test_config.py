@@ -643,3 +643,30 @@ def test_attacker_must_exist():
         QUICK,
         ["attack.kind=label_flip", "attack.nodes=[6]"],
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "dataset", "tasks"),
+    [
+        ("cifar10_label_het.toml", "cifar10", ["animals"] * 3 + ["objects"] * 3),
+        ("celeba_task_het.toml", "celeba", ["attributes"] * 3 + ["landmarks"] * 3),
+    ],
+)
+def test_real_dataset_configs_have_the_papers_settings(name, dataset, tasks):
+    cfg = load_config(REPO / "configs" / name)
+    assert cfg.data.dataset == dataset and cfg.data.root
+    assert [n.task for n in cfg.nodes] == tasks
+    assert (cfg.model.width, cfg.model.privatization) == (64, 1)
+    assert (cfg.training.rounds, cfg.training.local_epochs, cfg.training.batch_size) == (15, 2, 64)
+    assert cfg.training.grad_clip == 1.0 and cfg.federation.scheme == "colnet"
+    assert (cfg.hca.alpha, cfg.clustering.k) == (0.4, 2)
+    t = cfg.training
+    if dataset == "cifar10":
+        assert cfg.model.stem == "cifar" and cfg.data.image_size in (0, 32)
+        opt = t.single_label
+        assert (opt.name, opt.lr, opt.momentum, opt.weight_decay) == ("sgd", 0.01, 0.9, 1e-3)
+    else:
+        assert cfg.model.stem == "imagenet" and cfg.data.image_size == 0  # native 218x178
+        a, m = t.multi_label, t.landmarks
+        assert (a.name, a.lr, a.weight_decay, a.lr_decay) == ("adamw", 5e-5, 5e-3, 0.95)
+        assert (m.name, m.lr, m.lr_decay) == ("adam", 5e-4, 0.9)
