@@ -322,3 +322,33 @@ def test_python_dash_m_and_check_config() -> None:
     assert "rounds = 7" in proc.stdout and "needs 6 MPI ranks" in proc.stderr
     bad = check("model.privatization=5")
     assert bad.returncode == 2 and "model.privatization" in bad.stderr
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_node_sending_nan_does_not_stop_or_poison_the_run(tmp_path: Path) -> None:
+    """Node 1 sends NaN backbones every round: the job finishes, its peers stay finite, and the
+    file says who refused whom and that node 1 was left out of its group's aggregate."""
+    out = tmp_path / "nan.h5"
+    proc = run_mpi(
+        6,
+        colnet(
+            "run", QUICK, "--out", str(out), *SMALL,
+            "--set", "attack.kind=bad_buffer", "--set", "attack.nodes=[1]",
+        ),
+        timeout=400,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with h5py.File(out) as f:
+        assert f.attrs["status"] == "finished"
+        peers = [0, 2, 3, 4, 5]
+        assert np.isfinite(f["round/test_loss"][:, peers]).all()
+        assert np.isfinite(f["round/test_f1_micro"][:, [0, 2]]).all()
+        assert (f["attack/active"][:] == np.array([0, 1, 0, 0, 0, 0])).all()
+        refused = f["defense/refused"][:]  # (R, N, N): [i, j] = i refused j
+        assert (refused[:, peers, 1] == 1).all() and refused[:, :, peers].sum() == 0
+        groups, excluded = f["round/group"][:], f["defense/excluded"][:]
+        for r in range(groups.shape[0]):
+            if (groups[r] == groups[r, 1]).sum() > 1:  # node 1 had group-mates to poison
+                assert excluded[r, 1] == 1
+        assert excluded[:, peers].sum() == 0
