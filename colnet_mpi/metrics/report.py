@@ -25,6 +25,13 @@ from colnet_mpi.metrics.reader import (
     settings,
     val_loss_curves,
 )
+from colnet_mpi.metrics.robustness import (
+    defense_costs,
+    robustness_markdown,
+    robustness_rows,
+    write_attack_figures,
+    write_robustness_csv,
+)
 
 EXIT_BAD_INPUT = 2
 PLOT_HINT = "figures need matplotlib: pip install 'colnet-mpi[plot]'"
@@ -55,7 +62,9 @@ def add_parser(sub: Any) -> None:
             "Group runs by the config settings in which they differ (seeds are replicates) and write "
             "table.md, table.csv (average client test metrics per task group per setting, mean ± std "
             "over seeds) and val_loss.png / test_metrics.png (needs the 'plot' extra). Runs on "
-            "different datasets get one table each; runs of one dataset must have the same nodes."
+            "different datasets get one table each; runs of one dataset must have the same nodes. "
+            "When the runs of a dataset differ in attack.kind and include clean runs (none), also "
+            "a robustness section, robustness.csv and attacks_<dataset>.png (paper Figs 5-8)."
         ),
     )
     p.add_argument(
@@ -311,18 +320,30 @@ def write_report(
 ) -> tuple[str, list[Path], str | None]:
     """Write ``table.md``, ``table.csv`` and (with matplotlib) the figures into ``out``.
 
-    Runs are split by dataset (one table each). Returns the markdown text, the files written and
-    a note when the figures were left out because matplotlib is missing.
+    Runs are split by dataset (one table each). Datasets whose runs differ in ``attack.kind`` and
+    include clean runs also get the robustness section (appended to ``table.md``),
+    ``robustness.csv`` and ``attacks_<dataset>.png``. Returns the markdown text, the files
+    written and a note when the figures were left out because matplotlib is missing.
     """
     ignore = list(ignore)
     tables = build_scenarios(runs, round=round, ignore=ignore)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     text = report_markdown(tables, round)
+    attacked = robustness_rows(runs, round=round, ignore=ignore)
+    with warnings.catch_warnings():
+        # the same pairing warnings as robustness_rows: once is enough
+        warnings.filterwarnings("ignore", message=".*robustness table")
+        costs = defense_costs(runs, round=round, ignore=ignore) if attacked else []
+    if attacked:
+        text += "\n" + robustness_markdown(attacked, costs, runs=runs, round=round)
     md, csv_path = out_dir / "table.md", out_dir / "table.csv"
     md.write_text(text)
     write_csv(tables, csv_path)
     written = [md, csv_path]
+    if attacked:
+        write_robustness_csv(attacked, out_dir / "robustness.csv")
+        written.append(out_dir / "robustness.csv")
     note = None
     if figures:
         try:
@@ -331,6 +352,10 @@ def write_report(
             note = PLOT_HINT
         else:
             written += write_figures(tables, out_dir, ignore=ignore)
+            if attacked:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*robustness table")
+                    written += write_attack_figures(runs, out_dir, round=round, ignore=ignore)
     return text, written, note
 
 
