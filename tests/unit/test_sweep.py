@@ -87,6 +87,15 @@ PROVIDED = {
             for scheme in SCHEMES
         ],
     ),
+    "embedded_fixed_groups": (
+        18,
+        [
+            (c, {"run.seed": s, "federation.grouping": "tasks", "federation.scheme": scheme})
+            for s in (0, 1, 2)
+            for c in ("configs/digits_label_het.toml", "configs/faces_task_het.toml")
+            for scheme in ("intra", "fedper", "colnet")
+        ],
+    ),
     "robustness": (
         60,
         [
