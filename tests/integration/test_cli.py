@@ -150,7 +150,10 @@ def test_baseline_scheme_same_layout(six_rank_run, tmp_path: Path, scheme: str) 
     out = tmp_path / f"{scheme}.h5"
     proc = run_mpi(
         6,
-        colnet("run", QUICK, "--out", str(out), *SMALL, "--set", f"federation.scheme={scheme}"),
+        colnet(
+            "run", QUICK, "--out", str(out), *SMALL,
+            "--set", "training.rounds=2", "--set", f"federation.scheme={scheme}",
+        ),  # fmt: skip
         timeout=400,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
