@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset, TensorDataset
@@ -173,3 +175,28 @@ def check_task_spec_labels(task: TaskSpec, y: torch.Tensor) -> None:
             f"labels of dtype {y.dtype} and shape {tuple(y.shape)} do not fit task {task.name!r} "
             f"({task.kind}, {task.num_outputs} outputs)"
         )
+
+
+def locate_dataset_folder(
+    root: str | Path, folder: str, names: Sequence[str], *, what: str, layout: str, how: str
+) -> Path:
+    """Return ``<root>/<folder>`` or ``root`` itself when it already is that folder.
+
+    ``root`` is the folder itself when it has that name or holds one of ``names``. Raises
+    FileNotFoundError naming the path, the expected ``layout`` and ``how`` to obtain the data
+    when the root or the folder is missing. ``what`` names the dataset in messages.
+    """
+    base = Path(root).absolute()
+    if not base.is_dir():
+        raise FileNotFoundError(
+            f"{what} data root {str(base)!r} (data.root) does not exist or is not a directory; "
+            f"expected {layout}. {how}"
+        )
+    if (base / folder).is_dir():
+        return base / folder
+    if base.name == folder or any((base / name).exists() for name in names):
+        return base
+    raise FileNotFoundError(
+        f"{what} folder {str(base / folder)!r} not found (data.root = {str(base)!r}); "
+        f"expected {layout}. {how}"
+    )

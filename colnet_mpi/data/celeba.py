@@ -26,6 +26,7 @@ from .base import (
     TaskSpec,
     check_node_position,
     check_seed,
+    locate_dataset_folder,
 )
 from .partition import (
     STREAM_HOLDOUT,
@@ -152,21 +153,15 @@ def find_folder(root: str | os.PathLike[str]) -> Path:
     root or the folder is missing, or if the image folder or a text file is missing.
     """
     base = Path(root).absolute()
-    if not base.is_dir():
-        raise FileNotFoundError(
-            f"CelebA data root {str(base)!r} (data.root) does not exist or is not a directory; "
-            f"expected {_layout(str(base))}. {how_to_obtain(str(base))}"
-        )
     names = (IMAGE_DIR, ATTR_FILE, LANDMARK_FILE, PARTITION_FILE)
-    if (base / FOLDER).is_dir():
-        folder = base / FOLDER
-    elif base.name == FOLDER or any((base / name).exists() for name in names):
-        folder = base
-    else:
-        raise FileNotFoundError(
-            f"CelebA folder {str(base / FOLDER)!r} not found (data.root = {str(base)!r}); "
-            f"expected {_layout(str(base))}. {how_to_obtain(str(base))}"
-        )
+    folder = locate_dataset_folder(
+        base,
+        FOLDER,
+        names,
+        what="CelebA",
+        layout=_layout(str(base)),
+        how=how_to_obtain(str(base)),
+    )
     missing = [f"{IMAGE_DIR}/"] if not (folder / IMAGE_DIR).is_dir() else []
     missing += [n for n in names[1:] if not (folder / n).is_file()]
     if missing:

@@ -18,7 +18,15 @@ import numpy as np
 import torch
 
 from .augment import CifarAugment, normalise_cifar
-from .base import DataSizes, LabelledDataset, NodeData, TaskSpec, check_node_position, check_seed
+from .base import (
+    DataSizes,
+    LabelledDataset,
+    NodeData,
+    TaskSpec,
+    check_node_position,
+    check_seed,
+    locate_dataset_folder,
+)
 from .partition import (
     STREAM_HOLDOUT,
     STREAM_POOL,
@@ -88,20 +96,14 @@ def find_folder(root: str | os.PathLike[str]) -> Path:
     root or the folder is missing, or if any of the expected files is missing.
     """
     base = Path(root).absolute()
-    if not base.is_dir():
-        raise FileNotFoundError(
-            f"CIFAR-10 data root {str(base)!r} (data.root) does not exist or is not a directory; "
-            f"expected {_layout(str(base))}. {how_to_obtain(str(base))}"
-        )
-    if (base / FOLDER).is_dir():
-        folder = base / FOLDER
-    elif base.name == FOLDER or any((base / name).exists() for name in EXPECTED_FILES):
-        folder = base
-    else:
-        raise FileNotFoundError(
-            f"CIFAR-10 folder {str(base / FOLDER)!r} not found (data.root = {str(base)!r}); "
-            f"expected {_layout(str(base))}. {how_to_obtain(str(base))}"
-        )
+    folder = locate_dataset_folder(
+        base,
+        FOLDER,
+        EXPECTED_FILES,
+        what="CIFAR-10",
+        layout=_layout(str(base)),
+        how=how_to_obtain(str(base)),
+    )
     missing = [name for name in EXPECTED_FILES if not (folder / name).is_file()]
     if missing:
         parent = str(folder.parent)
