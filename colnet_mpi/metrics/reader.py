@@ -728,3 +728,17 @@ def round_curves(
         return np.array([_mean_over(row, np.arange(row.size)) for row in values])
 
     return _curves(runs, series, ignore)
+
+
+def csv_cell(value: Any) -> str:
+    """A setting value as a CSV cell: empty for None, TOML spelling for booleans."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def csv_number(value: float) -> str:
+    """A number as a CSV cell at full precision; empty for NaN."""
+    return "" if math.isnan(value) else repr(float(value))

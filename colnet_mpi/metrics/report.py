@@ -19,6 +19,8 @@ from colnet_mpi.metrics.reader import (
     Row,
     Run,
     aggregate,
+    csv_cell,
+    csv_number,
     load_runs,
     round_curves,
     scenarios,
@@ -102,18 +104,6 @@ def add_parser(sub: Any) -> None:
 # Tables
 
 
-def _fmt_setting_value(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def _num(value: float) -> str:
-    return "" if math.isnan(value) else repr(float(value))
-
-
 def table_markdown(rows: Sequence[Row], digits: int = 3) -> str:
     """The paper-shaped table: task group, setting, n, then loss/precision/recall/F1 (micro)."""
     head = "| Task group | Setting | n | " + " | ".join(h for h, _ in HEADLINE) + " |"
@@ -168,10 +158,10 @@ def write_csv(tables: Sequence[Scenario], path: Path) -> None:
         for t in tables:
             for row in t.rows:
                 line = [t.dataset, row.label]
-                line += [_fmt_setting_value(row.setting.get(k)) for k in keys]
+                line += [csv_cell(row.setting.get(k)) for k in keys]
                 line += [row.group, str(row.n), ";".join(str(s) for s in row.seeds)]
                 for m in TEST_METRICS:
-                    line += [_num(row.metrics[m].mean), _num(row.metrics[m].std)]
+                    line += [csv_number(row.metrics[m].mean), csv_number(row.metrics[m].std)]
                 w.writerow(line)
 
 

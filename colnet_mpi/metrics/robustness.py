@@ -17,6 +17,8 @@ from colnet_mpi.metrics.reader import (
     Run,
     Stat,
     check_compatible,
+    csv_cell,
+    csv_number,
     scenarios,
     setting_label,
     setting_of,
@@ -657,18 +659,6 @@ def robustness_csv_header(keys: Sequence[str]) -> list[str]:
     return cols
 
 
-def _csv_value(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def _num(value: float) -> str:
-    return "" if math.isnan(value) else repr(float(value))
-
-
 def write_robustness_csv(rows: Sequence[RobustnessRow], path: Path) -> None:
     """One line per dataset x attack x setting with every metric as mean and std."""
     keys = list(dict.fromkeys(k for r in rows for k in r.setting))
@@ -676,11 +666,11 @@ def write_robustness_csv(rows: Sequence[RobustnessRow], path: Path) -> None:
         w = csv.writer(fh)
         w.writerow(robustness_csv_header(keys))
         for row in rows:
-            line = [row.dataset, row.label, *(_csv_value(row.setting.get(k)) for k in keys)]
+            line = [row.dataset, row.label, *(csv_cell(row.setting.get(k)) for k in keys)]
             line += [row.attack, row.attack_label, ";".join(row.attackers), str(row.n)]
             line.append(";".join(str(s) for s in row.seeds))
             for m in ROBUSTNESS_METRICS:
-                line += [_num(row.metrics[m].mean), _num(row.metrics[m].std)]
+                line += [csv_number(row.metrics[m].mean), csv_number(row.metrics[m].std)]
             w.writerow(line)
 
 
