@@ -52,15 +52,16 @@ def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 def run_script(
-    tmp_path: Path, *args: str, env: dict[str, str]
+    tmp_path: Path, *args: str, env: dict[str, str], script: Path = SCRIPT, timeout: float = 30
 ) -> tuple[subprocess.CompletedProcess[str], list[str] | None]:
+    """Run an sbatch script under bash; return the process and the stand-in srun's argv."""
     proc = subprocess.run(
-        [BASH, str(SCRIPT), *args],
+        [BASH, str(script), *args],
         env=env,
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=timeout,
     )
     record = tmp_path / "argv"
     argv = record.read_bytes().decode().split("\0")[:-1] if record.exists() else None
@@ -268,17 +269,7 @@ def sweep_workdir(tmp_path: Path) -> Path:
 def run_sweep(
     tmp_path: Path, *args: str, env: dict[str, str]
 ) -> tuple[subprocess.CompletedProcess[str], list[str] | None]:
-    proc = subprocess.run(
-        [BASH, str(SWEEP_SCRIPT), *args],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    record = tmp_path / "argv"
-    argv = record.read_bytes().decode().split("\0")[:-1] if record.exists() else None
-    return proc, argv
+    return run_script(tmp_path, *args, env=env, script=SWEEP_SCRIPT, timeout=120)
 
 
 def sweep_expected(index: int, *tail: str, out_dir: str = "results/epochs_x_privatization"):
