@@ -300,6 +300,7 @@ class AttackConfig:
 
 
 ROBUST_RULES = ("mean", "median", "trimmed_mean", "norm_clipped_mean")
+NORM_ACTIONS = ("exclude", "clip")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -315,12 +316,17 @@ class DefenseConfig:
     clip: float = 0.0  # norm_clipped_mean: max update norm; 0 = the median norm of the group
     screening: bool = False  # exclude members whose update is an outlier in their group
     norm_ratio: float = 3.0  # screening: flag norm / median norm above this (or below 1/this)
+    # screening, an update failing only the norm test: exclude it, or clip it (a too-large one is
+    # rescaled to its reference norm and kept, with its direction and its data; a too-small one
+    # is kept as it is). Non-finite and cosine failures are always excluded.
+    norm_action: str = "exclude"
     min_cosine: float = 0.0  # screening: flag cosine to the others' median below this
     verify_leader: bool = False  # members recompute HCA and reject a manipulated broadcast
     tolerance: float = 1e-3  # verify_leader: relative difference still accepted
 
     def __post_init__(self) -> None:
         _choice("defense.aggregation", self.aggregation, ROBUST_RULES)
+        _choice("defense.norm_action", self.norm_action, NORM_ACTIONS)
         if not 0 <= self.trim < 0.5:
             raise ConfigError(f"defense.trim = {self.trim!r} is not allowed; use 0 <= trim < 0.5")
         _positive("defense.clip", self.clip, allow_zero=True)
@@ -329,9 +335,7 @@ class DefenseConfig:
                 f"defense.norm_ratio = {self.norm_ratio!r} is not allowed; it must be > 1"
             )
         if not -1 <= self.min_cosine <= 1:
-            raise ConfigError(
-                f"defense.min_cosine = {self.min_cosine!r} is not allowed; use -1..1"
-            )
+            raise ConfigError(f"defense.min_cosine = {self.min_cosine!r} is not allowed; use -1..1")
         _positive("defense.tolerance", self.tolerance)
 
     @property

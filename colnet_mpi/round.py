@@ -28,6 +28,7 @@ from colnet_mpi.algorithms.clustering import (
 )
 from colnet_mpi.algorithms.hca import hca_update
 from colnet_mpi.algorithms.robust import (
+    clip_scales,
     local_norm_scores,
     robust_aggregate,
     screen_updates,
@@ -473,7 +474,7 @@ class Federation:
         start: torch.Tensor,
         received: dict[int, torch.Tensor],
         defended: Defended,
-    ) -> np.ndarray:
+    ) -> tuple[np.ndarray, torch.Tensor]:
         """Update screening before clustering (``defense.screening``): which nodes to quarantine.
 
         Every node tests the updates of its group-mates of the last round it was not quarantined
@@ -481,15 +482,18 @@ class Federation:
         their update, plus any drift of a node that sat out; in round 1, everyone)
         with a norm test against the most similar updates (``local_norm_scores``): nodes of other
         tasks may update at another scale, a boosted update is large against its own task's.
-        Only too-large updates are flagged here; refused buffers count as flagged. A node is
-        quarantined for the round when a strict majority of the nodes that tested it flagged
-        it; the decision is the same on every rank.
+        Only too-large updates are flagged here; refused buffers count as flagged. A node is an
+        outlier for the round when a strict majority of the nodes that tested it flagged it; the
+        decision is the same on every rank. With ``norm_action = "exclude"`` outliers are
+        quarantined; with ``"clip"`` only nodes whose buffers a majority refused are, and every
+        node rescales the too-large updates in its own view (``received`` is changed in place).
+        Returns the quarantine flags and this node's own vector for its clustering view.
         """
         topo = self.topology
         n = topo.size
-        verdict = np.full(n, -1, dtype=np.int64)  # -1 not tested, 0 passed, 1 flagged
+        verdict = np.full(n, -1, dtype=np.int64)  # -1 not tested, 0 passed, 1 flagged, 2 refused
         for src, _reason in self.transport.rejected:
-            verdict[src] = 1
+            verdict[src] = 2
         home = self.home_groups
         mates = [topo.rank, *(j for j in sorted(received) if home[j] == home[topo.rank])]
         p = self.node.flat.n_trainable
@@ -501,14 +505,25 @@ class Federation:
                 verdict[j] = int(not float(scores[i]) <= ratio)
         verdicts = ints_allgather(topo.world, verdict)
         tested = (verdicts >= 0).sum(axis=0)
-        flagged = (verdicts == 1).sum(axis=0)
-        quarantined = 2 * flagged > tested
+        outlier = 2 * (verdicts >= 1).sum(axis=0) > tested
         defended.norm_score = float(scores[0])
+        if self.config.defense.norm_action == "exclude":
+            quarantined = outlier
+        else:
+            quarantined = 2 * (verdicts == 2).sum(axis=0) > tested
+            scale = clip_scales(scores, ratio)
+            for i, j in enumerate(mates):
+                if float(scale[i]) != 1.0 and i > 0:
+                    received[j] = start + (received[j] - start) * float(scale[i])
+            if float(scale[0]) != 1.0:
+                own = start + (own - start) * float(scale[0])
+            if outlier[topo.rank] and not quarantined[topo.rank]:
+                defended.reason = EXCLUSION_REASONS.index("clipped")
         if quarantined[topo.rank]:
             defended.excluded = 1
             finite = bool(torch.isfinite(rows[0]).all())
             defended.reason = EXCLUSION_REASONS.index("norm" if finite else "non-finite")
-        return quarantined
+        return quarantined, own
 
     def _leaders(self, groups: np.ndarray, r: int) -> np.ndarray:
         flags = np.zeros(groups.size, dtype=bool)
@@ -543,17 +558,28 @@ class Federation:
         rows = tr.group_allgather(torch.cat([contribution - reference, weight]))
         updates, weights = rows[:, :-1], rows[:, -1]
         p = flat.n_trainable
+        clip = d.screening and d.norm_action == "clip"
         screen = screen_updates(
             updates[:, :p].double(),
             norm_ratio=d.norm_ratio if d.screening else math.inf,
             min_cosine=d.min_cosine if d.screening else -1.0,
+            exclude_norm=not clip,
         )
         keep = screen.keep & finite_rows(updates).to(screen.keep.device) & torch.isfinite(weights)
         me = self.topology.group_members.index(self.topology.rank)
         reason = screen.reasons[me]
         defended.excluded = int(not bool(keep[me]))
         defended.reason = _reason_code(reason, bool(keep[me]))
-        defended.norm_score = float(screen.norm_scores[me])
+        norm_scores = screen.norm_scores
+        if clip and int(finite_rows(updates).sum()) >= 3:
+            # too-large updates back to the norm of their most similar rows (a member of another
+            # task in the group must not hide a boost, as in the pre-clustering test), kept
+            norm_scores = local_norm_scores(updates[:, :p].double())
+            scale = clip_scales(norm_scores, d.norm_ratio)
+            updates = updates * scale.to(updates).unsqueeze(1)
+            if bool(keep[me]) and float(scale[me]) != 1.0:
+                defended.reason = EXCLUSION_REASONS.index("clipped")
+        defended.norm_score = float(norm_scores[me])
         defended.cosine_score = float(screen.cosine_scores[me])
         if screen.note and me == self.topology.leader_rank_in_group:
             self.log(f"  screening in the group led by rank {self.topology.rank}: {screen.note}")
@@ -614,14 +640,15 @@ class Federation:
         if scheme.cluster:
             # Stage 3a/3b: task-aware clustering and the agreed partition
             quarantined = np.zeros(n, dtype=bool)
+            view_own = own
             if cfg.defense.screening:
-                quarantined = self._prescreen(own, start, received, defended)
+                quarantined, view_own = self._prescreen(own, start, received, defended)
             if cfg.federation.grouping == "tasks":  # fixed groups, as in the authors' code
                 groups, k = canonical_labels(self.true_labels), n_true_groups(self.true_labels)
                 groups = np.where(quarantined, -1, groups)
             else:
                 proposal, affinity, signals, groups, k = self._cluster(
-                    r, own, received, quarantined
+                    r, view_own, received, quarantined
                 )
             leaders = self._leaders(groups, r)
             topo.set_groups(groups, leaders)

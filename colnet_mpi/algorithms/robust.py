@@ -15,6 +15,7 @@ __all__ = [
     "ROBUST_RULES",
     "ScreenResult",
     "VerifyResult",
+    "clip_scales",
     "coordinate_median",
     "local_norm_scores",
     "norm_clipped_mean",
@@ -202,7 +203,9 @@ def _loo_medians(u: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-def screen_updates(updates: torch.Tensor, norm_ratio: float, min_cosine: float) -> ScreenResult:
+def screen_updates(
+    updates: torch.Tensor, norm_ratio: float, min_cosine: float, *, exclude_norm: bool = True
+) -> ScreenResult:
     """Flag the updates of a group that are outliers against the others (rows of ``(m, p)``).
 
     Tests, in order:
@@ -211,6 +214,8 @@ def screen_updates(updates: torch.Tensor, norm_ratio: float, min_cosine: float) 
     2. *norm*: ``s_i = ||u_i|| / median_j ||u_j||`` over the finite rows; flagged when
        ``s_i > norm_ratio`` or ``s_i < 1 / norm_ratio`` (``norm_ratio >= 1``; ``inf`` disables).
        If the median norm is zero, zero rows score 1 and non-zero rows score inf.
+       With ``exclude_norm=False`` the scores are still computed but a failed norm test flags
+       nothing (the caller clips those rows instead, see :func:`clip_scales`).
     3. *cosine*: ``c_i`` = cosine of ``u_i`` to the coordinate-wise median of the *other* finite
        rows (a leave-one-out median, so an outlier neither sets its own reference nor, being one
        value among several, moves the reference of the honest rows much); flagged when
@@ -272,7 +277,7 @@ def screen_updates(updates: torch.Tensor, norm_ratio: float, min_cosine: float) 
     for i in idx:
         why = []
         si = float(norm_scores[i])
-        if si > ratio or si < 1.0 / ratio:
+        if exclude_norm and (si > ratio or si < 1.0 / ratio):
             why.append(f"norm ratio {si:.3g} outside [{1.0 / ratio:.3g}, {ratio:.3g}]")
         ci = float(cosine_scores[i])
         if not math.isnan(ci) and ci < cos_min:
@@ -292,6 +297,25 @@ def screen_updates(updates: torch.Tensor, norm_ratio: float, min_cosine: float) 
     else:
         keep = finite & ~rel_flag
     return ScreenResult(keep, flagged | rel_flag, norm_scores, cosine_scores, reasons, note)
+
+
+def clip_scales(norm_scores: torch.Tensor, norm_ratio: float) -> torch.Tensor:
+    """Factors that bring too-large updates back to their reference norm (float64, same length).
+
+    A row whose norm score (its norm over its reference norm, as from :func:`screen_updates` or
+    :func:`local_norm_scores`) is above ``norm_ratio`` gets ``1 / score``: multiplied by it, the
+    update keeps its direction and gets the reference norm (a scaled-boost update becomes the
+    honest one again). Every other row, NaN and infinite scores included, gets 1 (non-finite rows
+    are the non-finite test's business).
+    """
+    s = torch.as_tensor(norm_scores, dtype=torch.float64).cpu()
+    ratio = float(norm_ratio)
+    if not ratio >= 1.0:
+        raise ValueError(f"norm_ratio must be >= 1, got {norm_ratio!r}")
+    out = torch.ones_like(s)
+    over = torch.isfinite(s) & (s > ratio)
+    out[over] = 1.0 / s[over]
+    return out
 
 
 @dataclass(frozen=True)

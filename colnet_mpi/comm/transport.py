@@ -269,7 +269,9 @@ class Transport:
                 return vec
         return self._back(wire)
 
-    def group_broadcast_rows(self, rows: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor:
+    def group_broadcast_rows(
+        self, rows: torch.Tensor | None, shape: tuple[int, int]
+    ) -> torch.Tensor:
         """The leader's ``rows`` (e.g. the leaders' deltas it used) on every member, unchecked.
 
         Members pass ``rows=None`` and the ``shape`` they expect; the caller checks the content.

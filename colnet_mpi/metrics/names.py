@@ -25,5 +25,13 @@ STAGES: tuple[str, ...] = (
     "total",
 )
 
-#: Codes of ``defense/reason``: why a node's contribution was left out of its group's aggregate.
-EXCLUSION_REASONS: tuple[str, ...] = ("kept", "non-finite", "norm", "cosine", "norm+cosine")
+#: Codes of ``defense/reason``: why a node's contribution was left out of its group's aggregate
+#: (or, for "clipped", changed before it went in).
+EXCLUSION_REASONS: tuple[str, ...] = (
+    "kept",
+    "non-finite",
+    "norm",
+    "cosine",
+    "norm+cosine",
+    "clipped",  # kept, its too-large update rescaled (defense.norm_action = "clip")
+)

@@ -96,6 +96,11 @@ def _attr(value: Any) -> Any:
     return value
 
 
+#: Config keys added after results files were already being written, with the value that files
+#: without them ran with, so that old and new files group together in a report.
+ADDED_KEYS: dict[str, Any] = {"defense.norm_action": "exclude"}
+
+
 def flatten_config(raw: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested config tables as ``{"section.key": value}``; the ``nodes`` list is left out."""
     out: dict[str, Any] = {}
@@ -169,8 +174,9 @@ class Run:
 
     @cached_property
     def flat_config(self) -> dict[str, Any]:
-        """The resolved config as ``{"section.key": value}``."""
-        return flatten_config(self.raw_config)
+        """The resolved config as ``{"section.key": value}`` (keys of :data:`ADDED_KEYS` that
+        the file predates filled in)."""
+        return {**ADDED_KEYS, **flatten_config(self.raw_config)}
 
     @property
     def groups(self) -> tuple[str, ...]:

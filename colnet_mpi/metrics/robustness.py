@@ -61,8 +61,8 @@ ROBUSTNESS_METRICS: dict[str, str] = {
     "benign_f1_attacked": "F1 of the benign nodes in the attacked run",
     "ari_final": "clustering ARI at the report round",
     "ari_mean": "clustering ARI averaged over rounds 1 .. report round",
-    "attacker_caught": "fraction of attacker-rounds (attack/active = 1) excluded or quarantined",
-    "false_positives": "fraction of benign node-rounds excluded or quarantined",
+    "attacker_caught": "fraction of attacker-rounds (attack/active = 1) excluded, quarantined or clipped",
+    "false_positives": "fraction of benign node-rounds excluded, quarantined or clipped",
     "leader_rejected": "leader broadcasts rejected (sum of defense/leader_rejected over rounds)",
 }
 
@@ -203,11 +203,16 @@ def _active(run: Run, upto: int) -> np.ndarray:
 
 
 def _caught(run: Run, upto: int) -> np.ndarray | None:
-    """(rounds, N) bool: excluded from the group's aggregate or quarantined (group -1)."""
+    """(rounds, N) bool: excluded from the group's aggregate, quarantined (group -1), or kept
+    with its update clipped (``defense/reason`` = "clipped")."""
     if "defense/excluded" not in run.data:
         return None
-    excluded = np.asarray(run["defense/excluded"][:upto]) == 1
-    return excluded | (np.asarray(run["round/group"][:upto]) == -1)
+    caught = np.asarray(run["defense/excluded"][:upto]) == 1
+    caught |= np.asarray(run["round/group"][:upto]) == -1
+    names = str(run.attrs.get("defense_reasons", "")).split(",")
+    if "clipped" in names and "defense/reason" in run.data:
+        caught |= np.asarray(run["defense/reason"][:upto]) == names.index("clipped")
+    return caught
 
 
 def _run_stats(run: Run, round: int, benign: np.ndarray) -> dict[str, float]:
@@ -643,7 +648,8 @@ def robustness_markdown(
         "benign nodes without an F1 (landmarks); Δ attacker is the attackers' F1 change (or "
         "loss change when they have no F1). ARI mean: over rounds 1 .. the round used. Attacker "
         "caught: fraction of attacker-rounds (`attack/active`) in which the attacker was left out "
-        "of its group's aggregate (`defense/excluded`) or quarantined (`round/group` = −1); false "
+        "of its group's aggregate (`defense/excluded`), quarantined (`round/group` = −1) or had its "
+        "update clipped (`defense/reason` = clipped); false "
         "positives: the same for benign node-rounds; leader rejected: broadcasts refused by "
         "members (`defense/leader_rejected`, summed over rounds and nodes, per run). "
         "All values per seed, then mean ± std over seeds; every column is in robustness.csv."

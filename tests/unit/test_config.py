@@ -630,6 +630,7 @@ def test_attack_nodes_list_round_trips_through_toml():
         ("defense.trim=0.5", ["defense.trim", "trim < 0.5"]),
         ("defense.norm_ratio=1", ["defense.norm_ratio", "> 1"]),
         ("defense.min_cosine=2", ["defense.min_cosine", "-1..1"]),
+        ("defense.norm_action=drop", ["defense.norm_action", "'exclude'", "'clip'"]),
     ],
 )
 def test_attack_and_defense_errors_name_the_key(override, fragments):

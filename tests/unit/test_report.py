@@ -18,6 +18,7 @@ from colnet_mpi.metrics.reader import (
     ReportError,
     UnfinishedRunWarning,
     aggregate,
+    flatten_config,
     group_summary,
     load_run,
     load_runs,
@@ -474,3 +475,31 @@ def test_report_does_not_import_torch(sweep, tmp_path: Path) -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_files_older_than_a_config_key_group_with_its_default(tmp_path: Path) -> None:
+    """A file written before ``defense.norm_action`` existed ran with "exclude": it groups with
+    new files that say so, and apart from new files that say "clip"."""
+    import h5py
+
+    rng = np.random.default_rng(3)
+    old, new, clip = (tmp_path / f"{k}.h5" for k in ("old", "new", "clip"))
+    write_run(old, make_config(seed=0, name="old"), rng)
+    write_run(new, make_config(seed=1, name="new"), rng)
+    raw = make_config(seed=2, name="clip")
+    write_run(clip, config_from_dict({**_raw(raw), "defense": {"norm_action": "clip"}}), rng)
+    with h5py.File(old, "r+") as f:
+        text = f.attrs["config"]
+        assert "norm_action" in text
+        f.attrs["config"] = "\n".join(x for x in text.splitlines() if "norm_action" not in x)
+    runs = load_runs([old, new])
+    assert "defense.norm_action" not in flatten_config(runs[0].raw_config)
+    assert runs[0].flat_config["defense.norm_action"] == "exclude"
+    assert settings(runs) == ()
+    assert settings(load_runs([old, new, clip])) == ("defense.norm_action",)
+
+
+def _raw(config: Config) -> dict:
+    import tomllib
+
+    return tomllib.loads(to_toml(config))

@@ -12,6 +12,7 @@ from scipy.stats import trim_mean
 from colnet_mpi.algorithms.hca import hca_update
 from colnet_mpi.algorithms.robust import (
     ROBUST_RULES,
+    clip_scales,
     coordinate_median,
     norm_clipped_mean,
     robust_aggregate,
@@ -140,6 +141,38 @@ def test_screen_keeps_honest_and_excludes_planted_outliers(seed: int, m: int) ->
     assert res.keep.tolist() == [True] * (m - 1) + [False], res.reasons
     assert res.reasons[m - 1].startswith("cosine")
     assert float(res.cosine_scores[m - 1]) < 0.0 < float(res.cosine_scores[:-1].min())
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("m", [3, 5])
+def test_clip_mode_keeps_a_boosted_update_and_rescales_it(seed: int, m: int) -> None:
+    """exclude_norm=False: a x10 update is kept, and clip_scales brings it back to the median
+    norm with its direction; the cosine test still excludes a flipped update."""
+    u = _honest(seed, m)
+    big = u.clone()
+    big[0] = 10.0 * u[0]
+    big[m - 1] = -u[m - 1]
+    res = screen_updates(big, norm_ratio=3.0, min_cosine=0.0, exclude_norm=False)
+    assert res.keep.tolist() == [True] * (m - 1) + [False], res.reasons
+    assert res.reasons[0] == "" and float(res.norm_scores[0]) > 3.0
+    scale = clip_scales(res.norm_scores, 3.0)
+    assert scale[1:].tolist() == [1.0] * (m - 1)
+    clipped = big[0] * scale[0]
+    median = float(torch.median(big.norm(dim=1)))  # odd m: the middle norm
+    assert float(clipped.norm()) == pytest.approx(median, rel=1e-12)
+    cos = float(clipped @ u[0] / (clipped.norm() * u[0].norm()))
+    assert cos == pytest.approx(1.0, abs=1e-12)
+    # the same rows with the default: the norm test flags the big one
+    default = screen_updates(big, 3.0, 0.0)
+    assert bool(default.flagged[0]) and "norm ratio" in default.reasons[0]
+
+
+def test_clip_scales_leave_undefined_and_small_scores_alone() -> None:
+    scores = torch.tensor([0.1, 1.0, 2.9, 3.0, 6.0, math.nan, math.inf], dtype=torch.float64)
+    out = clip_scales(scores, 3.0)
+    assert out.tolist() == [1.0, 1.0, 1.0, 1.0, 1.0 / 6.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="norm_ratio"):
+        clip_scales(scores, 0.5)
 
 
 @pytest.mark.parametrize("m", [2, 3, 4, 5, 6])

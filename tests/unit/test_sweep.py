@@ -97,7 +97,7 @@ PROVIDED = {
         ],
     ),
     "robustness": (
-        60,
+        90,
         [
             (
                 c,
@@ -106,12 +106,13 @@ PROVIDED = {
                     "attack.kind": kind,
                     "defense.screening": on,
                     "defense.verify_leader": on,
+                    "defense.norm_action": action,
                 },
             )
             for s in (0, 1, 2)
             for c in ("configs/digits_label_het.toml", "configs/faces_task_het.toml")
             for kind in ("none", "label_flip", "boost", "at2fl", "manipulate")
-            for on in (False, True)
+            for on, action in ((False, "exclude"), (True, "exclude"), (True, "clip"))
         ],
     ),
 }

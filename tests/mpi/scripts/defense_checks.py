@@ -99,24 +99,72 @@ def check_screening_excludes_boosted_node(comm: MPI.Comm) -> None:
 
 def check_boosted_node_is_quarantined_before_clustering(comm: MPI.Comm) -> None:
     """With screening, a x5 boosted node is quarantined before clustering (group -1) in both
-    rounds: it cannot capture a cluster; the honest nodes are clustered and aggregated alone."""
+    rounds: it cannot capture a cluster; the honest nodes are clustered and aggregated alone.
+    With norm_action = "clip" it is clustered (its update rescaled in every view) and kept."""
     import tomllib
 
-    raw = tomllib.loads(to_toml(make_config(comm.Get_size(), "colnet")))
-    raw["attack"] = {"kind": "boost", "nodes": [1], "boost_scale": 5.0, "bn_batches": 0}
-    raw["defense"] = {"screening": True}
-    config = config_from_dict(raw)
-    topo = Topology(comm, kind="full")
-    fed = Federation(config, topo, Node(config, topo.rank, torch.device("cpu")), None, print)
-    for r in (1, 2):
-        res = fed.round(r)
-        assert res.groups[1] == -1 and (np.delete(res.groups, 1) >= 0).all(), res.groups
-        assert res.proposal[1] == -1  # nobody's view contains the quarantined node
-        excluded = gather_ints(comm, res.defense.excluded)
-        assert excluded[1] == 1, excluded
-        if topo.rank == 1:
-            assert topo.isolated and not topo.is_leader and res.hca_solver_ok == -1
-        assert bool(torch.isfinite(fed.node.flat.pack()).all())
+    for action in ("exclude", "clip"):
+        raw = tomllib.loads(to_toml(make_config(comm.Get_size(), "colnet")))
+        raw["attack"] = {"kind": "boost", "nodes": [1], "boost_scale": 5.0, "bn_batches": 0}
+        raw["defense"] = {"screening": True, "norm_action": action}
+        config = config_from_dict(raw)
+        topo = Topology(comm, kind="full")
+        fed = Federation(config, topo, Node(config, topo.rank, torch.device("cpu")), None, print)
+        for r in (1, 2):
+            res = fed.round(r)
+            excluded = gather_ints(comm, res.defense.excluded)
+            reasons = gather_ints(comm, res.defense.reason)
+            if action == "exclude":
+                assert res.groups[1] == -1 and (np.delete(res.groups, 1) >= 0).all(), res.groups
+                assert res.proposal[1] == -1  # nobody's view contains the quarantined node
+                assert excluded[1] == 1, excluded
+                if topo.rank == 1:
+                    assert topo.isolated and not topo.is_leader and res.hca_solver_ok == -1
+            else:
+                assert (res.groups >= 0).all() and res.proposal[1] >= 0, res.groups
+                assert excluded.sum() == 0, excluded
+                norms = allgather_vec(comm, torch.tensor([res.defense.norm_score]))[:, 0]
+                assert reasons[1] == 5, (r, reasons, res.groups, norms)  # "clipped"
+            assert bool(torch.isfinite(fed.node.flat.pack()).all())
+        topo.free()
+
+
+def check_clip_rescales_boosted_update(comm: MPI.Comm) -> None:
+    """norm_action = "clip": a x50 boosted member stays in its group's aggregate with its update
+    rescaled to the norm of its closest member (trainable part), not excluded."""
+    fed, rec, topo = federation(
+        comm,
+        scheme="intra",
+        attack={"kind": "boost", "nodes": [1], "boost_scale": 50.0, "bn_batches": 0},
+        defense={"screening": True, "norm_action": "clip"},
+    )
+    sent = {}
+    original = fed.attack.contribution
+
+    def spy(r, vec):
+        sent["contribution"] = original(r, vec).clone()
+        return sent["contribution"]
+
+    fed.attack.contribution = spy
+    res = fed.round(1)
+    assert gather_ints(comm, res.defense.excluded).tolist() == [0] * 6
+    reasons = gather_ints(comm, res.defense.reason)
+    assert reasons.tolist() == [0, 5, 0, 0, 0, 0], reasons
+    own = allgather_vec(comm, sent["contribution"])
+    start = allgather_vec(comm, rec.start).astype(np.float64)
+    weights = allgather_vec(comm, torch.tensor([fed._weight()]))[:, 0].astype(np.float64)
+    if topo.rank in (0, 1, 2):
+        p = fed.node.flat.n_trainable
+        u = own[[0, 1, 2]].astype(np.float64) - start[0]
+        norms = np.linalg.norm(u[:, :p], axis=1)
+        # its reference: the norm of the honest update closest to it in direction
+        cos = [u[1, :p] @ u[j, :p] / (norms[1] * norms[j]) for j in (0, 2)]
+        reference = norms[[0, 2][int(np.argmax(cos))]]
+        scale = np.array([1.0, reference / norms[1], 1.0])
+        assert scale[1] < 0.1, scale
+        w = weights[[0, 1, 2]]
+        expected = start[0] + (w[:, None] * u * scale[:, None]).sum(axis=0) / w.sum()
+        np.testing.assert_allclose(fed.node.flat.pack().numpy(), expected, rtol=1e-4, atol=1e-5)
     topo.free()
 
 
@@ -170,6 +218,7 @@ if __name__ == "__main__":
             check_nan_node_poisons_nobody,
             check_screening_excludes_boosted_node,
             check_boosted_node_is_quarantined_before_clustering,
+            check_clip_rescales_boosted_update,
             check_median_rule,
             check_leader_verification,
         ]
