@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.metrics import adjusted_rand_score
 
 from colnet_mpi.metrics.reader import (
     Run,
@@ -61,6 +62,8 @@ ROBUSTNESS_METRICS: dict[str, str] = {
     "benign_f1_attacked": "F1 of the benign nodes in the attacked run",
     "ari_final": "clustering ARI at the report round",
     "ari_mean": "clustering ARI averaged over rounds 1 .. report round",
+    "ari_benign": "clustering ARI at the report round over the benign nodes only (a quarantined "
+    "attacker is no clustering error; a benign node pulled into another task's group is)",
     "attacker_caught": "fraction of attacker-rounds (attack/active = 1) excluded, quarantined or clipped",
     "false_positives": "fraction of benign node-rounds excluded, quarantined or clipped",
     "leader_rejected": "leader broadcasts rejected (sum of defense/leader_rejected over rounds)",
@@ -219,12 +222,17 @@ def _run_stats(run: Run, round: int, benign: np.ndarray) -> dict[str, float]:
     """ARI and defense statistics of one run up to ``round``."""
     i = run.round_index(round)
     upto = i + 1
-    out = {k: math.nan for k in ("ari_final", "ari_mean", "attacker_caught", "false_positives")}
+    keys = ("ari_final", "ari_mean", "ari_benign", "attacker_caught", "false_positives")
+    out = {k: math.nan for k in keys}
     out["leader_rejected"] = math.nan
     if "clustering/ari" in run.data:
         ari = np.asarray(run["clustering/ari"][:upto], dtype=float)
         out["ari_final"] = float(ari[i])
         out["ari_mean"] = float(np.mean(ari))
+    if "round/group" in run.data and benign.any():
+        truth = np.asarray(run.true_groups)[benign]
+        agreed = np.asarray(run["round/group"][i])[benign]
+        out["ari_benign"] = float(adjusted_rand_score(truth, agreed))
     caught = _caught(run, upto)
     if caught is not None:
         active = _active(run, upto)
@@ -556,6 +564,7 @@ _COLUMNS = (
     "Δ attacker",
     "ARI final",
     "ARI mean",
+    "ARI benign",
     "Attacker caught",
     "False positives",
     "Leader rejected",
@@ -580,6 +589,7 @@ def _table(rows: Sequence[RobustnessRow]) -> list[str]:
             _attacker_cell(row),
             m["ari_final"].format(2),
             m["ari_mean"].format(2),
+            m["ari_benign"].format(2),
             m["attacker_caught"].format(2),
             m["false_positives"].format(2),
             m["leader_rejected"].format(1),
@@ -646,7 +656,9 @@ def robustness_markdown(
         "Benign: nodes not in `attack.nodes`; same group: benign nodes in an attacker's true task "
         "group. F1 is micro-averaged over the nodes that have one; Δloss (no F1) covers the "
         "benign nodes without an F1 (landmarks); Δ attacker is the attackers' F1 change (or "
-        "loss change when they have no F1). ARI mean: over rounds 1 .. the round used. Attacker "
+        "loss change when they have no F1). ARI mean: over rounds 1 .. the round used; ARI benign: "
+        "at the round used, over the benign nodes only (a quarantined attacker, group −1, is no "
+        "clustering error there). Attacker "
         "caught: fraction of attacker-rounds (`attack/active`) in which the attacker was left out "
         "of its group's aggregate (`defense/excluded`), quarantined (`round/group` = −1) or had its "
         "update clipped (`defense/reason` = clipped); false "

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sklearn.metrics import adjusted_rand_score
 
 from colnet_mpi.cli import main as cli_main
 from colnet_mpi.config import Config, config_from_dict, to_toml
@@ -185,6 +186,10 @@ def expected_row(truth: dict[Key, dict], dataset: str, kind: str, defended: bool
             }
         values["ari_final"] = float(ari[-1])
         values["ari_mean"] = float(ari.mean())
+        # clean rows: every node counts as benign
+        benign_nodes = [i for i in range(n) if i != attacker or kind == "none"]
+        true = [next(g for g, m in groups.items() if i in m) for i in benign_nodes]
+        values["ari_benign"] = adjusted_rand_score(true, a["round/group"][-1][benign_nodes])
         values["leader_rejected"] = float(a["defense/leader_rejected"].sum())
         for m in ROBUSTNESS_METRICS:
             per_seed[m].append(values[m])
@@ -338,11 +343,12 @@ def test_cli_writes_robustness_section(attacked, tmp_path: Path, capsys) -> None
         delta("attacker_f1"),
         plain("ari_final", 2),
         plain("ari_mean", 2),
+        plain("ari_benign", 2),
         plain("attacker_caught", 2),
         plain("false_positives", 2),
         plain("leader_rejected", 1),
     ]
-    assert body[0][3:8] == ["–"] * 5 and body[0][10] == "–"  # clean: no change, no attacker
+    assert body[0][3:8] == ["–"] * 5 and body[0][11] == "–"  # clean: no change, no attacker
     on = [
         mean_at(
             truth[("digits", "none", True, s)]["round/test_f1_micro"][-1]
