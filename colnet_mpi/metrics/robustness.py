@@ -700,12 +700,13 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "dataset"
 
 
-def plot_attacks(f1: Sequence[NodeBars], loss: Sequence[NodeBars], path: Path) -> None:
+def plot_attacks(f1: Sequence[NodeBars], loss: Sequence[NodeBars], path: Path) -> Any:
     """One dataset's per-node bars (paper Figs 5–8): one column per setting, F1 row and loss row.
 
     The F1 row (nodes that have an F1) is left out when no node has one; the loss row shows every
     node. Bars are grouped per node, one per attack (clean first); an attacker's own bar is
-    hatched and its tick says so; error bars are the std over seeds.
+    hatched and its tick says so; error bars are the std over seeds. A row whose bars span more
+    than a factor 100 gets a log axis. Returns the matplotlib figure (already saved to ``path``).
     """
     from matplotlib.figure import Figure  # the 'plot' extra; the object API needs no backend
     from matplotlib.patches import Patch
@@ -726,6 +727,11 @@ def plot_attacks(f1: Sequence[NodeBars], loss: Sequence[NodeBars], path: Path) -
     bar_w = 0.8 / max(1, len(attacks))
     n_max = 0
     for (ylabel, bars, idx), ax_row in zip(rows, axes, strict=True):
+        means = np.concatenate([b.mean[idx] for b in bars])
+        positive = means[np.isfinite(means) & (means > 0)]
+        # a broadcast manipulated x2 each round can blow a loss up to 1e10: on a linear axis
+        # every other bar would vanish, so a row spanning more than 100x is drawn on a log axis
+        log = positive.size > 0 and positive.min() > 0 and positive.max() / positive.min() > 100
         for label, ax in zip(labels, ax_row, strict=True):
             x = np.arange(idx.size)
             marked: set[int] = set()
@@ -749,7 +755,9 @@ def plot_attacks(f1: Sequence[NodeBars], loss: Sequence[NodeBars], path: Path) -
             ticks = [nodes[i] + (" (attacker)" if int(i) in marked else "") for i in idx]
             ax.set_xticks(x, ticks, rotation=25, ha="right", fontsize="small")
             ax.set_title(label if label != "all runs" else loss[0].dataset, fontsize="medium")
-            ax.set_ylabel(f"final {ylabel}")
+            ax.set_ylabel(f"final {ylabel}" + (" (log scale)" if log else ""))
+            if log:
+                ax.set_yscale("log", nonpositive="clip")
             ax.grid(axis="y", alpha=0.3)
     counts = {a: sorted({b.n for b in loss if b.attack_label == a}) for a in attacks}
     handles = [
@@ -765,6 +773,7 @@ def plot_attacks(f1: Sequence[NodeBars], loss: Sequence[NodeBars], path: Path) -
     spread = " (error bars: std over seeds)" if n_max >= 2 else ""
     fig.suptitle(f"{loss[0].dataset}: per-node test metrics, clean vs attacked{spread}")
     fig.savefig(path, dpi=100)
+    return fig
 
 
 def write_attack_figures(

@@ -16,9 +16,11 @@ from colnet_mpi.metrics import robustness
 from colnet_mpi.metrics.reader import load_runs
 from colnet_mpi.metrics.robustness import (
     ROBUSTNESS_METRICS,
+    NodeBars,
     attack_scenarios,
     defense_costs,
     node_bars,
+    plot_attacks,
     robustness_csv_header,
     robustness_rows,
 )
@@ -444,3 +446,30 @@ def test_public_names_and_no_torch() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_attack_figure_uses_a_log_axis_only_for_a_blown_up_loss(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+
+    def bars(attack: str, metric: str, mean: list[float]) -> NodeBars:
+        return NodeBars(
+            dataset="digits",
+            setting={},
+            label="all runs",
+            attack=attack,
+            attack_label=attack,
+            metric=metric,
+            nodes=("a", "b", "c"),
+            mean=np.array(mean),
+            std=np.zeros(3),
+            n=2,
+            attackers=(0,),
+        )
+
+    f1 = [bars("none", "f1_micro", [0.7, 0.8, 0.6]), bars("boost", "f1_micro", [0.5, 0.7, 0.6])]
+    for blown, scale in ((2.5, "linear"), (1e9, "log")):
+        loss = [bars("none", "loss", [1.0, 1.2, 0.9]), bars("boost", "loss", [blown, 1.1, 1.0])]
+        fig = plot_attacks(f1, loss, tmp_path / "a.png")
+        f1_ax, loss_ax = fig.axes[0], fig.axes[1]
+        assert f1_ax.get_yscale() == "linear" and loss_ax.get_yscale() == scale
+        assert (tmp_path / "a.png").read_bytes().startswith(PNG_MAGIC)
