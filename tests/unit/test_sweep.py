@@ -96,6 +96,26 @@ PROVIDED = {
             for scheme in ("intra", "fedper", "colnet")
         ],
     ),
+    "robustness_fixed_groups": (
+        36,
+        [
+            (
+                c,
+                {
+                    "run.seed": s,
+                    "federation.grouping": "tasks",
+                    "attack.kind": kind,
+                    "defense.screening": on,
+                    "defense.verify_leader": on,
+                    "defense.norm_action": action,
+                },
+            )
+            for s in (0, 1, 2)
+            for c in ("configs/digits_label_het.toml", "configs/faces_task_het.toml")
+            for kind in ("none", "boost")
+            for on, action in ((False, "exclude"), (True, "exclude"), (True, "clip"))
+        ],
+    ),
     "robustness": (
         90,
         [
