@@ -33,4 +33,4 @@ def test_full_round(ranks: int) -> None:
 def test_attacks_and_defenses_in_rounds() -> None:
     proc = run_mpi(6, [sys.executable, str(SCRIPTS / "defense_checks.py")], timeout=400)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("ok on 6 ranks") == 5, proc.stdout
+    assert proc.stdout.count("ok on 6 ranks") == 6, proc.stdout
