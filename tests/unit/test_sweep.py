@@ -33,7 +33,30 @@ CELEBA = "configs/celeba_task_het.toml"
 EPOCHS = [(2, 15), (3, 10), (5, 6)]
 SCHEMES = ["none", "intra", "fedper", "colnet"]
 
+
 # name -> (count, the sets as (config, {key: value}) in index order, written out by hand)
+def robustness_sets(kinds: tuple[str, ...], fixed: dict) -> list[tuple[str, dict]]:
+    """The robustness sweeps' sets: seed x scenario x attack x 3 defense settings."""
+    defenses = ((False, "exclude"), (True, "exclude"), (True, "clip"))
+    return [
+        (
+            c,
+            {
+                "run.seed": s,
+                **fixed,
+                "attack.kind": kind,
+                "defense.screening": on,
+                "defense.verify_leader": on,
+                "defense.norm_action": action,
+            },
+        )
+        for s in (0, 1, 2)
+        for c in ("configs/digits_label_het.toml", "configs/faces_task_het.toml")
+        for kind in kinds
+        for on, action in defenses
+    ]
+
+
 PROVIDED = {
     "epochs_x_privatization": (
         9,
@@ -98,42 +121,11 @@ PROVIDED = {
     ),
     "robustness_fixed_groups": (
         36,
-        [
-            (
-                c,
-                {
-                    "run.seed": s,
-                    "federation.grouping": "tasks",
-                    "attack.kind": kind,
-                    "defense.screening": on,
-                    "defense.verify_leader": on,
-                    "defense.norm_action": action,
-                },
-            )
-            for s in (0, 1, 2)
-            for c in ("configs/digits_label_het.toml", "configs/faces_task_het.toml")
-            for kind in ("none", "boost")
-            for on, action in ((False, "exclude"), (True, "exclude"), (True, "clip"))
-        ],
+        robustness_sets(("none", "boost"), {"federation.grouping": "tasks"}),
     ),
     "robustness": (
         90,
-        [
-            (
-                c,
-                {
-                    "run.seed": s,
-                    "attack.kind": kind,
-                    "defense.screening": on,
-                    "defense.verify_leader": on,
-                    "defense.norm_action": action,
-                },
-            )
-            for s in (0, 1, 2)
-            for c in ("configs/digits_label_het.toml", "configs/faces_task_het.toml")
-            for kind in ("none", "label_flip", "boost", "at2fl", "manipulate")
-            for on, action in ((False, "exclude"), (True, "exclude"), (True, "clip"))
-        ],
+        robustness_sets(("none", "label_flip", "boost", "at2fl", "manipulate"), {}),
     ),
 }
 
