@@ -512,8 +512,8 @@ class Federation:
         else:
             quarantined = 2 * (verdicts == 2).sum(axis=0) > tested
             scale = clip_scales(scores, ratio)
-            for i, j in enumerate(mates):
-                if float(scale[i]) != 1.0 and i > 0:
+            for i, j in enumerate(mates[1:], start=1):
+                if float(scale[i]) != 1.0:
                     received[j] = start + (received[j] - start) * float(scale[i])
             if float(scale[0]) != 1.0:
                 own = start + (own - start) * float(scale[0])
