@@ -8,8 +8,15 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from colnet_mpi.config import Config
+    from colnet_mpi.federation.resume import ResumePoint
 
 EXIT_BAD_INPUT = 2
 
@@ -35,7 +42,17 @@ def _parser() -> argparse.ArgumentParser:
         help="override a config value (repeatable), e.g. --set training.rounds=10",
     )
     run.add_argument("--out", help="results file (default: run.output, else results/<run.name>.h5)")
-    run.add_argument("--overwrite", action="store_true", help="replace an existing results file")
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing results file (with --resume: only if it cannot be resumed)",
+    )
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in the results file from its last checkpoint; the config may "
+        "differ only in paths, training.rounds and run.checkpoint_every",
+    )
     run.add_argument(
         "--dry-run",
         action="store_true",
@@ -126,8 +143,11 @@ def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
     import colnet_mpi
     from colnet_mpi.comm.topology import Topology, agree, mpi_library
     from colnet_mpi.config import ConfigError, load_config, to_toml
-    from colnet_mpi.metrics.writer import ResultsWriter
-    from colnet_mpi.round import Federation, Node
+    from colnet_mpi.federation.checkpoint import Checkpointer, CheckpointError
+    from colnet_mpi.federation.loop import Federation
+    from colnet_mpi.federation.stop import EXIT_PREEMPTED, Preempted, StopRequest
+    from colnet_mpi.metrics.writer import ResultsWriter, now_iso
+    from colnet_mpi.node import Node
 
     t0 = time.perf_counter()
     config = None
@@ -161,9 +181,15 @@ def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
             f"mpiexec -n {config.world_size} (or srun --ntasks={config.world_size})"
         )
     output = Path(args.out) if args.out else config.run.output_path()
-    if error is None and rank == 0 and not args.dry_run and output.exists() and not args.overwrite:
-        error = f"output file {str(output)!r} already exists; pass --overwrite to replace it or choose --out"
+    point = None
+    if error is None and rank == 0 and not args.dry_run:
+        point, error = _resume_decision(args, config, output, size, log)
     stop_if_any(error)
+    plan = _share_resume(world, point, size)
+    if plan is None:
+        log(f"{output}: finished with all {config.training.rounds} rounds; nothing to resume")
+        topology.free()
+        return 0
 
     # Per-rank resources: threads from the CPUs this rank was given, GPU from the node-local rank.
     torch.set_num_threads(topology.cpus_for_rank())
@@ -199,6 +225,19 @@ def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
 
     writer = None
     federation = Federation(config, topology, node, None, log)
+    start, directory, checksums = plan
+    every = config.run.checkpoint_every
+    if every or start:
+        federation.checkpoints = Checkpointer(
+            directory or config.run.checkpoint_path(output).resolve(), rank, size
+        )
+    if start:
+        try:
+            federation.resume(start, checksums)
+        except (CheckpointError, ValueError) as err:
+            error = f"cannot resume {str(output)!r}: {err}"
+        stop_if_any(error)
+        log(f"resuming after round {start} from the checkpoint in {directory}")
     if rank == 0:
         writer = ResultsWriter(
             output,
@@ -222,19 +261,96 @@ def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
             true_groups=federation.true_groups,
             record_affinity=federation.record_affinity,
             overwrite=args.overwrite,
+            resume_round=start or None,
         )
         federation.writer = writer
         state["output"] = output
     world.Barrier()
     if rank != 0:
         state["output"] = output
-    federation.run()
+    federation.stop = StopRequest().install()
+    try:
+        federation.run(start + 1)
+    except Preempted as why:
+        if writer is not None:
+            writer.set_attrs(status="preempted", finished=now_iso())
+        saved = (
+            f"round {federation.state.round}"
+            if federation.checkpoints
+            else "nothing (checkpoints off)"
+        )
+        log(f"stopped: {why}; last checkpoint: {saved}; continue with --resume")
+        topology.free()
+        return EXIT_PREEMPTED
+    finally:
+        federation.stop.uninstall()
     world.Barrier()
     if writer is not None:
         writer.finish()
         log(f"finished in {time.perf_counter() - t0:.1f}s; results: {output}")
     topology.free()
     return 0
+
+
+def _resume_decision(
+    args: argparse.Namespace, config: Config, output: Path, size: int, log: Callable[[str], None]
+) -> tuple[ResumePoint | str | None, str | None]:
+    """On the writer rank: where to start. Returns ``(point, error)``; point is a
+    :class:`ResumePoint`, ``"done"`` (nothing left to run) or None (a fresh run)."""
+    from colnet_mpi.federation.resume import ResumeError, resume_point
+
+    if not output.exists():
+        if args.resume and not args.overwrite:
+            return None, f"nothing to resume: {str(output)!r} does not exist (drop --resume)"
+        return None, None
+    if not args.resume:
+        if args.overwrite:
+            return None, None
+        return None, (
+            f"output file {str(output)!r} already exists; pass --resume to continue it, "
+            "--overwrite to replace it, or choose --out"
+        )
+    try:
+        point = resume_point(output, config, size)
+    except ResumeError as err:
+        if args.overwrite:
+            log(f"{err}; starting over (--overwrite)")
+            return None, None
+        return None, str(err)
+    if point.status == "finished" and point.recorded_rounds >= config.training.rounds:
+        return "done", None
+    if point.round >= config.training.rounds:
+        return None, (
+            f"{str(output)!r} is checkpointed at round {point.round}; to continue it set "
+            f"training.rounds above that (now {config.training.rounds})"
+        )
+    return point, None
+
+
+def _share_resume(world: Any, point: Any, size: int) -> tuple[int, str, np.ndarray | None] | None:
+    """Broadcast the writer rank's decision: ``(start round, checkpoint folder, checksums)``,
+    ``(0, "", None)`` for a fresh run, None when there is nothing to do (numeric buffers only)."""
+    from mpi4py import MPI
+
+    head = np.zeros(2, dtype=np.int64)
+    sums = np.zeros(size, dtype=np.int64)
+    text = np.zeros(4096, dtype=np.uint8)
+    if world.Get_rank() == 0:
+        if point == "done":
+            head[0] = -1
+        elif point is not None:
+            head[:] = (point.round, 0)
+            sums[:] = point.checksums
+            raw = point.directory.encode()[: text.size]
+            text[: len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+    world.Bcast([head, MPI.INT64_T], root=0)
+    if head[0] < 0:
+        return None
+    if head[0] == 0:
+        return 0, "", None
+    world.Bcast([sums, MPI.INT64_T], root=0)
+    world.Bcast([text, MPI.UNSIGNED_CHAR], root=0)
+    return int(head[0]), bytes(text).rstrip(b"\0").decode(), sums
 
 
 def main(argv: Sequence[str] | None = None) -> int:

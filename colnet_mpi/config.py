@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from colnet_mpi.federation.schemes import GROUPERS, INTRA, SCHEMES
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised only on Python 3.10
@@ -43,6 +45,8 @@ class RunConfig:
     seed: int = 0
     output: str = ""  # empty: results/<name>.h5 relative to the working directory
     deterministic: bool = True
+    checkpoint_every: int = 1  # save every rank's state every this many rounds; 0 = never
+    checkpoint_dir: str = ""  # empty: <results file>.ckpt/ next to the results file
 
     def __post_init__(self) -> None:
         if not self.name or any(c in self.name for c in "/\\ "):
@@ -50,10 +54,15 @@ class RunConfig:
                 f"run.name = {self.name!r} is not allowed; use a non-empty name without '/', '\\' or spaces"
             )
         _positive("run.seed", self.seed, allow_zero=True)
+        _positive("run.checkpoint_every", self.checkpoint_every, allow_zero=True)
 
     def output_path(self) -> Path:
         """Where the HDF5 results file of this run goes."""
         return Path(self.output) if self.output else Path("results") / f"{self.name}.h5"
+
+    def checkpoint_path(self, output: Path) -> Path:
+        """Where the per-rank checkpoints of a run writing ``output`` go."""
+        return Path(self.checkpoint_dir) if self.checkpoint_dir else output.with_name(output.name + ".ckpt")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -169,9 +178,6 @@ class TrainingConfig:
         return typing.cast(OptimizerConfig, getattr(self, kind))
 
 
-SCHEMES = ("colnet", "none", "intra", "fedper")
-
-
 @dataclass(frozen=True, kw_only=True)
 class FederationConfig:
     """[federation]: aggregation scheme and communication topology."""
@@ -184,8 +190,8 @@ class FederationConfig:
     cuda_aware: str = "auto"  # auto | yes | no: pass GPU buffers straight to MPI
 
     def __post_init__(self) -> None:
-        _choice("federation.scheme", self.scheme, SCHEMES)
-        _choice("federation.grouping", self.grouping, ("cluster", "tasks"))
+        _choice("federation.scheme", self.scheme, SCHEMES.names())
+        _choice("federation.grouping", self.grouping, GROUPERS.names())
         _choice("federation.topology", self.topology, ("full", "ring"))
         _choice("federation.intra_weights", self.intra_weights, ("equal", "samples"))
         _choice("federation.cuda_aware", self.cuda_aware, ("auto", "yes", "no"))
@@ -299,7 +305,6 @@ class AttackConfig:
         return self.kind != "none" and rank in self.nodes and r >= self.start_round
 
 
-ROBUST_RULES = ("mean", "median", "trimmed_mean", "norm_clipped_mean")
 NORM_ACTIONS = ("exclude", "clip")
 
 
@@ -325,7 +330,7 @@ class DefenseConfig:
     tolerance: float = 1e-3  # verify_leader: relative difference still accepted
 
     def __post_init__(self) -> None:
-        _choice("defense.aggregation", self.aggregation, ROBUST_RULES)
+        _choice("defense.aggregation", self.aggregation, INTRA.names())
         _choice("defense.norm_action", self.norm_action, NORM_ACTIONS)
         if not 0 <= self.trim < 0.5:
             raise ConfigError(f"defense.trim = {self.trim!r} is not allowed; use 0 <= trim < 0.5")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import itertools
 import json
 import math
 import re
@@ -103,6 +105,11 @@ class Sweep:
         """Every axis name, in the order the dimensions vary (slowest first)."""
         return tuple(k for d in self.dimensions for k in d.keys)
 
+    @functools.cached_property
+    def _sets(self) -> tuple[tuple[tuple[Any, ...], ...], ...]:
+        """Every set as one value row per dimension, in index order (the last dimension fastest)."""
+        return tuple(itertools.product(*(d.values for d in self.dimensions)))
+
     def _check_index(self, index: int) -> None:
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.count:
             raise SweepError(
@@ -113,15 +120,9 @@ class Sweep:
     def values(self, index: int) -> dict[str, Any]:
         """The axis values of set ``index`` (``config`` included when it is an axis)."""
         self._check_index(index)
-        positions = []
-        rest = index
-        for dim in reversed(self.dimensions):
-            rest, pos = divmod(rest, dim.size)
-            positions.append(pos)
-        positions.reverse()
         out: dict[str, Any] = {}
-        for dim, pos in zip(self.dimensions, positions, strict=True):
-            out.update(zip(dim.keys, dim.values[pos], strict=True))
+        for dim, row in zip(self.dimensions, self._sets[index], strict=True):
+            out.update(zip(dim.keys, row, strict=True))
         return out
 
     def config_for(self, index: int) -> str:
@@ -372,8 +373,8 @@ def load_sweep(path: str | Path) -> Sweep:
 
 
 def output_status(path: str | Path) -> str:
-    """``missing``, or the results file's ``status`` attribute (``running``/``failed``/``finished``),
-    or ``unreadable`` (not HDF5, no status, locked)."""
+    """``missing``, or the results file's ``status`` attribute (``running``/``failed``/``finished``/
+    ``preempted``), or ``unreadable`` (not HDF5, no status, locked)."""
     p = Path(path)
     if not p.exists():
         return "missing"
@@ -386,7 +387,7 @@ def output_status(path: str | Path) -> str:
         return "unreadable"
     if isinstance(status, bytes):
         status = status.decode(errors="replace")
-    return status if status in ("running", "failed", "finished") else "unreadable"
+    return status if status in ("running", "failed", "finished", "preempted") else "unreadable"
 
 
 def index_ranges(indices: Sequence[int]) -> str:
@@ -440,7 +441,8 @@ def add_parser(sub: Any) -> None:
     what.add_argument(
         "--status",
         action="store_true",
-        help="with --index: missing, running, failed, finished or unreadable (its results file)",
+        help="with --index: missing, running, failed, preempted, finished or unreadable "
+        "(its results file)",
     )
     p.add_argument(
         "--print0", action="store_true", help="with --args: NUL-terminated instead of one per line"

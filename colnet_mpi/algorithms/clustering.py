@@ -13,7 +13,7 @@ import warnings
 
 import numpy as np
 import torch
-from scipy.cluster.hierarchy import linkage
+from scipy.cluster.hierarchy import cut_tree, linkage
 from scipy.spatial.distance import squareform
 from sklearn.cluster import SpectralClustering
 from sklearn.metrics import adjusted_rand_score
@@ -26,6 +26,7 @@ __all__ = [
     "cosine_matrix",
     "eigengap_k",
     "fuse_affinity",
+    "leader_flags",
     "leader_position",
     "spectral_labels",
 ]
@@ -256,24 +257,6 @@ def coassociation(proposals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return a, counts
 
 
-def _cut_first_merges(z: np.ndarray, n: int, n_merges: int) -> np.ndarray:
-    """Apply the first ``n_merges`` merges of a linkage matrix; return a cluster root per leaf."""
-    parent = list(range(2 * n - 1))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for step in range(n_merges):
-        left, right = int(z[step, 0]), int(z[step, 1])
-        new = n + step
-        parent[find(left)] = new
-        parent[find(right)] = new
-    return np.array([find(i) for i in range(n)], dtype=np.int64)
-
-
 def consensus_partition(proposals: np.ndarray, k: int | None) -> np.ndarray:
     """Agree on one partition of the N world indices from all nodes' proposals.
 
@@ -303,8 +286,11 @@ def consensus_partition(proposals: np.ndarray, k: int | None) -> np.ndarray:
     np.fill_diagonal(dist, 0.0)
     dist = np.clip(dist, 0.0, 1.0)
     z = linkage(squareform(dist, checks=False), method="average")
-    roots = _cut_first_merges(z, n, n - k_eff)
-    return canonical_labels(roots)
+    # cut_tree applies merges in order of height and breaks equal heights by tree position, not by
+    # linkage row; heights replaced by the row index make it apply exactly the first N - k rows
+    by_row = z.copy()
+    by_row[:, 2] = np.arange(n - 1, dtype=np.float64)
+    return canonical_labels(cut_tree(by_row, n_clusters=k_eff)[:, 0])
 
 
 def adjusted_rand(labels_true: np.ndarray, labels_pred: np.ndarray) -> float:
@@ -319,3 +305,16 @@ def leader_position(round_index: int, group_size: int) -> int:
     """
     r = _check_int("round_index", round_index, 1, "an integer >= 1 (rounds are 1-based)")
     return (r - 1) % _check_int("group_size", group_size, 1)
+
+
+def leader_flags(groups: np.ndarray, round_index: int) -> np.ndarray:
+    """bool flags of each group's leader in round ``round_index`` (see :func:`leader_position`).
+
+    ``groups[i]`` is node i's group id; -1 (quarantined) leads nothing.
+    """
+    g = np.asarray(groups)
+    flags = np.zeros(g.size, dtype=bool)
+    for label in np.unique(g[g >= 0]):
+        members = np.flatnonzero(g == label)
+        flags[members[leader_position(round_index, members.size)]] = True
+    return flags

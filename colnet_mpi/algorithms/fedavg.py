@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["weighted_average"]
+__all__ = ["group_delta", "mean_from_sum", "weighted_average", "with_weight"]
 
 
 def weighted_average(vectors: torch.Tensor, weights: Sequence[float] | None = None) -> torch.Tensor:
@@ -40,3 +40,23 @@ def weighted_average(vectors: torch.Tensor, weights: Sequence[float] | None = No
         raise ValueError(f"weights must have a positive sum, got sum {total!r} for {w}")
     coef = torch.tensor([x / total for x in w], dtype=vectors.dtype, device=vectors.device)
     return coef @ vectors
+
+
+def with_weight(vector: torch.Tensor, weight: float) -> torch.Tensor:
+    """``[weight * vector, weight]``: one member's share of a weighted group sum.
+
+    Summing these over a group (one Allreduce) and passing the sum to :func:`mean_from_sum`
+    gives the weighted mean without a second message for the total weight.
+    """
+    return torch.cat([vector * weight, vector.new_tensor([weight])])
+
+
+def mean_from_sum(summed: torch.Tensor) -> torch.Tensor:
+    """The weighted mean from a sum of :func:`with_weight` vectors (last entry: total weight)."""
+    return summed[:-1] / summed[-1]
+
+
+def group_delta(aggregate: torch.Tensor, reference: torch.Tensor, n_trainable: int) -> torch.Tensor:
+    """A group's update of its trainable parameters: ``aggregate - reference`` over the first
+    ``n_trainable`` entries (BatchNorm statistics are not part of a delta)."""
+    return aggregate[:n_trainable] - reference[:n_trainable]

@@ -9,7 +9,14 @@ import numpy as np
 import torch
 from scipy.optimize import minimize
 
-__all__ = ["HCA_EPS", "HCAResult", "hca_objective", "hca_update", "solve_hca_weights"]
+__all__ = [
+    "HCA_EPS",
+    "HCAResult",
+    "apply_update",
+    "hca_objective",
+    "hca_update",
+    "solve_hca_weights",
+]
 
 HCA_EPS = 1e-8
 """Constant under the square root of the HCA objective (keeps it differentiable at U_w = 0)."""
@@ -199,3 +206,15 @@ def hca_update(deltas: torch.Tensor, alpha: float = 0.4) -> HCAResult:
         update_norm=update_norm,
         message=message,
     )
+
+
+def apply_update(
+    backbone: torch.Tensor, update: torch.Tensor, psi: float, n_trainable: int
+) -> torch.Tensor:
+    """``backbone`` with ``psi * update`` added to its first ``n_trainable`` entries (a copy).
+
+    The update is cast to the backbone's dtype; BatchNorm statistics (the tail) are unchanged.
+    """
+    out = backbone.clone()
+    out[:n_trainable] += psi * update.to(out.dtype)
+    return out

@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from colnet_mpi.algorithms.fedavg import weighted_average
@@ -17,8 +18,11 @@ __all__ = [
     "VerifyResult",
     "clip_scales",
     "coordinate_median",
+    "finite_rows",
     "local_norm_scores",
+    "mean_of_finite_rows",
     "norm_clipped_mean",
+    "quarantine_vote",
     "robust_aggregate",
     "screen_updates",
     "trimmed_mean",
@@ -414,3 +418,37 @@ def local_norm_scores(updates: torch.Tensor, neighbours: int | None = None) -> t
         else:
             scores[idx[a]] = 1.0 if own <= _NORM_EPS else math.inf
     return scores
+
+
+def finite_rows(rows: torch.Tensor) -> torch.Tensor:
+    """bool mask of the rows of a 2-D tensor whose values are all finite."""
+    return torch.isfinite(rows).all(dim=1)
+
+
+def mean_of_finite_rows(rows: torch.Tensor, own_row: int) -> torch.Tensor | None:
+    """Equal-weight mean of the finite rows (FedPer's cross-group mean of group backbones).
+
+    None when row ``own_row`` itself is not finite (the caller keeps its own value).
+    """
+    usable = finite_rows(rows)
+    return rows[usable].mean(dim=0) if bool(usable[own_row]) else None
+
+
+def quarantine_vote(verdicts: np.ndarray, *, refused_only: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Majority vote over every node's screening verdicts about every other node.
+
+    ``verdicts[i, j]``: node i's verdict on node j (-1 not tested, 0 passed, 1 flagged, 2 its
+    buffer was refused). Node j is an *outlier* when a strict majority of the nodes that tested
+    it flagged it or refused its buffer. Returns ``(outlier, quarantined)``: ``quarantined`` is
+    ``outlier`` or, with ``refused_only``, only the nodes a strict majority refused (their
+    too-large updates are clipped instead). Every rank computes the same answer from the same
+    all-gathered verdicts.
+    """
+    v = np.asarray(verdicts)
+    if v.ndim != 2 or v.shape[0] != v.shape[1]:
+        raise ValueError(f"verdicts must be a square (n, n) matrix, got shape {v.shape}")
+    tested = (v >= 0).sum(axis=0)
+    outlier = 2 * (v >= 1).sum(axis=0) > tested
+    if not refused_only:
+        return outlier, outlier
+    return outlier, 2 * (v == 2).sum(axis=0) > tested

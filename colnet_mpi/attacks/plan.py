@@ -48,6 +48,14 @@ class AttackPlan:
             )
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The attack's random state (its generator), for checkpoints."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.generator.set_state(state["generator"])
+
     def active(self, r: int) -> bool:
         """Whether this rank attacks in round ``r``."""
         return self.config.active(self.rank, r)
@@ -122,11 +130,6 @@ class AttackPlan:
         if leading and self.active(r) and c.kind == "manipulate":
             return manipulate(vector, c.manipulation, c.manipulation_factor, self.generator)
         return vector
-
-
-def finite_rows(rows: Tensor) -> Tensor:
-    """bool mask of the rows of a 2-D tensor whose values are all finite."""
-    return torch.isfinite(rows).all(dim=1)
 
 
 def relative_difference(a: Tensor, b: Tensor) -> float:

@@ -33,7 +33,7 @@ from .partition import (
     STREAM_POOL,
     STREAM_TRAIN_VAL,
     make_rng,
-    shard_bounds,
+    shard,
     split_train_val,
     task_stream,
 )
@@ -386,8 +386,7 @@ def build_celeba_node_data(
     )
     first = TASK_ORDER.index(task) * n_group
     pool = train_rows[order[first : first + n_group]]
-    start, stop = shard_bounds(len(pool), group_size, position)
-    node_rows = pool[start:stop]
+    node_rows = shard(pool, group_size, position)
     if sizes.samples_per_node > 0:
         node_rows = node_rows[: sizes.samples_per_node]
     train_sel, val_sel = split_train_val(

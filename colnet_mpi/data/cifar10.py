@@ -32,7 +32,7 @@ from .partition import (
     STREAM_POOL,
     STREAM_TRAIN_VAL,
     make_rng,
-    shard_bounds,
+    shard,
     split_train_val,
     task_stream,
 )
@@ -223,7 +223,7 @@ def build_cifar10_node_data(
 
     The group's pool (every official training image of its classes, in file order) is permuted
     with a generator seeded from ``(seed, task)``, identical on every node of the group, and
-    split evenly (``shard_bounds``) over the ``group_size`` nodes; node ``position`` takes its
+    split evenly (``shard``) over the ``group_size`` nodes; node ``position`` takes its
     slice, truncated to ``sizes.samples_per_node`` if that is > 0 and smaller, and splits it
     80/20 into train/val (seeded by seed, task and position). The test split is every image of
     the group's classes in ``test_batch`` (or a seeded subset of ``sizes.test_samples``).
@@ -250,8 +250,7 @@ def build_cifar10_node_data(
     pool_labels = np.concatenate([p[1] for p in parts])
     del parts
     order = make_rng(seed, stream, STREAM_POOL).permutation(len(pool_labels))
-    start, stop = shard_bounds(len(order), group_size, position)
-    node_sel = order[start:stop]
+    node_sel = shard(order, group_size, position)
     if sizes.samples_per_node > 0:
         node_sel = node_sel[: sizes.samples_per_node]
     train_sel, val_sel = split_train_val(

@@ -35,22 +35,17 @@ def make_rng(seed: int, *keys: int) -> np.random.Generator:
     return np.random.default_rng(entropy)
 
 
-def shard_bounds(n_items: int, parts: int, position: int) -> tuple[int, int]:
-    """Return ``(start, stop)`` of shard ``position`` of ``n_items`` split evenly into ``parts``.
+def shard(items: np.ndarray, parts: int, position: int) -> np.ndarray:
+    """Return shard ``position`` of ``items`` split evenly into ``parts`` (``numpy.array_split``).
 
-    Shard sizes differ by at most one; the first ``n_items % parts`` shards get the extra item
-    (the same rule as ``numpy.array_split``). Shards are contiguous, disjoint and cover everything.
+    Shard sizes differ by at most one; the first ``len(items) % parts`` shards get the extra item.
+    Shards are contiguous, disjoint and cover everything.
     """
     if parts < 1:
         raise ValueError(f"parts={parts} must be >= 1")
     if not 0 <= position < parts:
         raise ValueError(f"position={position} must be between 0 and parts-1={parts - 1}")
-    if n_items < 0:
-        raise ValueError(f"n_items={n_items} must be >= 0")
-    base, extra = divmod(n_items, parts)
-    start = position * base + min(position, extra)
-    stop = start + base + (1 if position < extra else 0)
-    return start, stop
+    return np.array_split(np.asarray(items), parts)[position]
 
 
 def train_val_sizes(n_items: int, train_fraction: float = TRAIN_FRACTION) -> tuple[int, int]:
@@ -112,7 +107,7 @@ def partition_pool(
 
     A permutation drawn from ``rng`` (which must be seeded identically on every node of the group)
     puts the first ``holdout_size(n_pool, test_samples)`` items into the group's common test
-    split; the remaining items are split evenly (``shard_bounds``) over the ``group_size`` nodes
+    split; the remaining items are split evenly (``shard``) over the ``group_size`` nodes
     and this node takes shard ``position``, truncated to ``samples_per_node`` items if that is
     > 0 and smaller. Returned arrays hold indices into the pool.
     """
@@ -126,8 +121,7 @@ def partition_pool(
             f"after holding out {n_test} test samples, {len(rest)} remain for "
             f"group_size={group_size} nodes; lower test_samples or the group size"
         )
-    start, stop = shard_bounds(len(rest), group_size, position)
-    node_idx = rest[start:stop]
+    node_idx = shard(rest, group_size, position)
     if samples_per_node > 0:
         node_idx = node_idx[:samples_per_node]
     return test_idx, node_idx

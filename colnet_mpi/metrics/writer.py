@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import h5py
 import numpy as np
 
 from colnet_mpi.metrics.names import EXCLUSION_REASONS, METRIC_NAMES, STAGES
+from colnet_mpi.metrics.record import RecordSpec, Series, axis_of
 
 TEST_METRICS = METRIC_NAMES  # stored as round/test_<metric>
 
@@ -31,60 +31,9 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-@dataclass(frozen=True)
-class Series:
-    """One appendable dataset: its dtype and the shape of one row (after the round/epoch axis)."""
-
-    dtype: str
-    row: tuple[int, ...]
-
-
 def result_layout(n_nodes: int, *, record_affinity: bool) -> dict[str, Series]:
-    """Every appendable dataset of a results file (DESIGN §7 names) for ``n_nodes`` nodes."""
-    n = n_nodes
-    layout: dict[str, Series] = {
-        "epoch/train_loss": Series("f8", (n,)),
-        "epoch/val_loss": Series("f8", (n,)),
-        "epoch/round": Series("i4", ()),
-    }
-    for m in TEST_METRICS:
-        layout[f"round/test_{m}"] = Series("f8", (n,))
-    layout.update(
-        {
-            "round/group": Series("i4", (n,)),
-            "round/leader": Series("i1", (n,)),
-            "round/backbone_checksum": Series("i8", (n,)),
-            "round/bytes_sent": Series("i8", (n,)),
-            "round/bytes_received": Series("i8", (n,)),
-            "clustering/proposal": Series("i4", (n, n)),
-            "clustering/loss": Series("f8", (n, n)),
-            "clustering/jacobian": Series("f8", (n, n)),
-            "clustering/ari": Series("f8", ()),
-            "clustering/k": Series("i4", ()),
-            "hca/weights": Series("f8", (n,)),
-            "hca/mean_delta_norm": Series("f8", ()),
-            "hca/update_norm": Series("f8", ()),
-            "hca/solver_ok": Series("i1", ()),
-        }
-    )
-    for stage in STAGES:
-        layout[f"round/seconds/{stage}"] = Series("f8", (n,))
-    layout.update(
-        {
-            "attack/active": Series("i1", (n,)),  # 1 where the node attacked in the round
-            "defense/excluded": Series("i1", (n,)),  # 1: left out of its group's aggregate
-            "defense/reason": Series("i1", (n,)),  # index into EXCLUSION_REASONS
-            "defense/norm_score": Series("f8", (n,)),  # update norm / group median norm
-            "defense/cosine_score": Series("f8", (n,)),  # cosine to the others' median
-            "defense/refused": Series("i1", (n, n)),  # [i, j] = 1: node i refused j's buffer
-            "defense/leader_rejected": Series("i1", (n,)),  # 1: refused its leader's broadcast
-            "defense/verify_error": Series("f8", (n,)),  # relative error of the leader check
-        }
-    )
-    if record_affinity:
-        layout["clustering/affinity"] = Series("f4", (n, n, n))
-        layout["clustering/cosine"] = Series("f4", (n, n, n))
-    return layout
+    """Every appendable dataset of a results file for ``n_nodes`` nodes (from the record spec)."""
+    return RecordSpec(n_nodes, 1, record_affinity=record_affinity).layout()
 
 
 class ResultsWriter:
@@ -104,17 +53,22 @@ class ResultsWriter:
         true_groups: Sequence[str],
         record_affinity: bool,
         overwrite: bool = False,
+        resume_round: int | None = None,
     ) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         n = len(node_names)
         self.layout = result_layout(n, record_affinity=record_affinity)
+        if resume_round is not None:
+            self._truncate(resume_round, attrs)
+            return
         with h5py.File(self.path, "w" if overwrite else "w-") as f:
             for key, value in attrs.items():
                 f.attrs[key] = value
             f.attrs["status"] = "running"
             f.attrs["started"] = now_iso()
             f.attrs["finished"] = ""
+            f.attrs["checkpoint_round"] = 0  # the last round every rank's state is saved for
             f.attrs["defense_reasons"] = ",".join(EXCLUSION_REASONS)  # defense/reason codes
             str_dt = h5py.string_dtype()
             f.create_dataset("nodes/name", data=np.array(node_names, dtype=object), dtype=str_dt)
@@ -150,6 +104,37 @@ class ResultsWriter:
                 start = ds.shape[0]
                 ds.resize(start + arr.shape[0], axis=0)
                 ds[start:] = arr
+
+    def _truncate(self, rounds: int, attrs: Mapping[str, Any]) -> None:
+        """Reopen an existing file to continue after round ``rounds``: every dataset is cut to
+        those rounds (epochs: to the epochs of those rounds) and the run is marked running."""
+        with h5py.File(self.path, "a") as f:
+            missing = [name for name in self.layout if name not in f]
+            if missing:
+                raise ValueError(f"{self.path}: no dataset {missing[0]!r}; not this run's file")
+            epoch_rounds = np.asarray(f["epoch/round"][()])
+            keep_epochs = int(np.count_nonzero(epoch_rounds <= rounds))
+            for name in self.layout:
+                keep = keep_epochs if axis_of(name) == "epoch" else rounds
+                ds = f[name]
+                if ds.shape[0] < keep:
+                    raise ValueError(f"{self.path}: {name} holds {ds.shape[0]} rows, fewer than {keep}")
+                ds.resize(keep, axis=0)
+            history = str(f.attrs.get("resumed", "") or "")
+            for key, value in attrs.items():
+                f.attrs[key] = value
+            f.attrs["resumed"] = (history + "," if history else "") + f"{rounds}@{now_iso()}"
+            f.attrs["status"] = "running"
+            f.attrs["finished"] = ""
+
+    def mark_checkpoint(self, r: int, directory: str, seconds: float, nbytes: int) -> None:
+        """Record that every rank's checkpoint of round ``r`` is complete (and what it cost)."""
+        with h5py.File(self.path, "a") as f:
+            f.attrs["checkpoint_round"] = r
+            f.attrs["checkpoint_dir"] = directory
+            f.attrs["checkpoint_seconds"] = float(f.attrs.get("checkpoint_seconds", 0.0)) + seconds
+            f.attrs["checkpoint_count"] = int(f.attrs.get("checkpoint_count", 0)) + 1
+            f.attrs["checkpoint_bytes"] = nbytes
 
     def set_attrs(self, **attrs: Any) -> None:
         """Set root attributes (e.g. ``status``)."""

@@ -3,6 +3,8 @@ from math import comb
 import numpy as np
 import pytest
 import torch
+from scipy.cluster.hierarchy import linkage
+from scipy.spatial.distance import squareform
 
 from colnet_mpi.algorithms.clustering import (
     adjusted_rand,
@@ -358,6 +360,37 @@ def test_consensus_exact_k_despite_ties():
     # blocks are never split: every block lies inside one agreed group
     for block in ([0, 1], [2, 3], [4, 5]):
         assert len(set(out[block].tolist())) == 1
+
+
+def first_merges_partition(proposals, k):
+    """Reference: the groups after the first N - k rows of average linkage on 1 - A, by set union."""
+    a, _ = coassociation(proposals)
+    n = a.shape[0]
+    dist = np.clip(1.0 - 0.5 * (a + a.T), 0.0, 1.0)
+    np.fill_diagonal(dist, 0.0)
+    z = linkage(squareform(dist, checks=False), method="average")
+    members = [{i} for i in range(n)]
+    for left, right in z[: n - k, :2].astype(int):
+        members.append(members[left] | members[right])
+        members[left], members[right] = set(), set()
+    labels = np.empty(n, dtype=np.int64)
+    for g, group in enumerate(m for m in members if m):
+        labels[sorted(group)] = g
+    return canonical_labels(labels)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_consensus_is_the_cut_after_n_minus_k_merges_even_with_ties(seed):
+    # few proposers and labels make many equal merge heights; the cut must follow linkage order
+    rng = np.random.default_rng(seed)
+    for _ in range(40):
+        n = int(rng.integers(3, 11))
+        columns = rng.integers(-1, 2, size=(int(rng.integers(1, 4)), max(1, n // 2)))
+        proposals = columns[:, rng.integers(0, columns.shape[1], size=n)]
+        for k in range(2, n):
+            out = consensus_partition(proposals, k)
+            np.testing.assert_array_equal(out, first_merges_partition(proposals, k))
+            assert out.dtype == np.int64 and len(set(out.tolist())) == k
 
 
 def test_consensus_output_independent_of_label_names():

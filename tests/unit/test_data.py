@@ -21,7 +21,7 @@ from colnet_mpi.data import (
     known_datasets,
 )
 from colnet_mpi.data.faces import generate_faces
-from colnet_mpi.data.partition import shard_bounds, split_train_val, train_val_sizes
+from colnet_mpi.data.partition import shard, split_train_val, train_val_sizes
 
 DIGIT_GROUPS = {"low_digits": (0, 1, 2, 3, 4, 5), "high_digits": (6, 7, 8, 9)}
 
@@ -110,16 +110,18 @@ def test_task_spec_rejects_unknown_kind() -> None:
 # ---------------------------------------------------------------- partition helpers
 
 
-@pytest.mark.parametrize(("n", "parts"), [(10, 3), (7, 7), (100, 6), (5, 1), (866, 3)])
-def test_shard_bounds_cover_pool_evenly(n: int, parts: int) -> None:
-    bounds = [shard_bounds(n, parts, p) for p in range(parts)]
-    assert bounds[0][0] == 0 and bounds[-1][1] == n
-    for (_, stop), (start, _) in zip(bounds, bounds[1:], strict=False):
-        assert stop == start
-    sizes = [stop - start for start, stop in bounds]
-    assert max(sizes) - min(sizes) <= 1
-    expected = [len(a) for a in np.array_split(np.arange(n), parts)]
-    assert sizes == expected
+@pytest.mark.parametrize(
+    ("n", "parts"), [(10, 3), (7, 7), (100, 6), (5, 1), (866, 3), (2, 5), (0, 4)]
+)
+def test_shards_cover_pool_evenly_larger_first(n: int, parts: int) -> None:
+    items = np.arange(100, 100 + n)
+    shards = [shard(items, parts, p) for p in range(parts)]
+    np.testing.assert_array_equal(np.concatenate(shards), items)  # contiguous, in order, all
+    base, extra = divmod(n, parts)
+    assert [len(s) for s in shards] == [base + (1 if p < extra else 0) for p in range(parts)]
+    for bad_parts, bad_position in ((parts, parts), (parts, -1), (0, 0)):
+        with pytest.raises(ValueError, match="parts|position"):
+            shard(items, bad_parts, bad_position)
 
 
 def test_split_train_val_is_80_20_partition() -> None:

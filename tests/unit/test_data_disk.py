@@ -552,7 +552,7 @@ def _config(dataset: str, root: str, tasks: tuple[str, ...], **data):
 def test_node_trains_on_the_augmented_view_and_probes_the_plain_split(
     cifar_tree: CifarTree, celeba_tree: CelebATree
 ) -> None:
-    from colnet_mpi.round import Node
+    from colnet_mpi.node import Node
 
     cpu = torch.device("cpu")
     cfg = _config("cifar10", str(cifar_tree.parent), ("animals",), samples_per_node=20, workers=2)

@@ -8,6 +8,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,18 +25,65 @@ SLURM_ENV = {
     "SLURM_JOB_NAME": "colnet",
 }
 
+# A launcher that records its argv; with STAND_IN_STATUS it also plays a run that marks its
+# results file (the argument after --out) with that status, and it exits STAND_IN_RC.
 STAND_IN = """#!/usr/bin/env bash
 printf '%s\\0' "$(basename "$0")" "$@" > "$SRUN_RECORD"
 printf '%s' "${OMP_NUM_THREADS-unset}" > "$SRUN_RECORD.omp"
+if [[ -n "${STAND_IN_STATUS:-}" ]]; then
+    python3 -c '
+import pathlib, sys, h5py
+status, args = sys.argv[1], sys.argv[2:]
+out = pathlib.Path(args[args.index("--out") + 1])
+out.parent.mkdir(parents=True, exist_ok=True)
+with h5py.File(out, "a") as f:
+    f.attrs["status"] = status' "$STAND_IN_STATUS" "$@"
+fi
+exit "${STAND_IN_RC:-0}"
+"""
+
+# Records its arguments NUL-separated in <itself>.argv and exits SCONTROL_RC.
+SCONTROL = """#!/usr/bin/env bash
+printf '%s\\0' "$@" > "$0.argv"
+exit "${SCONTROL_RC:-0}"
 """
 
 
-def make_stand_in(directory: Path, name: str = "srun") -> Path:
+def make_script(directory: Path, name: str, text: str) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / name
-    path.write_text(STAND_IN)
+    path.write_text(text)
     path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return path
+
+
+def make_stand_in(directory: Path, name: str = "srun") -> Path:
+    return make_script(directory, name, STAND_IN)
+
+
+def play_run(tmp_path: Path, status: str, rc: int, scontrol_rc: int = 0) -> dict[str, str]:
+    """Stand-ins for a run that ends with ``status`` and exit code ``rc``, and for scontrol
+    (``COLNET_SCONTROL``, off PATH); returns their environment for :func:`clean_env`."""
+    make_stand_in(tmp_path / "bin")
+    # python3 on PATH is this interpreter (h5py, colnet_mpi), as in a job with the venv active
+    python = f'#!/usr/bin/env bash\nexec {shlex.quote(sys.executable)} "$@"\n'
+    make_script(tmp_path / "bin", "python3", python)
+    scontrol = make_script(tmp_path / "elsewhere", "my-scontrol", SCONTROL)
+    return {
+        "STAND_IN_STATUS": status,
+        "STAND_IN_RC": str(rc),
+        "SCONTROL_RC": str(scontrol_rc),
+        "COLNET_SCONTROL": str(scontrol),
+    }
+
+
+def read_argv(record: Path) -> list[str] | None:
+    """The arguments a stand-in recorded (NUL-terminated), or None when it did not run."""
+    return record.read_bytes().decode().split("\0")[:-1] if record.exists() else None
+
+
+def scontrol_calls(tmp_path: Path) -> list[str] | None:
+    return read_argv(tmp_path / "elsewhere" / "my-scontrol.argv")
 
 
 def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -63,9 +111,7 @@ def run_script(
         text=True,
         timeout=timeout,
     )
-    record = tmp_path / "argv"
-    argv = record.read_bytes().decode().split("\0")[:-1] if record.exists() else None
-    return proc, argv
+    return proc, read_argv(tmp_path / "argv")
 
 
 def expected(
@@ -84,6 +130,11 @@ def expected(
     ]
 
 
+def sbatch_directives(lines: list[str]) -> list[str]:
+    """The options of a script's ``#SBATCH`` lines (``##SBATCH`` lines are disabled)."""
+    return [line.split(None, 1)[1] for line in lines if line.startswith("#SBATCH ")]
+
+
 def test_bash_accepts_the_script():
     proc = subprocess.run([BASH, "-n", str(SCRIPT)], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
@@ -92,7 +143,7 @@ def test_bash_accepts_the_script():
 def test_sbatch_header():
     lines = SCRIPT.read_text().splitlines()
     assert lines[0].startswith("#!") and "bash" in lines[0]
-    directives = [line.split(None, 1)[1] for line in lines if line.startswith("#SBATCH ")]
+    directives = sbatch_directives(lines)
     assert "--job-name=colnet" in directives
     assert any(d.startswith("--ntasks=") for d in directives)
     assert any(d.startswith("--cpus-per-task=") for d in directives)
@@ -242,6 +293,7 @@ ROOT = SCRIPT.parents[1]
 SWEEP_SCRIPT = ROOT / "slurm" / "sweep.sbatch"
 SPEC = "configs/sweeps/epochs_x_privatization.toml"
 ARRAY_ENV = {**SLURM_ENV, "SLURM_ARRAY_TASK_ID": "4", "SLURM_JOB_NAME": "colnet-sweep"}
+SWEEP_OUT = "results/epochs_x_privatization/epochs_x_privatization_4.h5"  # of index 4
 
 # `colnet-mpi` for the steps before srun: this interpreter, the sweep subcommand only (the same
 # add_parser and main as the console script, without importing the other subcommands).
@@ -315,7 +367,7 @@ def test_sweep_bash_accepts_the_script():
 def test_sweep_sbatch_header():
     lines = SWEEP_SCRIPT.read_text().splitlines()
     assert lines[0].startswith("#!") and "bash" in lines[0]
-    directives = [line.split(None, 1)[1] for line in lines if line.startswith("#SBATCH ")]
+    directives = sbatch_directives(lines)
     assert "--ntasks=6" in directives
     assert "--gpus-per-task=1" in directives  # one GPU per rank by default
     assert "--requeue" in directives
@@ -334,7 +386,7 @@ def test_sweep_sbatch_header():
         "--overwrite",
         "COLNET_LAUNCH",
         "--unfinished",
-        "no checkpoints",
+        "COLNET_RERUN",
     ):
         assert name in text
 
@@ -432,13 +484,14 @@ def test_sweep_rerun_overwrites_a_finished_task(tmp_path):
     env = clean_env(tmp_path, COLNET_RERUN="1", **ARRAY_ENV)
     proc, argv = run_sweep(tmp_path, SPEC, env=env)
     assert proc.returncode == 0, proc.stderr
-    assert argv == sweep_expected(4, "--overwrite")
+    assert argv == sweep_expected(4, "--overwrite")  # from round 1: no --resume
+    assert "index 4 is finished; running it again from round 1" in proc.stdout
 
 
-@pytest.mark.parametrize("status", ["running", "failed", "junk"])
-def test_sweep_restarts_an_unfinished_task_with_overwrite(tmp_path, status):
+@pytest.mark.parametrize("status", ["running", "failed", "preempted", "junk"])
+def test_sweep_resumes_an_unfinished_task(tmp_path, status):
     sweep_workdir(tmp_path)
-    out = tmp_path / "results/epochs_x_privatization/epochs_x_privatization_4.h5"
+    out = tmp_path / SWEEP_OUT
     if status == "junk":
         out.parent.mkdir(parents=True)
         out.write_text("killed while creating the file")
@@ -447,9 +500,10 @@ def test_sweep_restarts_an_unfinished_task_with_overwrite(tmp_path, status):
     env = clean_env(tmp_path, SLURM_RESTART_COUNT="1", **ARRAY_ENV)
     proc, argv = run_sweep(tmp_path, SPEC, "--quiet", env=env)
     assert proc.returncode == 0, proc.stderr
-    assert argv == sweep_expected(4, "--overwrite", "--quiet")
+    assert argv == sweep_expected(4, "--resume", "--overwrite", "--quiet")
     shown = "unreadable" if status == "junk" else status
-    assert f"results of index 4 are '{shown}'; starting over from round 1" in proc.stdout
+    assert f"results of index 4 are '{shown}'; resuming from the last checkpoint" in proc.stdout
+    assert "restart 1" in proc.stdout
 
 
 def test_sweep_dry_run(tmp_path):
@@ -489,3 +543,120 @@ def test_sweep_launcher_failure_propagates(tmp_path):
     (tmp_path / "bin" / "srun").write_text("#!/usr/bin/env bash\nexit 7\n")
     proc, _ = run_sweep(tmp_path, SPEC, env=clean_env(tmp_path, **ARRAY_ENV))
     assert proc.returncode == 7
+
+
+# ---------------------------------------------------------------------------------------------
+# Preemption (both scripts): the warning signal, resuming a results file, requeueing.
+
+BOTH = pytest.mark.parametrize("which", ["run", "sweep"])
+
+
+def launch(tmp_path: Path, which: str, *args: str, **extra: str):
+    """Run run.sbatch (job 123) or sweep.sbatch (SPEC, index 4 of job 123) with ``extra`` env."""
+    if which == "sweep":
+        sweep_workdir(tmp_path)
+        return run_sweep(tmp_path, SPEC, *args, env=clean_env(tmp_path, **ARRAY_ENV, **extra))
+    return run_script(tmp_path, *args, env=clean_env(tmp_path, **SLURM_ENV, **extra))
+
+
+def launched(which: str, *tail: str) -> list[str]:
+    return sweep_expected(4, *tail) if which == "sweep" else expected(*tail)
+
+
+def results_of(tmp_path: Path, which: str) -> Path:
+    return tmp_path / (SWEEP_OUT if which == "sweep" else "results/colnet_123.h5")
+
+
+@pytest.mark.parametrize("script", [SCRIPT, SWEEP_SCRIPT], ids=["run", "sweep"])
+def test_requeue_and_warning_signal_directives(script):
+    lines = script.read_text().splitlines()
+    directives = sbatch_directives(lines)
+    assert "--requeue" in directives
+    assert "--open-mode=append" in directives  # a requeued job appends to its log
+    # USR1 to the srun tasks (with 'B:' only the batch shell would get it), 5 minutes early
+    assert "--signal=USR1@300" in directives
+    text = script.read_text()
+    for name in ("checkpoint_every", "--resume --overwrite", "preempted", "COLNET_SCONTROL"):
+        assert name in text
+    assert "no checkpoints" not in text
+
+
+@BOTH
+def test_preempted_run_is_requeued_and_exits_75(tmp_path, which):
+    proc, argv = launch(tmp_path, which, **play_run(tmp_path, "preempted", 75))
+    assert proc.returncode == 75, proc.stderr
+    assert argv == launched(which)  # no results file before: a fresh run
+    assert scontrol_calls(tmp_path) == ["requeue", "123"]
+    assert "preempted; requeueing job 123 (restart 0)" in proc.stdout
+
+
+@BOTH
+@pytest.mark.parametrize("status, rc", [("finished", 0), ("failed", 1), ("running", 75)])
+def test_run_that_is_not_preempted_is_not_requeued(tmp_path, which, status, rc):
+    proc, _ = launch(tmp_path, which, **play_run(tmp_path, status, rc))
+    assert proc.returncode == rc, proc.stderr
+    assert scontrol_calls(tmp_path) is None
+    assert "requeue" not in proc.stdout + proc.stderr
+
+
+@BOTH
+def test_failed_requeue_is_logged_and_keeps_the_exit_code(tmp_path, which):
+    proc, _ = launch(tmp_path, which, **play_run(tmp_path, "preempted", 75, scontrol_rc=1))
+    assert proc.returncode == 75
+    assert scontrol_calls(tmp_path) == ["requeue", "123"]
+    assert "scontrol requeue 123 failed (exit 1)" in proc.stderr
+
+
+@BOTH
+def test_stale_preempted_file_is_not_requeued(tmp_path, which):
+    # an earlier attempt was preempted; this one fails (exit 2) before it touches the file
+    out = results_of(tmp_path, which)
+    write_results(out, "preempted")
+    an_hour_ago = time.time() - 3600
+    os.utime(out, (an_hour_ago, an_hour_ago))
+    proc, argv = launch(tmp_path, which, **play_run(tmp_path, "", 2))
+    assert proc.returncode == 2
+    assert argv == launched(which, "--resume", "--overwrite")
+    assert scontrol_calls(tmp_path) is None
+    assert "is 'preempted' from an earlier attempt; not requeueing" in proc.stderr
+
+
+@BOTH
+def test_dry_run_neither_resumes_nor_requeues(tmp_path, which):
+    write_results(results_of(tmp_path, which), "running")
+    proc, argv = launch(tmp_path, which, COLNET_DRY_RUN="1", **play_run(tmp_path, "preempted", 75))
+    assert proc.returncode == 75
+    assert argv == launched(which, "--dry-run")
+    assert scontrol_calls(tmp_path) is None
+
+
+@pytest.mark.parametrize("status", ["running", "preempted", "failed", "finished"])
+def test_run_sbatch_resumes_an_existing_results_file(tmp_path, status):
+    # a requeued job keeps its id, so its default results file; a finished one is the run's to skip
+    write_results(tmp_path / "results/colnet_123.h5", status)
+    env = play_run(tmp_path, "finished", 0)
+    proc, argv = launch(
+        tmp_path, "run", "configs/x.toml", "--quiet", SLURM_RESTART_COUNT="1", **env
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert argv == expected("--resume", "--overwrite", "--quiet", config="configs/x.toml")
+    assert "results/colnet_123.h5 exists; resuming from its last checkpoint" in proc.stdout
+    assert "restart 1" in proc.stdout
+    assert scontrol_calls(tmp_path) is None
+
+
+def test_run_sbatch_preempted_outside_slurm_is_not_requeued(tmp_path):
+    env = clean_env(tmp_path, COLNET_LAUNCH="srun -n 6", **play_run(tmp_path, "preempted", 75))
+    proc, argv = run_script(tmp_path, env=env)
+    assert proc.returncode == 75
+    assert argv is not None and argv[-1] == "results/colnet_local.h5"
+    assert scontrol_calls(tmp_path) is None
+    assert "preempted outside SLURM" in proc.stderr
+
+
+def test_sweep_sbatch_skips_a_finished_task_without_launch_or_requeue(tmp_path):
+    write_results(tmp_path / SWEEP_OUT, "finished")
+    proc, argv = launch(tmp_path, "sweep", **play_run(tmp_path, "preempted", 75))
+    assert proc.returncode == 0, proc.stderr
+    assert argv is None
+    assert scontrol_calls(tmp_path) is None

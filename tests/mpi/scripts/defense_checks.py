@@ -11,7 +11,8 @@ from round_checks import Recorder, allgather_vec, make_config
 from colnet_mpi.comm.buffers import checksum
 from colnet_mpi.comm.topology import Topology
 from colnet_mpi.config import config_from_dict, to_toml
-from colnet_mpi.round import Federation, Node
+from colnet_mpi.federation.loop import Federation
+from colnet_mpi.node import Node
 
 
 def federation(
@@ -48,10 +49,10 @@ def check_nan_node_poisons_nobody(comm: MPI.Comm) -> None:
             res = fed.round(r)
             assert bool(torch.isfinite(fed.node.flat.pack()).all()), f"{fault}: NaN reached us"
             assert np.isfinite(res.test["loss"]), res.test
-            refused = res.defense.refused
+            refused = res.defended.refused
             if topo.rank != 1:
                 assert refused[1] == 1 and refused.sum() == 1, (fault, refused)
-            excluded = gather_ints(comm, res.defense.excluded)
+            excluded = gather_ints(comm, res.defended.excluded)
             assert excluded.tolist() == [0, 1, 0, 0, 0, 0], (fault, excluded)
         # the honest members of group 0 hold the mean of their own two trained backbones
         trained = allgather_vec(comm, rec.trained).astype(np.float64)
@@ -79,11 +80,11 @@ def check_screening_excludes_boosted_node(comm: MPI.Comm) -> None:
 
     fed.attack.upload = spy
     res = fed.round(1)
-    excluded = gather_ints(comm, res.defense.excluded)
+    excluded = gather_ints(comm, res.defended.excluded)
     assert excluded.tolist() == [0, 1, 0, 0, 0, 0], excluded
-    reasons = gather_ints(comm, res.defense.reason)
+    reasons = gather_ints(comm, res.defended.reason)
     assert reasons[1] == 2, reasons  # "norm"
-    norms = allgather_vec(comm, torch.tensor([res.defense.norm_score], dtype=torch.float32))
+    norms = allgather_vec(comm, torch.tensor([res.defended.norm_score], dtype=torch.float32))
     assert norms[1, 0] > 10 and (norms[[0, 2], 0] < 3).all(), norms[:, 0]
     own = allgather_vec(comm, uploaded["own"]).astype(np.float64)
     start = allgather_vec(comm, rec.start).astype(np.float64)
@@ -112,18 +113,18 @@ def check_boosted_node_is_quarantined_before_clustering(comm: MPI.Comm) -> None:
         fed = Federation(config, topo, Node(config, topo.rank, torch.device("cpu")), None, print)
         for r in (1, 2):
             res = fed.round(r)
-            excluded = gather_ints(comm, res.defense.excluded)
-            reasons = gather_ints(comm, res.defense.reason)
+            excluded = gather_ints(comm, res.defended.excluded)
+            reasons = gather_ints(comm, res.defended.reason)
             if action == "exclude":
                 assert res.groups[1] == -1 and (np.delete(res.groups, 1) >= 0).all(), res.groups
                 assert res.proposal[1] == -1  # nobody's view contains the quarantined node
                 assert excluded[1] == 1, excluded
                 if topo.rank == 1:
-                    assert topo.isolated and not topo.is_leader and res.hca_solver_ok == -1
+                    assert topo.isolated and not topo.is_leader and fed.values(res).get("hca/solver_ok", -1) == -1
             else:
                 assert (res.groups >= 0).all() and res.proposal[1] >= 0, res.groups
                 assert excluded.sum() == 0, excluded
-                norms = allgather_vec(comm, torch.tensor([res.defense.norm_score]))[:, 0]
+                norms = allgather_vec(comm, torch.tensor([res.defended.norm_score]))[:, 0]
                 assert reasons[1] == 5, (r, reasons, res.groups, norms)  # "clipped"
             assert bool(torch.isfinite(fed.node.flat.pack()).all())
         topo.free()
@@ -147,12 +148,12 @@ def check_clip_rescales_boosted_update(comm: MPI.Comm) -> None:
 
     fed.attack.contribution = spy
     res = fed.round(1)
-    assert gather_ints(comm, res.defense.excluded).tolist() == [0] * 6
-    reasons = gather_ints(comm, res.defense.reason)
+    assert gather_ints(comm, res.defended.excluded).tolist() == [0] * 6
+    reasons = gather_ints(comm, res.defended.reason)
     assert reasons.tolist() == [0, 5, 0, 0, 0, 0], reasons
     own = allgather_vec(comm, sent["contribution"])
     start = allgather_vec(comm, rec.start).astype(np.float64)
-    weights = allgather_vec(comm, torch.tensor([fed._weight()]))[:, 0].astype(np.float64)
+    weights = allgather_vec(comm, torch.tensor([fed.weight()]))[:, 0].astype(np.float64)
     if topo.rank in (0, 1, 2):
         p = fed.node.flat.n_trainable
         u = own[[0, 1, 2]].astype(np.float64) - start[0]
@@ -177,7 +178,7 @@ def check_median_rule(comm: MPI.Comm) -> None:
     members = np.flatnonzero(res.groups == res.groups[topo.rank])
     expected = start + np.median(trained[members] - start, axis=0)
     np.testing.assert_allclose(fed.node.flat.pack().numpy(), expected, rtol=1e-4, atol=1e-5)
-    assert res.defense.excluded == 0
+    assert res.defended.excluded == 0
     topo.free()
 
 
@@ -192,14 +193,14 @@ def check_leader_verification(comm: MPI.Comm) -> None:
             defense={"verify_leader": verify},
         )
         res = fed.round(1)
-        assert res.leader == int(topo.rank in (0, 3))
+        assert int(res.leaders[topo.rank]) == int(topo.rank in (0, 3))
         final = allgather_vec(comm, fed.node.flat.pack())
-        rejected = gather_ints(comm, res.defense.leader_rejected)
+        rejected = gather_ints(comm, res.defended.leader_rejected)
         if verify:
             assert rejected.tolist() == [0, 1, 1, 0, 0, 0], rejected
             assert (final[1] == final[0]).all() and (final[2] == final[0]).all()
             assert (final[4] == final[3]).all() and (final[5] == final[3]).all()
-            errors = allgather_vec(comm, torch.tensor([res.defense.verify_error]))[:, 0]
+            errors = allgather_vec(comm, torch.tensor([res.defended.verify_error]))[:, 0]
             assert errors[1] > 0.5 and errors[4] < 1e-3, errors
         else:
             assert rejected.sum() == 0

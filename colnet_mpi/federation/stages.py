@@ -1,0 +1,120 @@
+"""The stages of a round, in order. Each takes the federation and the round's context; the
+strategies (grouper, intra and cross aggregators) and the defenses do the choosing inside.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from colnet_mpi.algorithms.clustering import leader_flags
+from colnet_mpi.comm.buffers import checksum
+from colnet_mpi.federation.context import RoundContext
+
+if TYPE_CHECKING:
+    from colnet_mpi.federation.loop import Federation
+
+
+def train(fed: Federation, ctx: RoundContext) -> None:
+    """Stage 1: local training (attack hooks: poisoned batches, then boost / weight clipping)."""
+    node, attack, r = fed.node, fed.attack, ctx.r
+    ctx.start = node.flat.pack().clone()
+    hook = attack.batch_hook(r, node.backbone, node.head)
+    ctx.train_loss, ctx.val_loss = node.train_local(fed.config.training.local_epochs, hook)
+    attack.after_training(r, ctx.start, node.flat, (node.backbone, node.head), node.train_loader)
+    ctx.own = ctx.new = node.flat.pack()
+
+
+def exchange(fed: Federation, ctx: RoundContext) -> None:
+    """Stage 2: one buffer to each neighbour, theirs back; refused buffers are left out of
+    everything that follows."""
+    if fed.grouper is None:
+        return
+    upload = fed.attack.upload(ctx.r, ctx.own)
+    expected = None if upload is ctx.own else ctx.own.numel()
+    ctx.received = fed.transport.exchange(upload, expected=expected)
+
+
+def group(fed: Federation, ctx: RoundContext) -> None:
+    """Stage 3a/3b: screening, the grouper's agreed partition, leaders, group communicators."""
+    if fed.grouper is None:
+        return
+    ctx.view_own = ctx.own
+    if fed.config.defense.screening:
+        fed.defense.prescreen(ctx)
+    fed.grouper.assign(ctx)
+    ctx.leaders = leader_flags(ctx.groups, ctx.r)
+    fed.topology.set_groups(ctx.groups, ctx.leaders)
+
+
+def intra(fed: Federation, ctx: RoundContext) -> None:
+    """Stage 3c: the group's aggregate (FedAvg, or the rule a defense asks for)."""
+    if fed.intra is not None and not fed.topology.isolated:
+        ctx.contribution = fed.attack.contribution(ctx.r, ctx.own)
+        ctx.weight = fed.weight()
+        fed.intra.aggregate(ctx)
+    ctx.intra_new = ctx.new
+
+
+def cross(fed: Federation, ctx: RoundContext) -> None:
+    """Stage 4: the leaders combine the groups."""
+    topo = fed.topology
+    labels = np.unique(ctx.groups[ctx.groups >= 0])
+    ctx.n_groups = int(labels.size)
+    ctx.cross_ran = fed.cross.active and ctx.n_groups > 1 and not topo.isolated
+    if not ctx.cross_ran:
+        return
+    d = fed.config.defense
+    ctx.verify = d.verify_leader and fed.cross.verifiable and topo.group_size > 1
+    ctx.row = int(np.searchsorted(labels, ctx.groups[topo.rank]))
+    fed.cross.combine(ctx)
+
+
+def redistribute(fed: Federation, ctx: RoundContext) -> None:
+    """Stage 5: the leader sends the combined backbone back to its group; members check it."""
+    if not ctx.cross_ran:
+        return
+    topo, tr = fed.topology, fed.transport
+    sent = fed.attack.broadcast(ctx.r, ctx.new, topo.is_leader)
+    received = tr.group_broadcast(sent)
+    if not topo.is_leader:
+        ctx.new = received
+    if ctx.verify:
+        shape = (ctx.n_groups, fed.node.flat.n_trainable)
+        ctx.deltas = tr.group_broadcast_rows(ctx.deltas, shape)
+        if not topo.is_leader:
+            ctx.new = fed.defense.check_leader(ctx, ctx.new)
+    elif (
+        not topo.is_leader
+        and tr.rejected
+        and tr.rejected[-1][0] == int(topo.group_members[topo.leader_rank_in_group])
+    ):
+        ctx.defended.leader_rejected = 1  # a non-finite broadcast: kept the group result
+        ctx.new = ctx.intra_new
+
+
+def evaluate(fed: Federation, ctx: RoundContext) -> None:
+    """The round's new backbone into the model, then test metrics and the backbone checksum."""
+    node, local_bn = fed.node, fed.config.federation.local_bn
+    if fed.intra is not None:
+        node.flat.unpack(ctx.new, keep_batchnorm=local_bn)
+    ctx.test = node.evaluate(node.test_loader)
+    ctx.checksum = checksum(node.flat.shared_part(node.flat.pack(), local_batchnorm=local_bn))
+    for src, _reason in fed.transport.rejected:
+        ctx.defended.refused[src] = 1
+
+
+Stage = Callable[["Federation", RoundContext], None]
+
+#: (timer name, stage) in the order a round runs them.
+ROUND: tuple[tuple[str, Stage], ...] = (
+    ("local_train", train),
+    ("exchange", exchange),
+    ("clustering", group),
+    ("intra", intra),
+    ("cross", cross),
+    ("redistribute", redistribute),
+    ("evaluate", evaluate),
+)

@@ -1,0 +1,76 @@
+"""Stopping a run early and cleanly: SLURM's warning signal before the time limit, or SIGTERM.
+
+The handlers only note the signal. The round loop asks :meth:`StopRequest.agreed` at fixed
+points that every rank reaches (the start of a round, the end of local training); the answer is
+one small Allreduce, so all ranks stop at the same point and none waits for a rank that left.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from types import FrameType
+
+import numpy as np
+from mpi4py import MPI
+
+#: Exit code of a run stopped by a signal (BSD ``EX_TEMPFAIL``: try again later).
+EXIT_PREEMPTED = 75
+
+#: Signals that ask the run to stop: SLURM's ``--signal`` warning (USR1) and SIGTERM.
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class Preempted(Exception):
+    """Every rank agreed to stop at a point where the round cannot be finished."""
+
+
+class StopRequest:
+    """Notes the stop signals this rank received; agrees with the other ranks on stopping."""
+
+    def __init__(self) -> None:
+        self.received: str = ""
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> StopRequest:
+        """Install the handlers (main thread only); :meth:`uninstall` restores the old ones."""
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._note)
+        return self
+
+    def uninstall(self) -> None:
+        """Restore the handlers that were there before :meth:`install`."""
+        for sig, old in self._previous.items():
+            signal.signal(sig, old)  # type: ignore[arg-type]
+        self._previous.clear()
+
+    def _note(self, signum: int, _frame: FrameType | None) -> None:
+        self.received = signal.Signals(signum).name
+
+    def agreed(self, world: MPI.Comm) -> str:
+        """Collective: the signal's name if any rank received one, else ``""``."""
+        mine = np.array(
+            [STOP_SIGNALS.index(signal.Signals[self.received]) + 1 if self.received else 0]
+        )
+        mine = mine.astype(np.int32)
+        out = np.zeros(1, dtype=np.int32)
+        world.Allreduce([mine, MPI.INT], [out, MPI.INT], op=MPI.MAX)
+        return STOP_SIGNALS[int(out[0]) - 1].name if out[0] else ""
+
+
+def test_hook(where: str, r: int, rank: int) -> None:
+    """Fault injection for the tests, at named points of a run; does nothing unless asked.
+
+    ``COLNET_TEST_KILL=<where>:<round>:<rank>`` kills this process there with SIGKILL (a crash,
+    e.g. half-way through writing a checkpoint); ``COLNET_TEST_SIGNAL=<where>:<round>:<rank>:<SIG>``
+    sends it that signal (a preemption). ``rank`` may be ``*`` for every rank. Points:
+    ``stage.<stage name>`` before each stage of a round, ``checkpoint`` inside a checkpoint write.
+    """
+    for var in ("COLNET_TEST_KILL", "COLNET_TEST_SIGNAL"):
+        spec = os.environ.get(var, "")
+        if not spec:
+            continue
+        parts = spec.split(":")
+        if parts[:2] == [where, str(r)] and parts[2] in ("*", str(rank)):
+            sig = signal.SIGKILL if var == "COLNET_TEST_KILL" else signal.Signals[parts[3]]
+            os.kill(os.getpid(), sig)

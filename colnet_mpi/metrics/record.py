@@ -1,0 +1,184 @@
+"""The per-round record, declared once: what each rank packs, how the writer gathers it into
+dataset rows, the HDF5 layout, and which axis the reader cuts each dataset along.
+
+Every rank fills a mapping ``{dataset name: value}`` for its node (missing entries take the
+field's default), :meth:`RecordSpec.pack` flattens it into one float64 vector of the same length
+on every rank, the vectors are gathered onto the writer rank, and :meth:`RecordSpec.rows` turns the
+gathered matrix into one row per dataset. Adding a dataset means adding one :class:`Field` here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from colnet_mpi.metrics.names import METRIC_NAMES, STAGES
+
+__all__ = ["FIELDS", "Field", "RecordSpec", "Series", "axis_of"]
+
+Reduce = Callable[[np.ndarray, Mapping[str, np.ndarray]], float | int]
+
+
+@dataclass(frozen=True)
+class Series:
+    """One appendable dataset: its dtype and the shape of one row (after the round/epoch axis)."""
+
+    dtype: str
+    row: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Field:
+    """One dataset of the results file.
+
+    ``shape`` is the shape of one node's value, in letters: ``""`` a number, ``"n"`` one value
+    per node of the federation, ``"nn"`` a node-by-node matrix, ``"e"`` one value per local epoch
+    of the round. ``source = "node"``: every rank packs its value; the dataset row stacks them
+    (``axis = "epoch"``: one row per epoch instead, nodes along the row), or ``reduce`` turns the
+    gathered column into one number per round. ``source = "writer"``: the writer rank computes
+    the value itself (passed to :meth:`RecordSpec.rows`). ``optional`` names a switch that must
+    be on for the dataset to exist (``"affinity"``: the N x N x N matrices).
+    """
+
+    name: str
+    dtype: str
+    shape: str = ""
+    axis: str = "round"
+    source: str = "node"
+    default: float = math.nan
+    reduce: Reduce | None = None
+    optional: str = ""
+
+
+def _leader_value(column: np.ndarray, _cols: Mapping[str, np.ndarray]) -> float:
+    """The value the leaders reported (identical on all of them), NaN when no leader ran HCA."""
+    finite = column[~np.isnan(column)]
+    return float(finite.max()) if finite.size else float("nan")
+
+
+def _solver_status(column: np.ndarray, cols: Mapping[str, np.ndarray]) -> int:
+    """Worst solver status over this round's leaders (-1 when none ran HCA)."""
+    status = column[cols["round/leader"] == 1]
+    return int(status.min()) if status.size else -1
+
+
+def _largest_k(column: np.ndarray, _cols: Mapping[str, np.ndarray]) -> int:
+    """The K the nodes used (the largest proposal's)."""
+    return int(np.nanmax(column)) if column.size else 0
+
+
+#: Every dataset of a results file, in the order a record is packed.
+FIELDS: tuple[Field, ...] = (
+    Field("epoch/train_loss", "f8", "e", axis="epoch"),
+    Field("epoch/val_loss", "f8", "e", axis="epoch"),
+    Field("epoch/round", "i4", axis="epoch", source="writer"),
+    *(Field(f"round/test_{m}", "f8") for m in METRIC_NAMES),
+    Field("round/group", "i4", default=-1),
+    Field("round/leader", "i1", default=0),
+    Field("round/backbone_checksum", "i8", default=0),
+    Field("round/bytes_sent", "i8", default=0),
+    Field("round/bytes_received", "i8", default=0),
+    *(Field(f"round/seconds/{s}", "f8", default=0.0) for s in STAGES),
+    Field("hca/weights", "f8"),
+    Field("hca/mean_delta_norm", "f8", reduce=_leader_value),
+    Field("hca/update_norm", "f8", reduce=_leader_value),
+    Field("hca/solver_ok", "i1", default=-1, reduce=_solver_status),
+    Field("clustering/k", "i4", default=0, reduce=_largest_k),
+    Field("clustering/ari", "f8", source="writer"),
+    Field("attack/active", "i1", default=0),  # 1 where the node attacked in the round
+    Field("defense/excluded", "i1", default=0),  # 1: left out of its group's aggregate
+    Field("defense/reason", "i1", default=0),  # index into EXCLUSION_REASONS
+    Field("defense/norm_score", "f8"),  # update norm / reference norm
+    Field("defense/cosine_score", "f8"),  # cosine to the others' median
+    Field("defense/leader_rejected", "i1", default=0),  # 1: refused its leader's broadcast
+    Field("defense/verify_error", "f8"),  # relative error of the leader check
+    Field("defense/refused", "i1", "n", default=0),  # [i, j] = 1: node i refused j's buffer
+    Field("clustering/proposal", "i4", "n", default=-1),  # node i's labels (-1 = unseen)
+    Field("clustering/loss", "f8", "n"),  # loss of node q's backbone with i's head
+    Field("clustering/jacobian", "f8", "n"),  # its mean Jacobian norm
+    Field("clustering/affinity", "f4", "nn", optional="affinity"),  # node i's fused matrix
+    Field("clustering/cosine", "f4", "nn", optional="affinity"),  # node i's cosine matrix
+)
+
+_AXIS = {f.name: f.axis for f in FIELDS}
+
+
+def axis_of(name: str) -> str:
+    """``"round"`` or ``"epoch"``: the axis a dataset grows along (unknown names: by prefix)."""
+    return _AXIS.get(name, "epoch" if name.startswith("epoch/") else "round")
+
+
+class RecordSpec:
+    """The record of a run with ``n`` nodes and ``epochs`` local epochs per round."""
+
+    def __init__(self, n: int, epochs: int, *, record_affinity: bool) -> None:
+        self.n = n
+        self.epochs = epochs
+        self.fields = tuple(f for f in FIELDS if not f.optional or record_affinity)
+        self.packed = tuple(f for f in self.fields if f.source == "node")
+
+    def _dims(self, shape: str) -> tuple[int, ...]:
+        return tuple(self.epochs if c == "e" else self.n for c in shape)
+
+    def layout(self) -> dict[str, Series]:
+        """Every appendable dataset: its dtype and row shape."""
+        out = {}
+        for f in self.fields:
+            if f.source == "writer" or f.reduce is not None:
+                row: tuple[int, ...] = ()
+            elif f.axis == "epoch":
+                row = (self.n,)
+            else:
+                row = (self.n, *self._dims(f.shape))
+            out[f.name] = Series(f.dtype, row)
+        return out
+
+    def width(self) -> int:
+        """Length of one rank's packed record."""
+        return sum(int(np.prod(self._dims(f.shape))) for f in self.packed)
+
+    def pack(self, values: Mapping[str, Any]) -> np.ndarray:
+        """One node's values as one flat float64 vector (the same length on every rank)."""
+        unknown = set(values) - {f.name for f in self.packed}
+        if unknown:
+            raise KeyError(f"not fields of a rank's record: {', '.join(sorted(unknown))}")
+        parts = []
+        for f in self.packed:
+            dims = self._dims(f.shape)
+            value = np.asarray(values.get(f.name, f.default), dtype=np.float64)
+            if value.shape != dims:
+                value = np.broadcast_to(value, dims)
+            parts.append(value.reshape(-1))
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+    def unpack(self, gathered: np.ndarray) -> dict[str, np.ndarray]:
+        """Split gathered records ``(n, width)`` into ``{name: (n, *shape)}``."""
+        cols: dict[str, np.ndarray] = {}
+        i = 0
+        for f in self.packed:
+            dims = self._dims(f.shape)
+            size = int(np.prod(dims))
+            cols[f.name] = gathered[:, i : i + size].reshape(gathered.shape[0], *dims)
+            i += size
+        return cols
+
+    def rows(
+        self, gathered: np.ndarray, computed: Mapping[str, Any]
+    ) -> dict[str, np.ndarray | float | int]:
+        """The round's rows of every dataset from the gathered records and the writer's values."""
+        cols = self.unpack(gathered)
+        out: dict[str, np.ndarray | float | int] = {}
+        for f in self.fields:
+            if f.source == "writer":
+                out[f.name] = computed[f.name]
+            elif f.reduce is not None:
+                out[f.name] = f.reduce(cols[f.name], cols)
+            elif f.axis == "epoch":
+                out[f.name] = cols[f.name].T
+            else:
+                out[f.name] = cols[f.name]
+        return out

@@ -1,0 +1,227 @@
+"""One federation node (this rank): its data shard, backbone, private head, optimizer and
+loaders, with its whole state as numeric arrays (``state_dict`` / ``load_state_dict``)."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from colnet_mpi.algorithms.signals import loss_and_jacobian
+from colnet_mpi.comm.buffers import FlatState
+from colnet_mpi.config import Config
+from colnet_mpi.data import DataSizes, NodeData, TaskSpec, build_node_data, dataset_tasks
+from colnet_mpi.models import build_backbone, build_head
+from colnet_mpi.tasks import (
+    BatchHook,
+    evaluate,
+    loss_function,
+    make_optimizer,
+    make_scheduler,
+    train_epoch,
+)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed derived from several integers (stable across runs and platforms)."""
+    return int(
+        np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1
+    )
+
+
+def _loader(
+    split: Dataset[Any],
+    batch_size: int,
+    workers: int,
+    pin_memory: bool,
+    generator: torch.Generator | None = None,
+) -> DataLoader[Any]:
+    """A loader over ``split``, shuffled by ``generator`` if one is given (the training loader).
+
+    Worker processes (``data.workers`` > 0) start from a fork server rather than by forking this
+    rank: forking a process that has initialised MPI is unsafe with some interconnects.
+    """
+    return DataLoader(
+        split,
+        batch_size=batch_size,
+        shuffle=generator is not None,
+        generator=generator,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=pin_memory,
+        multiprocessing_context="forkserver" if workers > 0 else None,
+    )
+
+
+class Node:
+    """This rank's federation node: its data shard, backbone, private head and optimizer."""
+
+    def __init__(self, config: Config, rank: int, device: torch.device) -> None:
+        self.config = config
+        self.rank = rank
+        self.device = device
+        node_cfg = config.nodes[rank]
+        self.name = node_cfg.name
+        self.task: TaskSpec = dataset_tasks(config.data.dataset)[node_cfg.task]
+        peers = [i for i, n in enumerate(config.nodes) if n.task == node_cfg.task]
+        seed = config.run.seed
+        self.data: NodeData = build_node_data(
+            config.data.dataset,
+            node_cfg.task,
+            peers.index(rank),
+            len(peers),
+            seed=seed,
+            sizes=DataSizes(
+                samples_per_node=config.data.samples_per_node,
+                test_samples=config.data.test_samples,
+                image_size=config.data.image_size,
+            ),
+            root=config.data.root or None,
+        )
+        m = config.model
+        stem = m.resolved_stem(self.data.image_size)
+
+        def backbone() -> torch.nn.Module:
+            return build_backbone(
+                width=m.width,
+                stem=stem,
+                in_channels=self.data.channels,
+                privatization=m.privatization,
+            ).to(device)
+
+        torch.manual_seed(derive_seed(seed, 1))  # one shared backbone initialisation for every node
+        self.backbone = backbone()
+        torch.manual_seed(derive_seed(seed, 2, rank))  # heads are initialised per node
+        self.head = build_head(
+            width=m.width, privatization=m.privatization, num_outputs=self.task.num_outputs
+        ).to(device)
+        self.scratch = backbone()  # holds peers' backbones during clustering
+        self.flat = FlatState(self.backbone)
+        self.scratch_flat = FlatState(self.scratch)
+        opt = config.training.optimizer_for(self.task.kind)
+        params = list(self.backbone.parameters()) + list(self.head.parameters())
+        self.optimizer = make_optimizer(
+            opt.name, params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay
+        )
+        self.scheduler = make_scheduler(self.optimizer, opt.lr_decay)
+        self.loss_fn = loss_function(self.task.kind)
+        t = config.training
+        self.generator = gen = torch.Generator().manual_seed(derive_seed(seed, 3, rank))
+        workers, pin = config.data.workers, device.type == "cuda"
+        # local training iterates the augmented view (if the dataset has one), never val/test
+        self.train_loader = _loader(self.data.training_view(), t.batch_size, workers, pin, gen)
+        self.val_loader = _loader(self.data.val, t.eval_batch_size, workers, pin)
+        self.test_loader = _loader(self.data.test, t.eval_batch_size, workers, pin)
+        # clustering signals: the first items of the un-augmented training split
+        n_probe = min(len(self.data.train), config.clustering.max_batches * t.batch_size)
+        self.probe_batches = []
+        for i in range(0, n_probe, t.batch_size):
+            items = [self.data.train[j] for j in range(i, min(i + t.batch_size, n_probe))]
+            x, y = default_collate(items)
+            self.probe_batches.append((x.to(device), y.to(device)))
+        torch.manual_seed(derive_seed(seed, 4, rank))
+
+    @property
+    def n_train(self) -> int:
+        """Training samples of this node."""
+        return len(self.data.train)
+
+    def train_local(
+        self, epochs: int, batch_hook: BatchHook | None = None
+    ) -> tuple[list[float], list[float]]:
+        """Stage 1: E local epochs; returns per-epoch training and validation losses.
+
+        ``batch_hook`` (an attack's) may replace each training batch before its step.
+        """
+        train, val = [], []
+        clip = self.config.training.grad_clip or None
+        for _ in range(epochs):
+            train.append(
+                train_epoch(
+                    self.backbone,
+                    self.head,
+                    self.train_loader,
+                    self.task.kind,
+                    self.optimizer,
+                    self.device,
+                    grad_clip=clip,
+                    batch_hook=batch_hook,
+                )
+            )
+            self.scheduler.step()
+            val.append(self.evaluate(self.val_loader)["loss"])
+        return train, val
+
+    def evaluate(self, loader: DataLoader[tuple[torch.Tensor, ...]]) -> dict[str, float]:
+        """Task metrics of the current (backbone, head) on a loader."""
+        return evaluate(
+            self.backbone, self.head, loader, self.task.kind, self.task.num_outputs, self.device
+        )
+
+    def signals(self, vector: torch.Tensor, generator: torch.Generator) -> tuple[float, float]:
+        """Loss and mean Jacobian norm of the model (backbone ``vector``, own head) on local data."""
+        self.scratch_flat.unpack(vector)
+        c = self.config.clustering
+        return loss_and_jacobian(
+            self.scratch,
+            self.head,
+            self.probe_batches,
+            self.loss_fn,
+            estimator=c.jacobian,
+            probes=c.probes,
+            generator=generator,
+        )
+
+    # -- state ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that changes while training: models, optimizer, schedule, random generators.
+
+        Numeric arrays and small scalars only (see ``federation/checkpoint.py``); restoring it
+        with :meth:`load_state_dict` into a node built from the same config continues
+        bit-identically on the same hardware and software.
+        """
+        return {
+            "backbone": self.backbone.state_dict(),
+            "head": self.head.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "loader_generator": self.generator.get_state(),
+            "rng": process_rng_state(self.device),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; a missing or ill-fitting part raises ``ValueError``."""
+        try:
+            self.backbone.load_state_dict(state["backbone"])
+            self.head.load_state_dict(state["head"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.generator.set_state(state["loader_generator"])
+            restore_process_rng(state["rng"], self.device)
+        except (KeyError, RuntimeError, TypeError) as err:
+            raise ValueError(f"node state does not fit node {self.name!r}: {err}") from err
+
+
+def process_rng_state(device: torch.device) -> dict[str, Any]:
+    """The process-wide generators: torch (CPU and this rank's GPU), numpy, Python."""
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(legacy=False),
+        "python": random.getstate(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_process_rng(state: dict[str, Any], device: torch.device) -> None:
+    """Set the generators of :func:`process_rng_state`."""
+    torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8))
+    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((int(version), tuple(int(v) for v in internal), gauss))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(torch.as_tensor(state["cuda"], dtype=torch.uint8), device)
