@@ -59,7 +59,9 @@ def differences(expected: dict[str, Any], actual: dict[str, Any]) -> list[str]:
             out.append(f"{name}: {exp[name]} != {act[name]}")
     for name in READABLE:
         if expected["values"].get(name) != actual["values"].get(name):
-            out.append(f"{name} values: {expected['values'].get(name)} != {actual['values'].get(name)}")
+            out.append(
+                f"{name} values: {expected['values'].get(name)} != {actual['values'].get(name)}"
+            )
     return out
 
 

@@ -63,7 +63,10 @@ CASES: dict[str, tuple[str, list[str]]] = {
         QUICK,
         [*SMALL, "attack.kind=manipulate", "federation.topology=ring"],
     ),
-    "digits_none": (DIGITS, ["data.samples_per_node=60", "model.width=4", "federation.scheme=none"]),
+    "digits_none": (
+        DIGITS,
+        ["data.samples_per_node=60", "model.width=4", "federation.scheme=none"],
+    ),
     "digits_intra_trimmed": (
         DIGITS,
         [

@@ -34,3 +34,13 @@ def test_attacks_and_defenses_in_rounds() -> None:
     proc = run_mpi(6, [sys.executable, str(SCRIPTS / "defense_checks.py")], timeout=400)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("ok on 6 ranks") == 6, proc.stdout
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_adding_a_cross_rule_example() -> None:
+    """The README's worked example: a new cross rule + scheme, registered and run on 4 ranks."""
+    script = str(SCRIPTS / "strategy_example.py")
+    proc = run_mpi(4, [sys.executable, script], timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("ok on 4 ranks") == 1, proc.stdout

@@ -1,0 +1,34 @@
+"""Tier 3: the federation redesign changed no result — every dataset of 2-round runs is
+bit-identical to fingerprints recorded from the code before it (``tests/reference_cases.py``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, run_mpi
+from tests.reference import differences, fingerprint
+from tests.reference_cases import CASES, command
+
+REFERENCE = json.loads((ROOT / "tests" / "data" / "reference_runs.json").read_text())
+
+
+def test_reference_covers_every_case() -> None:
+    assert sorted(REFERENCE) == sorted(CASES)
+    for name, ref in REFERENCE.items():
+        # every dataset of a results file is fingerprinted (timings excepted)
+        assert "round/test_f1_micro" in ref["datasets"] and "epoch/val_loss" in ref["datasets"]
+        assert not any(k.startswith("round/seconds/") for k in ref["datasets"]), name
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_results_bit_identical_to_reference(tmp_path: Path, case: str) -> None:
+    out = tmp_path / f"{case}.h5"
+    proc = run_mpi(6, command(case, out), timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    diff = differences(REFERENCE[case], fingerprint(out))
+    assert not diff, f"{case}: results differ from the reference:\n" + "\n".join(diff)
