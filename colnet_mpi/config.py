@@ -62,7 +62,11 @@ class RunConfig:
 
     def checkpoint_path(self, output: Path) -> Path:
         """Where the per-rank checkpoints of a run writing ``output`` go."""
-        return Path(self.checkpoint_dir) if self.checkpoint_dir else output.with_name(output.name + ".ckpt")
+        return (
+            Path(self.checkpoint_dir)
+            if self.checkpoint_dir
+            else output.with_name(output.name + ".ckpt")
+        )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -39,11 +39,13 @@ class FederationState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`, checking the shapes."""
         home = np.asarray(state["home_groups"], dtype=np.int64)
-        groups = np.asarray(state["groups"], dtype=np.int64).reshape(-1, self.n)
-        if home.shape != (self.n,) or groups.shape[0] != int(state["round"]):
+        groups = np.asarray(state["groups"], dtype=np.int64)
+        if groups.size == 0:
+            groups = groups.reshape(0, self.n)
+        if home.shape != (self.n,) or groups.shape != (int(state["round"]), self.n):
             raise ValueError(
-                f"federation state for {home.shape} nodes and {groups.shape[0]} rounds does not "
-                f"fit {self.n} nodes at round {state['round']}"
+                f"federation state with home groups of shape {home.shape} and groups of shape "
+                f"{groups.shape} does not fit {self.n} nodes at round {state['round']}"
             )
         self.round = int(state["round"])
         self.home_groups = home

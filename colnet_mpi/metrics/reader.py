@@ -17,6 +17,7 @@ import h5py
 import numpy as np
 
 from colnet_mpi.metrics.names import METRIC_NAMES
+from colnet_mpi.metrics.record import axis_of
 
 if TYPE_CHECKING:
     from colnet_mpi.config import Config
@@ -57,7 +58,9 @@ __all__ = [
 TEST_METRICS: tuple[str, ...] = METRIC_NAMES
 
 #: Config keys that never make two runs different settings (seeds are replicates of one setting).
-NOT_SETTINGS: frozenset[str] = frozenset({"run.seed", "run.name", "run.output"})
+NOT_SETTINGS: frozenset[str] = frozenset(
+    {"run.seed", "run.name", "run.output", "run.checkpoint_every", "run.checkpoint_dir"}
+)
 
 #: Datasets read only on request (``Run.read``): one N x N matrix per node and round.
 _ON_REQUEST = frozenset({"clustering/affinity", "clustering/cosine"})
@@ -98,7 +101,11 @@ def _attr(value: Any) -> Any:
 
 #: Config keys added after results files were already being written, with the value that files
 #: without them ran with, so that old and new files group together in a report.
-ADDED_KEYS: dict[str, Any] = {"defense.norm_action": "exclude"}
+ADDED_KEYS: dict[str, Any] = {
+    "defense.norm_action": "exclude",
+    "run.checkpoint_every": 1,
+    "run.checkpoint_dir": "",
+}
 
 
 def flatten_config(raw: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -333,8 +340,8 @@ def load_run(path: str | Path) -> Run:
 
 
 def _per_round(name: str) -> bool:
-    """Every appendable dataset outside ``epoch/`` (and ``nodes/``) has one row per round."""
-    return not name.startswith(("epoch/", "nodes/"))
+    """Whether a dataset has one row per round (the record spec says; ``nodes/`` has none)."""
+    return not name.startswith("nodes/") and axis_of(name) == "round"
 
 
 def _complete_rounds(data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -348,7 +355,7 @@ def _complete_rounds(data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     for k in data:
         if _per_round(k) and data[k].ndim >= 1:
             out[k] = data[k][:r]
-    per_epoch = [k for k in data if k.startswith("epoch/")]
+    per_epoch = [k for k in data if axis_of(k) == "epoch"]
     e = min((data[k].shape[0] for k in per_epoch), default=0)
     keep = np.arange(e)
     if "epoch/round" in data:

@@ -151,6 +151,8 @@ class RecordSpec:
             dims = self._dims(f.shape)
             value = np.asarray(values.get(f.name, f.default), dtype=np.float64)
             if value.shape != dims:
+                if value.ndim != 0:  # only a number fills a whole field
+                    raise ValueError(f"{f.name}: a value of shape {value.shape}, expected {dims}")
                 value = np.broadcast_to(value, dims)
             parts.append(value.reshape(-1))
         return np.concatenate(parts) if parts else np.zeros(0)

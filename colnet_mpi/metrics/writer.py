@@ -118,7 +118,9 @@ class ResultsWriter:
                 keep = keep_epochs if axis_of(name) == "epoch" else rounds
                 ds = f[name]
                 if ds.shape[0] < keep:
-                    raise ValueError(f"{self.path}: {name} holds {ds.shape[0]} rows, fewer than {keep}")
+                    raise ValueError(
+                        f"{self.path}: {name} holds {ds.shape[0]} rows, fewer than {keep}"
+                    )
                 ds.resize(keep, axis=0)
             history = str(f.attrs.get("resumed", "") or "")
             for key, value in attrs.items():

@@ -120,7 +120,11 @@ def check_boosted_node_is_quarantined_before_clustering(comm: MPI.Comm) -> None:
                 assert res.proposal[1] == -1  # nobody's view contains the quarantined node
                 assert excluded[1] == 1, excluded
                 if topo.rank == 1:
-                    assert topo.isolated and not topo.is_leader and fed.values(res).get("hca/solver_ok", -1) == -1
+                    assert (
+                        topo.isolated
+                        and not topo.is_leader
+                        and fed.values(res).get("hca/solver_ok", -1) == -1
+                    )
             else:
                 assert (res.groups >= 0).all() and res.proposal[1] >= 0, res.groups
                 assert excluded.sum() == 0, excluded

@@ -167,7 +167,7 @@ def check_fedper_is_mean_of_groups(comm: MPI.Comm) -> None:
 
 def check_none_sends_nothing(comm: MPI.Comm) -> None:
     fed, rec, topo = federation(comm, "none")
-    res = fed.round(1)
+    fed.round(1)
     assert rec.sizes == [] and fed.transport.bytes_sent == 0 and fed.transport.bytes_received == 0
     assert torch.equal(fed.node.flat.pack(), rec.trained), "scheme none changed the backbone"
     topo.free()

@@ -11,7 +11,6 @@ from round_checks import Recorder, allgather_vec, make_config
 
 from colnet_mpi.algorithms.fedavg import mean_from_sum, with_weight
 from colnet_mpi.comm.topology import Topology
-from colnet_mpi.federation.context import RoundContext
 from colnet_mpi.federation.cross import NoCross
 from colnet_mpi.federation.loop import Federation
 from colnet_mpi.federation.schemes import CROSS, SCHEMES, Scheme
@@ -24,7 +23,7 @@ class SizeWeightedMean(NoCross):
 
     active = True  # this scheme has a cross-group stage (and so a redistribution)
 
-    def combine(self, ctx: RoundContext) -> None:
+    def combine(self, ctx):
         fed = self.fed
         if fed.topology.is_leader:  # ctx.new holds the group's FedAvg result
             share = with_weight(ctx.new, float(fed.topology.group_size))
