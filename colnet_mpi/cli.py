@@ -143,7 +143,11 @@ def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
     import colnet_mpi
     from colnet_mpi.comm.topology import Topology, agree, mpi_library
     from colnet_mpi.config import ConfigError, load_config, to_toml
-    from colnet_mpi.federation.checkpoint import Checkpointer, CheckpointError
+    from colnet_mpi.federation.checkpoint import (
+        Checkpointer,
+        CheckpointError,
+        restore_checkpoint,
+    )
     from colnet_mpi.federation.loop import Federation
     from colnet_mpi.federation.stop import EXIT_PREEMPTED, Preempted, StopRequest
     from colnet_mpi.metrics.writer import ResultsWriter, now_iso
@@ -233,7 +237,7 @@ def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
         )
     if start:
         try:
-            federation.resume(start, checksums)
+            restore_checkpoint(federation, start, checksums)
         except (CheckpointError, ValueError) as err:
             error = f"cannot resume {str(output)!r}: {err}"
         stop_if_any(error)

@@ -79,17 +79,40 @@ CASES: dict[str, tuple[str, list[str]]] = {
 }
 
 
-def command(name: str, out: Path) -> list[str]:
-    """The ``colnet-mpi run`` arguments of a case (after ``mpiexec -n 6``)."""
+def run_args(name: str, out: Path) -> list[str]:
+    """The ``colnet-mpi`` arguments of a case."""
     config, overrides = CASES[name]
-    args = [sys.executable, "-m", "colnet_mpi", "run", str(ROOT / config), "--out", str(out)]
+    args = ["run", str(ROOT / config), "--out", str(out)]
     for item in [*overrides, "training.rounds=2"]:
         args += ["--set", item]
     return [*args, "--quiet"]
 
 
+def command(name: str, out: Path) -> list[str]:
+    """The command line of a case (after ``mpiexec -n 6``)."""
+    return [sys.executable, "-m", "colnet_mpi", *run_args(name, out)]
+
+
+def batch_command(names: list[str], folder: Path) -> list[str]:
+    """One command (after ``mpiexec -n 6``) that runs the cases one after the other in the same
+    processes, writing ``folder/<case>.h5``: MPI and torch start once instead of once per case."""
+    return [sys.executable, "-m", "tests.reference_cases", "--inside", str(folder), *names]
+
+
+def _inside(folder: Path, names: list[str]) -> int:
+    from colnet_mpi import cli
+
+    for name in names:
+        code = cli.main(run_args(name, folder / f"{name}.h5"))
+        if code:
+            return code
+    return 0
+
+
 def main(argv: list[str]) -> int:
     """Run every case (or those named after the output path) and save their fingerprints."""
+    if argv[:1] == ["--inside"]:
+        return _inside(Path(argv[1]), argv[2:])
     target = Path(argv[0])
     names = argv[1:] or list(CASES)
     result = {}

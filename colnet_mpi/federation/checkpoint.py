@@ -5,7 +5,7 @@ None (what ``state_dict()`` methods return). :func:`write_tree` stores it as HDF
 datasets (every object tagged with its kind) and :func:`read_tree` rebuilds it; nothing in a file
 can run code when it is read.
 
-Each rank writes ``<dir>/rank<rank>.round<r>.h5`` through a temporary file that is flushed to disk
+Each rank writes ``<dir>/rank<rank>.round<r>.ckpt`` (an HDF5 file) through a temporary file that is flushed to disk
 (``fsync``) and then renamed over the final name, so a crash while writing leaves the previous
 round's file untouched. The results file names the last round whose files are complete on every
 rank (``checkpoint_round``); older files are removed only after that is recorded.
@@ -19,16 +19,21 @@ import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
 import torch
+from mpi4py import MPI
 
+from colnet_mpi.comm.buffers import checksum
 from colnet_mpi.federation.stop import test_hook
 
+if TYPE_CHECKING:
+    from colnet_mpi.federation.loop import Federation
+
 FORMAT = 1
-_NAME = re.compile(r"rank(\d+)\.round(\d+)\.h5$")
+_NAME = re.compile(r"rank(\d+)\.round(\d+)\.ckpt$")
 
 
 class CheckpointError(ValueError):
@@ -144,7 +149,7 @@ class Checkpointer:
 
     def path(self, r: int) -> Path:
         """This rank's file for round ``r``."""
-        return self.directory / f"rank{self.rank:05d}.round{r:06d}.h5"
+        return self.directory / f"rank{self.rank:05d}.round{r:06d}.ckpt"
 
     def save(self, r: int, state: Mapping[str, Any], attrs: Mapping[str, Any]) -> Path:
         """Write ``state`` as this rank's checkpoint of round ``r``, atomically."""
@@ -191,7 +196,58 @@ class Checkpointer:
         """Remove this rank's files of other rounds than ``keep`` (and stale temporary files)."""
         if not self.directory.is_dir():
             return
-        for p in self.directory.glob(f"rank{self.rank:05d}.round*.h5*"):
+        for p in self.directory.glob(f"rank{self.rank:05d}.round*.ckpt*"):
             m = _NAME.search(p.name)
             if p.name.endswith(".tmp") or (m is not None and int(m.group(2)) != keep):
                 p.unlink(missing_ok=True)
+
+
+# -- a federation's checkpoints (collective) ----------------------------------------------------
+def backbone_checksum(fed: Federation) -> int:
+    """CRC-32 of the shared part of this node's backbone (as ``round/backbone_checksum``)."""
+    flat = fed.node.flat
+    return checksum(flat.shared_part(flat.pack(), local_batchnorm=fed.config.federation.local_bn))
+
+
+def save_checkpoint(fed: Federation, r: int) -> None:
+    """Collective: every rank saves its state of round ``r``; then the results file names the
+    round and older files go (the previous checkpoint stays until this one is complete)."""
+    assert fed.checkpoints is not None
+    fed.checkpoints.save(r, fed.state_dict(), {"backbone_checksum": backbone_checksum(fed)})
+    world = fed.topology.world
+    seconds = np.zeros(1)
+    world.Reduce(
+        [np.array([fed.checkpoints.last_seconds]), MPI.DOUBLE],
+        [seconds, MPI.DOUBLE],
+        op=MPI.MAX,
+    )
+    size = np.zeros(1)
+    world.Reduce(
+        [np.array([float(fed.checkpoints.last_bytes)]), MPI.DOUBLE],
+        [size, MPI.DOUBLE],
+        op=MPI.SUM,
+    )
+    if fed.writer is not None:
+        fed.writer.mark_checkpoint(
+            r, str(fed.checkpoints.directory.resolve()), seconds[0], int(size[0])
+        )
+    world.Barrier()
+    fed.checkpoints.prune(keep=r)
+
+
+def restore_checkpoint(fed: Federation, r: int, recorded: np.ndarray | None) -> None:
+    """Load this rank's checkpoint of round ``r``; its backbone must match the file's
+    checksum and, when given, the results file's ``round/backbone_checksum`` of round ``r``."""
+    assert fed.checkpoints is not None
+    state, attrs = fed.checkpoints.load(r)
+    fed.load_state_dict(state)
+    digest = backbone_checksum(fed)
+    rank = fed.topology.rank
+    expected = [int(attrs["backbone_checksum"])]
+    if recorded is not None:
+        expected.append(int(recorded[rank]))
+    if any(digest != e for e in expected):
+        raise CheckpointError(
+            f"rank {rank}: the backbone restored from {fed.checkpoints.path(r)} has checksum "
+            f"{digest}, the run recorded {expected}; the checkpoint does not belong to this run"
+        )

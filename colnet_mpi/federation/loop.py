@@ -7,25 +7,22 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from mpi4py import MPI
 
-from colnet_mpi.algorithms.clustering import adjusted_rand
 from colnet_mpi.attacks.plan import AttackPlan
-from colnet_mpi.comm.buffers import checksum
 from colnet_mpi.comm.topology import Topology
 from colnet_mpi.comm.transport import Transport
 from colnet_mpi.config import Config
 from colnet_mpi.data import dataset_tasks
 from colnet_mpi.federation import schemes, stages
-from colnet_mpi.federation.checkpoint import Checkpointer, CheckpointError
+from colnet_mpi.federation.checkpoint import Checkpointer, save_checkpoint
 from colnet_mpi.federation.context import RoundContext
 from colnet_mpi.federation.cross import CrossAggregator
 from colnet_mpi.federation.defense import Defense
 from colnet_mpi.federation.grouping import Grouper
 from colnet_mpi.federation.intra import IntraAggregator
+from colnet_mpi.federation.recording import record_round
 from colnet_mpi.federation.state import FederationState
 from colnet_mpi.federation.stop import Preempted, StopRequest, test_hook
-from colnet_mpi.metrics.names import METRIC_NAMES
 from colnet_mpi.metrics.record import RecordSpec
 from colnet_mpi.metrics.writer import ResultsWriter
 from colnet_mpi.node import Node, derive_seed
@@ -91,8 +88,8 @@ class Federation:
         for name, stage in stages.ROUND:
             test_hook(f"stage.{name}", r, self.topology.rank)
             t = time.perf_counter()
-            stage(self, ctx)
-            ctx.seconds[name] += time.perf_counter() - t
+            if stage(self, ctx):
+                ctx.seconds[name] += time.perf_counter() - t
             if name == "local_train" and self.stop is not None:
                 sig = self.stop.agreed(self.topology.world)
                 if sig:
@@ -100,62 +97,6 @@ class Federation:
         ctx.seconds["total"] = time.perf_counter() - t_round
         self.state.finish_round(r, ctx.groups)
         return ctx
-
-    def values(self, ctx: RoundContext) -> dict[str, Any]:
-        """This rank's record of a round (see ``metrics/record.py``)."""
-        rank, tr = self.topology.rank, self.transport
-        values: dict[str, Any] = {
-            "epoch/train_loss": ctx.train_loss,
-            "epoch/val_loss": ctx.val_loss,
-            **{f"round/test_{m}": ctx.test[m] for m in METRIC_NAMES},
-            "round/group": int(ctx.groups[rank]),
-            "round/leader": int(ctx.leaders[rank]),
-            "round/backbone_checksum": ctx.checksum,
-            "round/bytes_sent": tr.bytes_sent,
-            "round/bytes_received": tr.bytes_received,
-            **{f"round/seconds/{s}": v for s, v in ctx.seconds.items()},
-            **ctx.hca,
-            "clustering/k": ctx.k,
-            "attack/active": int(self.attack.active(ctx.r)),
-            **ctx.defended.values(),
-        }
-        if ctx.proposal is not None:
-            values["clustering/proposal"] = ctx.proposal
-        if ctx.signals is not None:
-            values["clustering/loss"], values["clustering/jacobian"] = ctx.signals
-        if ctx.affinity is not None and self.record_affinity:
-            values["clustering/affinity"], values["clustering/cosine"] = ctx.affinity
-        return values
-
-    def record(self, ctx: RoundContext) -> dict[str, np.ndarray] | None:
-        """Gather every rank's record onto rank 0 and append it to the results file."""
-        gathered = self.transport.gather_records(self.spec.pack(self.values(ctx)), root=0)
-        if gathered is None:
-            return None
-        e = self.config.training.local_epochs
-        grouped = self.grouper is not None
-        ari = adjusted_rand(self.true_labels, ctx.groups) if grouped else float("nan")
-        rows = self.spec.rows(gathered, {"epoch/round": np.full(e, ctx.r), "clustering/ari": ari})
-        if self.writer is not None:
-            self.writer.append(rows)
-        self.log(self._summary(ctx.r, rows, ari))
-        return {k: np.asarray(v) for k, v in rows.items()}
-
-    def _summary(self, r: int, rows: dict, ari: float) -> str:
-        """The one progress line per round."""
-        parts = [f"round {r:>3}/{self.config.training.rounds}"]
-        parts.append(f"{float(np.max(rows['round/seconds/total'])):6.1f}s")
-        tasks = dataset_tasks(self.config.data.dataset)
-        for name in dict.fromkeys(nd.task for nd in self.config.nodes):
-            idx = [i for i, nd in enumerate(self.config.nodes) if nd.task == name]
-            if tasks[name].kind == "landmarks":
-                parts.append(f"{name} loss={np.mean(rows['round/test_loss'][idx]):.3f}")
-            else:
-                parts.append(f"{name} f1={np.mean(rows['round/test_f1_micro'][idx]):.3f}")
-        if self.grouper is not None:
-            parts.append(f"ARI={ari:.2f}")
-            parts.append("groups=" + "".join(str(int(g)) for g in rows["round/group"]))
-        return "  ".join(parts)
 
     # -- state and checkpoints -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -172,55 +113,6 @@ class Federation:
         self.state.load_state_dict(state["federation"])
         self.attack.load_state_dict(state["attack"])
 
-    def backbone_checksum(self) -> int:
-        """CRC-32 of the shared part of this node's backbone (as ``round/backbone_checksum``)."""
-        flat = self.node.flat
-        return checksum(
-            flat.shared_part(flat.pack(), local_batchnorm=self.config.federation.local_bn)
-        )
-
-    def checkpoint(self, r: int) -> None:
-        """Collective: every rank saves its state of round ``r``; then the results file names the
-        round and older files go (the previous checkpoint stays until this one is complete)."""
-        assert self.checkpoints is not None
-        self.checkpoints.save(r, self.state_dict(), {"backbone_checksum": self.backbone_checksum()})
-        world = self.topology.world
-        seconds = np.zeros(1)
-        world.Reduce(
-            [np.array([self.checkpoints.last_seconds]), MPI.DOUBLE],
-            [seconds, MPI.DOUBLE],
-            op=MPI.MAX,
-        )
-        size = np.zeros(1)
-        world.Reduce(
-            [np.array([float(self.checkpoints.last_bytes)]), MPI.DOUBLE],
-            [size, MPI.DOUBLE],
-            op=MPI.SUM,
-        )
-        if self.writer is not None:
-            self.writer.mark_checkpoint(
-                r, str(self.checkpoints.directory.resolve()), seconds[0], int(size[0])
-            )
-        world.Barrier()
-        self.checkpoints.prune(keep=r)
-
-    def resume(self, r: int, recorded: np.ndarray | None) -> None:
-        """Load this rank's checkpoint of round ``r``; its backbone must match the file's
-        checksum and, when given, the results file's ``round/backbone_checksum`` of round ``r``."""
-        assert self.checkpoints is not None
-        state, attrs = self.checkpoints.load(r)
-        self.load_state_dict(state)
-        digest = self.backbone_checksum()
-        rank = self.topology.rank
-        expected = [int(attrs["backbone_checksum"])]
-        if recorded is not None:
-            expected.append(int(recorded[rank]))
-        if any(digest != e for e in expected):
-            raise CheckpointError(
-                f"rank {rank}: the backbone restored from {self.checkpoints.path(r)} has checksum "
-                f"{digest}, the run recorded {expected}; the checkpoint does not belong to this run"
-            )
-
     # -- the run -----------------------------------------------------------------------------------
     def run(self, start_round: int = 1) -> None:
         """Rounds ``start_round`` … ``training.rounds``; after each, the record is on disk and,
@@ -236,12 +128,12 @@ class Federation:
         for r in range(start_round, rounds + 1):
             if self.stop is not None and (sig := self.stop.agreed(world)):
                 if self.checkpoints is not None and every and saved < r - 1:
-                    self.checkpoint(r - 1)
+                    save_checkpoint(self, r - 1)
                 raise Preempted(f"{sig} before round {r}")
             ctx = self.round(r)
-            self.record(ctx)
+            record_round(self, ctx)
             # nobody starts the next round before round r is on disk: a crash later loses nothing
             world.Barrier()
             if self.checkpoints is not None and every and (r % every == 0 or r == rounds):
-                self.checkpoint(r)
+                save_checkpoint(self, r)
                 saved = r

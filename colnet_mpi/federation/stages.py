@@ -1,5 +1,6 @@
-"""The stages of a round, in order. Each takes the federation and the round's context; the
-strategies (grouper, intra and cross aggregators) and the defenses do the choosing inside.
+"""The stages of a round, in order. Each takes the federation and the round's context and
+returns whether it ran (a stage the scheme skips is recorded as 0 s); the strategies (grouper,
+intra and cross aggregators) and the defenses do the choosing inside.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
     from colnet_mpi.federation.loop import Federation
 
 
-def train(fed: Federation, ctx: RoundContext) -> None:
+def train(fed: Federation, ctx: RoundContext) -> bool:
     """Stage 1: local training (attack hooks: poisoned batches, then boost / weight clipping)."""
     node, attack, r = fed.node, fed.attack, ctx.r
     ctx.start = node.flat.pack().clone()
@@ -25,57 +26,64 @@ def train(fed: Federation, ctx: RoundContext) -> None:
     ctx.train_loss, ctx.val_loss = node.train_local(fed.config.training.local_epochs, hook)
     attack.after_training(r, ctx.start, node.flat, (node.backbone, node.head), node.train_loader)
     ctx.own = ctx.new = node.flat.pack()
+    return True
 
 
-def exchange(fed: Federation, ctx: RoundContext) -> None:
+def exchange(fed: Federation, ctx: RoundContext) -> bool:
     """Stage 2: one buffer to each neighbour, theirs back; refused buffers are left out of
     everything that follows."""
     if fed.grouper is None:
-        return
+        return False
     upload = fed.attack.upload(ctx.r, ctx.own)
     expected = None if upload is ctx.own else ctx.own.numel()
     ctx.received = fed.transport.exchange(upload, expected=expected)
+    return True
 
 
-def group(fed: Federation, ctx: RoundContext) -> None:
+def group(fed: Federation, ctx: RoundContext) -> bool:
     """Stage 3a/3b: screening, the grouper's agreed partition, leaders, group communicators."""
     if fed.grouper is None:
-        return
+        return False
     ctx.view_own = ctx.own
     if fed.config.defense.screening:
         fed.defense.prescreen(ctx)
     fed.grouper.assign(ctx)
     ctx.leaders = leader_flags(ctx.groups, ctx.r)
     fed.topology.set_groups(ctx.groups, ctx.leaders)
+    return True
 
 
-def intra(fed: Federation, ctx: RoundContext) -> None:
+def intra(fed: Federation, ctx: RoundContext) -> bool:
     """Stage 3c: the group's aggregate (FedAvg, or the rule a defense asks for)."""
-    if fed.intra is not None and not fed.topology.isolated:
-        ctx.contribution = fed.attack.contribution(ctx.r, ctx.own)
-        ctx.weight = fed.weight()
-        fed.intra.aggregate(ctx)
     ctx.intra_new = ctx.new
+    if fed.intra is None or fed.topology.isolated:
+        return False
+    ctx.contribution = fed.attack.contribution(ctx.r, ctx.own)
+    ctx.weight = fed.weight()
+    fed.intra.aggregate(ctx)
+    ctx.intra_new = ctx.new
+    return True
 
 
-def cross(fed: Federation, ctx: RoundContext) -> None:
+def cross(fed: Federation, ctx: RoundContext) -> bool:
     """Stage 4: the leaders combine the groups."""
     topo = fed.topology
     labels = np.unique(ctx.groups[ctx.groups >= 0])
     ctx.n_groups = int(labels.size)
     ctx.cross_ran = fed.cross.active and ctx.n_groups > 1 and not topo.isolated
     if not ctx.cross_ran:
-        return
+        return False
     d = fed.config.defense
     ctx.verify = d.verify_leader and fed.cross.verifiable and topo.group_size > 1
     ctx.row = int(np.searchsorted(labels, ctx.groups[topo.rank]))
     fed.cross.combine(ctx)
+    return True
 
 
-def redistribute(fed: Federation, ctx: RoundContext) -> None:
+def redistribute(fed: Federation, ctx: RoundContext) -> bool:
     """Stage 5: the leader sends the combined backbone back to its group; members check it."""
     if not ctx.cross_ran:
-        return
+        return False
     topo, tr = fed.topology, fed.transport
     sent = fed.attack.broadcast(ctx.r, ctx.new, topo.is_leader)
     received = tr.group_broadcast(sent)
@@ -93,9 +101,10 @@ def redistribute(fed: Federation, ctx: RoundContext) -> None:
     ):
         ctx.defended.leader_rejected = 1  # a non-finite broadcast: kept the group result
         ctx.new = ctx.intra_new
+    return True
 
 
-def evaluate(fed: Federation, ctx: RoundContext) -> None:
+def evaluate(fed: Federation, ctx: RoundContext) -> bool:
     """The round's new backbone into the model, then test metrics and the backbone checksum."""
     node, local_bn = fed.node, fed.config.federation.local_bn
     if fed.intra is not None:
@@ -104,9 +113,10 @@ def evaluate(fed: Federation, ctx: RoundContext) -> None:
     ctx.checksum = checksum(node.flat.shared_part(node.flat.pack(), local_batchnorm=local_bn))
     for src, _reason in fed.transport.rejected:
         ctx.defended.refused[src] = 1
+    return True
 
 
-Stage = Callable[["Federation", RoundContext], None]
+Stage = Callable[["Federation", RoundContext], bool]
 
 #: (timer name, stage) in the order a round runs them.
 ROUND: tuple[tuple[str, Stage], ...] = (

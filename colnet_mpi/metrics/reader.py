@@ -256,13 +256,15 @@ def _natural_key(path: Path) -> list[Any]:
 
 
 def find_results(paths: Iterable[str | Path]) -> list[Path]:
-    """The results files named by ``paths``: files as given, directories searched for ``*.h5``."""
+    """The results files named by ``paths``: files as given, directories searched for ``*.h5``
+    (outside checkpoint folders, ``*.ckpt``)."""
     found: list[Path] = []
     missing: list[str] = []
     given = [Path(p) for p in paths]
     for p in given:
         if p.is_dir():
-            found.extend(sorted(p.rglob("*.h5"), key=_natural_key))
+            files = (f for f in p.rglob("*.h5") if not any(d.suffix == ".ckpt" for d in f.parents))
+            found.extend(sorted(files, key=_natural_key))
         elif p.is_file():
             found.append(p)
         else:

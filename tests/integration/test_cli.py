@@ -126,9 +126,9 @@ def _layout(f: h5py.File) -> dict[str, tuple]:
     """Every dataset's name with its shape after the round/epoch axis."""
     names: dict[str, tuple] = {}
     f.visititems(
-        lambda name, obj: names.__setitem__(name, obj.shape[1:])
-        if isinstance(obj, h5py.Dataset)
-        else None
+        lambda name, obj: (
+            names.__setitem__(name, obj.shape[1:]) if isinstance(obj, h5py.Dataset) else None
+        )
     )
     return names
 
@@ -151,8 +151,15 @@ def test_baseline_scheme_same_layout(six_rank_run, tmp_path: Path, scheme: str) 
     proc = run_mpi(
         6,
         colnet(
-            "run", QUICK, "--out", str(out), *SMALL,
-            "--set", "training.rounds=2", "--set", f"federation.scheme={scheme}",
+            "run",
+            QUICK,
+            "--out",
+            str(out),
+            *SMALL,
+            "--set",
+            "training.rounds=2",
+            "--set",
+            f"federation.scheme={scheme}",
         ),  # fmt: skip
         timeout=400,
     )
@@ -251,7 +258,7 @@ def test_output_exists(tmp_path: Path) -> None:
     out = tmp_path / "taken.h5"
     out.write_bytes(b"precious")
     proc = run_mpi(2, colnet("run", str(cfg), "--out", str(out)), timeout=120)
-    _fails(proc, "already exists", "--overwrite")
+    _fails(proc, "already exists", "--overwrite", "--resume")
     assert out.read_bytes() == b"precious"
 
 
@@ -284,7 +291,8 @@ def test_exception_on_one_rank_aborts_job(tmp_path: Path) -> None:
     script.write_text(
         "import sys\n"
         "from mpi4py import MPI\n"
-        "from colnet_mpi import cli, round as rnd\n"
+        "from colnet_mpi import cli\n"
+        "from colnet_mpi.federation import loop as rnd\n"
         "original = rnd.Federation.round\n"
         "def round(self, r):\n"
         "    if r == 2 and MPI.COMM_WORLD.Get_rank() == 1:\n"

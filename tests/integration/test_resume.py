@@ -20,7 +20,8 @@ QUICK = str(ROOT / "configs" / "quickstart.toml")
 ARGS = [
     "--set", "training.rounds=5", "--set", "data.samples_per_node=64",
     "--set", "data.test_samples=48", "--set", "model.width=4",
-    "--set", "clustering.max_batches=1", "--set", "attack.kind=label_flip",
+    "--set", "clustering.max_batches=1", "--set", "training.local_epochs=1",
+    "--set", "attack.kind=label_flip",
     "--set", "defense.screening=true", "--set", "defense.verify_leader=true",
 ]  # fmt: skip
 EXIT_PREEMPTED = 75
@@ -63,12 +64,12 @@ def resume_and_compare(out: Path, reference: dict, resumed_from: int) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"resuming after round {resumed_from}" in proc.stdout, proc.stdout
     a = attrs(out)
-    assert a["status"] == "finished" and a["rounds"] == 5 and a["epochs"] == 10, a
+    assert a["status"] == "finished" and a["rounds"] == 5 and a["epochs"] == 5, a
     assert a["resumed"].startswith(f"{resumed_from}@"), a["resumed"]
     diff = differences(reference, fingerprint(out))
     assert not diff, "resumed run differs from the uninterrupted one:\n" + "\n".join(diff)
     # only the last round's checkpoint is kept, one file per rank
-    assert checkpoint_files(out) == [f"rank{r:05d}.round000005.h5" for r in range(6)]
+    assert checkpoint_files(out) == [f"rank{r:05d}.round000005.ckpt" for r in range(6)]
 
 
 @pytest.mark.mpi
@@ -90,9 +91,11 @@ def test_crash_while_writing_checkpoint_keeps_previous(tmp_path: Path, uninterru
     assert proc.returncode != 0
     a = attrs(out)
     # round 3 is recorded but not saved: resuming replaces it (recomputed), never mixes
-    assert a["checkpoint_round"] == 2 and a["rounds"] == 3 and a["epochs"] == 6, a
+    assert a["checkpoint_round"] == 2 and a["rounds"] == 3 and a["epochs"] == 3, a
     files = checkpoint_files(out)
-    assert "rank00004.round000002.h5" in files and "rank00004.round000003.h5" not in files, files
+    assert "rank00004.round000002.ckpt" in files and "rank00004.round000003.ckpt" not in files, (
+        files
+    )
     resume_and_compare(out, uninterrupted, 2)
 
 
@@ -156,9 +159,6 @@ def test_resume_refuses_other_config_and_world_size_then_extends(
     )  # fmt: skip
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "it ran with 6" in proc.stderr, proc.stderr
-    # without --resume an existing file is refused, naming both ways out
-    proc = launch(out, "--set", "training.rounds=1")
-    assert proc.returncode == 2 and "--resume" in proc.stderr and "--overwrite" in proc.stderr
     # a finished run continues with more rounds (training.rounds may change), as if never stopped
     proc = launch(out, "--resume")
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import ROOT, run_mpi
 from tests.reference import differences, fingerprint
-from tests.reference_cases import CASES, command
+from tests.reference_cases import CASES, batch_command, command
 
 REFERENCE = json.loads((ROOT / "tests" / "data" / "reference_runs.json").read_text())
 
@@ -23,12 +23,29 @@ def test_reference_covers_every_case() -> None:
         assert not any(k.startswith("round/seconds/") for k in ref["datasets"]), name
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every case, run one after the other in one 6-rank launch (start-up paid once)."""
+    folder = tmp_path_factory.mktemp("cases")
+    proc = run_mpi(6, batch_command(sorted(CASES), folder), timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return folder
+
+
 @pytest.mark.mpi
 @pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_results_bit_identical_to_reference(tmp_path: Path, case: str) -> None:
-    out = tmp_path / f"{case}.h5"
-    proc = run_mpi(6, command(case, out), timeout=400)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    diff = differences(REFERENCE[case], fingerprint(out))
+def test_results_bit_identical_to_reference(runs: Path, case: str) -> None:
+    diff = differences(REFERENCE[case], fingerprint(runs / f"{case}.h5"))
     assert not diff, f"{case}: results differ from the reference:\n" + "\n".join(diff)
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_a_case_alone_is_bit_identical_too(tmp_path: Path) -> None:
+    """The quickstart in its own launch, as a user runs it (no earlier run in the process)."""
+    out = tmp_path / "quickstart.h5"
+    proc = run_mpi(6, command("quickstart", out), timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    diff = differences(REFERENCE["quickstart"], fingerprint(out))
+    assert not diff, "\n".join(diff)

@@ -12,6 +12,7 @@ from colnet_mpi.comm.buffers import checksum
 from colnet_mpi.comm.topology import Topology
 from colnet_mpi.config import config_from_dict, to_toml
 from colnet_mpi.federation.loop import Federation
+from colnet_mpi.federation.recording import round_values
 from colnet_mpi.node import Node
 
 
@@ -123,7 +124,7 @@ def check_boosted_node_is_quarantined_before_clustering(comm: MPI.Comm) -> None:
                     assert (
                         topo.isolated
                         and not topo.is_leader
-                        and fed.values(res).get("hca/solver_ok", -1) == -1
+                        and round_values(fed, res).get("hca/solver_ok", -1) == -1
                     )
             else:
                 assert (res.groups >= 0).all() and res.proposal[1] >= 0, res.groups

@@ -13,6 +13,7 @@ from colnet_mpi.algorithms.fedavg import mean_from_sum, with_weight
 from colnet_mpi.comm.topology import Topology
 from colnet_mpi.federation.cross import NoCross
 from colnet_mpi.federation.loop import Federation
+from colnet_mpi.federation.recording import record_round
 from colnet_mpi.federation.schemes import CROSS, SCHEMES, Scheme
 from colnet_mpi.node import Node
 
@@ -48,7 +49,7 @@ def check_new_cross_rule_runs(comm: MPI.Comm) -> None:
         if np.unique(ctx.groups).size > 1:  # the rule ran: everyone holds the global mean
             assert ctx.cross_ran and (final == final[0]).all(), "nodes differ after the rule"
             np.testing.assert_allclose(final[0], trained.mean(axis=0), rtol=1e-5, atol=1e-6)
-        fed.record(ctx)  # the record of a new scheme has the usual layout
+        record_round(fed, ctx)  # the record of a new scheme has the usual layout
     topo.free()
 
 

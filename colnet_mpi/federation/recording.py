@@ -1,0 +1,74 @@
+"""A round's record: this rank's values, gathered onto the writer rank, appended, summarised."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from colnet_mpi.algorithms.clustering import adjusted_rand
+from colnet_mpi.data import dataset_tasks
+from colnet_mpi.federation.context import RoundContext
+from colnet_mpi.metrics.names import METRIC_NAMES
+
+if TYPE_CHECKING:
+    from colnet_mpi.federation.loop import Federation
+
+
+def round_values(fed: Federation, ctx: RoundContext) -> dict[str, Any]:
+    """This rank's record of a round (see ``metrics/record.py``)."""
+    rank, tr = fed.topology.rank, fed.transport
+    values: dict[str, Any] = {
+        "epoch/train_loss": ctx.train_loss,
+        "epoch/val_loss": ctx.val_loss,
+        **{f"round/test_{m}": ctx.test[m] for m in METRIC_NAMES},
+        "round/group": int(ctx.groups[rank]),
+        "round/leader": int(ctx.leaders[rank]),
+        "round/backbone_checksum": ctx.checksum,
+        "round/bytes_sent": tr.bytes_sent,
+        "round/bytes_received": tr.bytes_received,
+        **{f"round/seconds/{s}": v for s, v in ctx.seconds.items()},
+        **ctx.hca,
+        "clustering/k": ctx.k,
+        "attack/active": int(fed.attack.active(ctx.r)),
+        **ctx.defended.values(),
+    }
+    if ctx.proposal is not None:
+        values["clustering/proposal"] = ctx.proposal
+    if ctx.signals is not None:
+        values["clustering/loss"], values["clustering/jacobian"] = ctx.signals
+    if ctx.affinity is not None and fed.record_affinity:
+        values["clustering/affinity"], values["clustering/cosine"] = ctx.affinity
+    return values
+
+
+def record_round(fed: Federation, ctx: RoundContext) -> dict[str, np.ndarray] | None:
+    """Gather every rank's record onto rank 0 and append it to the results file."""
+    gathered = fed.transport.gather_records(fed.spec.pack(round_values(fed, ctx)), root=0)
+    if gathered is None:
+        return None
+    e = fed.config.training.local_epochs
+    grouped = fed.grouper is not None
+    ari = adjusted_rand(fed.true_labels, ctx.groups) if grouped else float("nan")
+    rows = fed.spec.rows(gathered, {"epoch/round": np.full(e, ctx.r), "clustering/ari": ari})
+    if fed.writer is not None:
+        fed.writer.append(rows)
+    fed.log(summary_line(fed, ctx.r, rows, ari))
+    return {k: np.asarray(v) for k, v in rows.items()}
+
+
+def summary_line(fed: Federation, r: int, rows: dict, ari: float) -> str:
+    """The one progress line per round."""
+    parts = [f"round {r:>3}/{fed.config.training.rounds}"]
+    parts.append(f"{float(np.max(rows['round/seconds/total'])):6.1f}s")
+    tasks = dataset_tasks(fed.config.data.dataset)
+    for name in dict.fromkeys(nd.task for nd in fed.config.nodes):
+        idx = [i for i, nd in enumerate(fed.config.nodes) if nd.task == name]
+        if tasks[name].kind == "landmarks":
+            parts.append(f"{name} loss={np.mean(rows['round/test_loss'][idx]):.3f}")
+        else:
+            parts.append(f"{name} f1={np.mean(rows['round/test_f1_micro'][idx]):.3f}")
+    if fed.grouper is not None:
+        parts.append(f"ARI={ari:.2f}")
+        parts.append("groups=" + "".join(str(int(g)) for g in rows["round/group"]))
+    return "  ".join(parts)
