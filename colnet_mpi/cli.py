@@ -278,12 +278,9 @@ def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
     except Preempted as why:
         if writer is not None:
             writer.set_attrs(status="preempted", finished=now_iso())
-        saved = (
-            f"round {federation.state.round}"
-            if federation.checkpoints
-            else "nothing (checkpoints off)"
-        )
-        log(f"stopped: {why}; last checkpoint: {saved}; continue with --resume")
+        saved = federation.saved_round
+        saved_text = f"round {saved}" if saved else "none"
+        log(f"stopped: {why}; last checkpoint: {saved_text}; continue with --resume")
         topology.free()
         return EXIT_PREEMPTED
     finally:

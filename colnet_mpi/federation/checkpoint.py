@@ -1,9 +1,9 @@
 """Per-rank checkpoints at round boundaries: numeric HDF5 files, written atomically, never pickled.
 
 A state is a tree of dicts, lists and tuples whose leaves are tensors, arrays, numbers, strings or
-None (what ``state_dict()`` methods return). :func:`write_tree` stores it as HDF5 groups and
-datasets (every object tagged with its kind) and :func:`read_tree` rebuilds it; nothing in a file
-can run code when it is read.
+None (what ``state_dict()`` methods return). :func:`write_tree` stores its structure as JSON text
+and every tensor and array as a slice of one flat numeric dataset per dtype; :func:`read_tree`
+rebuilds it. Nothing in a file can run code when it is read (no pickle).
 
 Each rank writes ``<dir>/rank<rank>.round<r>.ckpt`` (an HDF5 file) through a temporary file that is flushed to disk
 (``fsync``) and then renamed over the final name, so a crash while writing leaves the previous
@@ -14,6 +14,7 @@ rank (``checkpoint_round``); older files are removed only after that is recorded
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -41,91 +42,109 @@ class CheckpointError(ValueError):
 
 
 # -- trees of numbers <-> HDF5 -------------------------------------------------------------------
+#: numpy dtypes a tensor or array may have in a checkpoint
+_DTYPES = frozenset(
+    {"bool", "uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64"}
+    | {"float16", "float32", "float64"}
+)
+
+
 def write_tree(group: h5py.Group, name: str, obj: Any) -> None:
-    """Store ``obj`` under ``group[name]`` (see the module docstring for what ``obj`` may hold)."""
-    if isinstance(obj, Mapping):
-        sub = group.create_group(name)
-        sub.attrs["kind"] = "dict"
-        keys = []
-        for i, (key, value) in enumerate(obj.items()):
-            if isinstance(key, bool) or not isinstance(key, (str, int)):
-                raise TypeError(f"{sub.name}: key {key!r} is neither text nor an integer")
-            keys.append(["i" if isinstance(key, int) else "s", key])
-            write_tree(sub, str(i), value)
-        sub.attrs["keys"] = json.dumps(keys)
-        return
-    if isinstance(obj, (list, tuple)):
-        sub = group.create_group(name)
-        sub.attrs["kind"] = "tuple" if isinstance(obj, tuple) else "list"
-        sub.attrs["length"] = len(obj)
-        for i, value in enumerate(obj):
-            write_tree(sub, str(i), value)
-        return
-    if isinstance(obj, torch.Tensor):
-        ds = group.create_dataset(name, data=obj.detach().cpu().numpy())
-        ds.attrs["kind"] = "tensor"
-        ds.attrs["dtype"] = str(obj.dtype).removeprefix("torch.")
-        return
-    if isinstance(obj, np.ndarray):
-        if obj.dtype == object:
-            raise TypeError(f"{group.name}/{name}: object arrays cannot be stored")
-        group.create_dataset(name, data=obj).attrs["kind"] = "ndarray"
-        return
-    if obj is None:
-        group.create_dataset(name, data=np.int8(0)).attrs["kind"] = "none"
-    elif isinstance(obj, (bool, np.bool_)):
-        group.create_dataset(name, data=np.int8(bool(obj))).attrs["kind"] = "bool"
-    elif isinstance(obj, (int, np.integer)):
-        v = int(obj)
-        if -(2**63) <= v < 2**63:
-            group.create_dataset(name, data=np.int64(v)).attrs["kind"] = "int"
-        else:
-            group.create_dataset(name, data=str(v)).attrs["kind"] = "bigint"
-    elif isinstance(obj, (float, np.floating)):
-        group.create_dataset(name, data=np.float64(obj)).attrs["kind"] = "float"
-    elif isinstance(obj, str):
-        group.create_dataset(name, data=obj).attrs["kind"] = "str"
-    else:
-        raise TypeError(f"{group.name}/{name}: cannot store a {type(obj).__name__}")
+    """Store ``obj`` as ``group[name]`` (see the module docstring for what ``obj`` may hold).
+
+    The structure goes into one JSON attribute (``tree``); every tensor and array is a slice of
+    one flat dataset per dtype, so a whole state is a handful of HDF5 objects, quick to write.
+    """
+    blobs: dict[str, list[np.ndarray]] = {}
+    sizes: dict[str, int] = {}
+
+    def leaf(kind: str, arr: np.ndarray, where: str, torch_dtype: str = "") -> dict[str, Any]:
+        dt = arr.dtype.name
+        if dt not in _DTYPES:
+            raise TypeError(f"{where}: arrays of dtype {arr.dtype} cannot be stored")
+        offset = sizes.get(dt, 0)
+        blobs.setdefault(dt, []).append(np.ascontiguousarray(arr).reshape(-1))
+        sizes[dt] = offset + arr.size
+        out = {kind: dt, "at": offset, "shape": list(arr.shape)}
+        if torch_dtype:
+            out["torch"] = torch_dtype
+        return out
+
+    def encode(o: Any, where: str) -> Any:
+        if isinstance(o, Mapping):
+            items = []
+            for key, value in o.items():
+                if isinstance(key, bool) or not isinstance(key, (str, int)):
+                    raise TypeError(f"{where}: key {key!r} is neither text nor an integer")
+                items.append(
+                    ["i" if isinstance(key, int) else "s", key, encode(value, f"{where}/{key}")]
+                )
+            return {"dict": items}
+        if isinstance(o, (list, tuple)):
+            kind = "tuple" if isinstance(o, tuple) else "list"
+            return {kind: [encode(v, f"{where}[{i}]") for i, v in enumerate(o)]}
+        if isinstance(o, torch.Tensor):
+            t = o.detach().cpu()
+            return leaf("tensor", t.numpy(), where, str(t.dtype).removeprefix("torch."))
+        if isinstance(o, np.ndarray):
+            return leaf("ndarray", o, where)
+        if o is None or isinstance(o, (bool, str)):
+            return o
+        if isinstance(o, (np.bool_, np.integer, np.floating)):
+            return o.item()
+        if isinstance(o, (int, float)):
+            return {"float": repr(o)} if isinstance(o, float) and not math.isfinite(o) else o
+        raise TypeError(f"{where}: cannot store a {type(o).__name__}")
+
+    tree = encode(obj, f"{group.name.rstrip('/')}/{name}")
+    sub = group.create_group(name)
+    sub.attrs["tree"] = json.dumps(tree, allow_nan=False)
+    for dt, parts in blobs.items():
+        sub.create_dataset(dt, data=np.concatenate(parts))
 
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def read_tree(obj: h5py.Group | h5py.Dataset) -> Any:
-    """The value :func:`write_tree` stored at ``obj``."""
-    kind = _text(obj.attrs.get("kind", ""))
-    if isinstance(obj, h5py.Group):
-        if kind == "dict":
-            keys = json.loads(_text(obj.attrs["keys"]))
-            return {
-                (int(k) if t == "i" else str(k)): read_tree(obj[str(i)])
-                for i, (t, k) in enumerate(keys)
-            }
-        if kind in ("list", "tuple"):
-            items = [read_tree(obj[str(i)]) for i in range(int(obj.attrs["length"]))]
-            return tuple(items) if kind == "tuple" else items
-        raise CheckpointError(f"{obj.name}: unknown group kind {kind!r}")
-    data = obj[()]
-    if kind == "tensor":
-        dtype = getattr(torch, _text(obj.attrs["dtype"]))
-        return torch.from_numpy(np.array(data)).to(dtype)
-    if kind == "ndarray":
-        return np.array(data)
-    if kind == "none":
-        return None
-    if kind == "bool":
-        return bool(data)
-    if kind == "int":
-        return int(data)
-    if kind == "bigint":
-        return int(_text(data))
-    if kind == "float":
-        return float(data)
-    if kind == "str":
-        return _text(data)
-    raise CheckpointError(f"{obj.name}: unknown dataset kind {kind!r}")
+def read_tree(group: h5py.Group) -> Any:
+    """The value :func:`write_tree` stored at ``group``."""
+    try:
+        tree = json.loads(_text(group.attrs["tree"]))
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(f"{group.name}: not a stored state ({err})") from err
+    blobs: dict[str, np.ndarray] = {}
+
+    def array(node: dict[str, Any], kind: str) -> np.ndarray:
+        dt = node[kind]
+        if dt not in _DTYPES or dt not in group:
+            raise CheckpointError(f"{group.name}: no data of dtype {dt!r}")
+        if dt not in blobs:
+            blobs[dt] = group[dt][()]
+        size = int(np.prod(node["shape"], dtype=np.int64))
+        part = blobs[dt][int(node["at"]) : int(node["at"]) + size]
+        if part.size != size:
+            raise CheckpointError(f"{group.name}: {dt} data is shorter than its index says")
+        return part.reshape(node["shape"]).copy()
+
+    def decode(node: Any) -> Any:
+        if not isinstance(node, dict):
+            return node
+        if "dict" in node:
+            return {(int(k) if t == "i" else str(k)): decode(v) for t, k, v in node["dict"]}
+        if "list" in node:
+            return [decode(v) for v in node["list"]]
+        if "tuple" in node:
+            return tuple(decode(v) for v in node["tuple"])
+        if "tensor" in node:
+            return torch.from_numpy(array(node, "tensor")).to(getattr(torch, node["torch"]))
+        if "ndarray" in node:
+            return array(node, "ndarray")
+        if "float" in node:
+            return float(node["float"])
+        raise CheckpointError(f"{group.name}: unknown entry {sorted(node)}")
+
+    return decode(tree)
 
 
 # -- files ---------------------------------------------------------------------------------------

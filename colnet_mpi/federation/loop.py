@@ -66,6 +66,7 @@ class Federation:
         self.state = FederationState(n)
         self.checkpoints: Checkpointer | None = None  # set by the caller to save state
         self.stop: StopRequest | None = None  # set by the caller to honour stop signals
+        self.saved_round = 0  # the last round whose checkpoint is complete (0: none)
         self.attack = AttackPlan(
             config.attack,
             topology.rank,
@@ -124,11 +125,12 @@ class Federation:
         """
         world = self.topology.world
         rounds, every = self.config.training.rounds, self.config.run.checkpoint_every
-        saved = start_round - 1
+        self.saved_round = start_round - 1
         for r in range(start_round, rounds + 1):
             if self.stop is not None and (sig := self.stop.agreed(world)):
-                if self.checkpoints is not None and every and saved < r - 1:
+                if self.checkpoints is not None and every and self.saved_round < r - 1:
                     save_checkpoint(self, r - 1)
+                    self.saved_round = r - 1
                 raise Preempted(f"{sig} before round {r}")
             ctx = self.round(r)
             record_round(self, ctx)
@@ -136,4 +138,4 @@ class Federation:
             world.Barrier()
             if self.checkpoints is not None and every and (r % every == 0 or r == rounds):
                 save_checkpoint(self, r)
-                saved = r
+                self.saved_round = r
