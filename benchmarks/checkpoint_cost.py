@@ -44,7 +44,9 @@ def run(out: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, 
 
 
 def round_figures(path: Path) -> tuple[float, float, float]:
-    """(median slowest-rank round seconds, seconds per checkpoint, bytes per rank per checkpoint)."""
+    """(median slowest-rank round seconds, seconds per checkpoint step on the writer rank
+    (saving, waiting for the slowest rank, marking the results file, removing old files), bytes
+    per rank per checkpoint)."""
     with h5py.File(path) as f:
         total = np.max(f["round/seconds/total"][()], axis=1)
         count = int(f.attrs.get("checkpoint_count", 0))
@@ -66,7 +68,7 @@ def quickstart(tmp: Path, repeats: int) -> None:
     r0, _, _, w0 = med[0]
     r1, ck, size, w1 = med[1]
     print(f"   round time, checkpoints off: {r0:.3f} s; on (every round): {r1:.3f} s")
-    print(f"   one checkpoint (slowest rank, written after the round): {ck * 1000:.1f} ms "
+    print(f"   one checkpoint step (after the round, all ranks done): {ck * 1000:.1f} ms "
           f"= {100 * ck / r1:.2f} % of a round")  # fmt: skip
     print(f"   wall time of the whole run: off {w0:.1f} s, on {w1:.1f} s")
     print(f"   disk: {size / 1024:.0f} KiB per rank per checkpoint (one checkpoint kept)")

@@ -277,6 +277,7 @@ def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
         federation.run(start + 1)
     except Preempted as why:
         if writer is not None:
+            writer.add_checkpoint_seconds(federation.checkpoint_seconds)
             writer.set_attrs(status="preempted", finished=now_iso())
         saved = federation.saved_round
         saved_text = f"round {saved}" if saved else "none"
@@ -287,6 +288,7 @@ def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
         federation.stop.uninstall()
     world.Barrier()
     if writer is not None:
+        writer.add_checkpoint_seconds(federation.checkpoint_seconds)
         writer.finish()
         log(f"finished in {time.perf_counter() - t0:.1f}s; results: {output}")
     topology.free()

@@ -163,7 +163,6 @@ class Checkpointer:
         self.directory = Path(directory)
         self.rank = rank
         self.world_size = world_size
-        self.last_seconds = 0.0
         self.last_bytes = 0
 
     def path(self, r: int) -> Path:
@@ -172,7 +171,6 @@ class Checkpointer:
 
     def save(self, r: int, state: Mapping[str, Any], attrs: Mapping[str, Any]) -> Path:
         """Write ``state`` as this rank's checkpoint of round ``r``, atomically."""
-        t0 = time.perf_counter()
         self.directory.mkdir(parents=True, exist_ok=True)
         final = self.path(r)
         tmp = final.with_name(final.name + ".tmp")
@@ -187,7 +185,6 @@ class Checkpointer:
         _fsync_path(tmp)
         os.replace(tmp, final)
         _fsync_path(self.directory)
-        self.last_seconds = time.perf_counter() - t0
         self.last_bytes = final.stat().st_size
         return final
 
@@ -230,28 +227,22 @@ def backbone_checksum(fed: Federation) -> int:
 
 def save_checkpoint(fed: Federation, r: int) -> None:
     """Collective: every rank saves its state of round ``r``; then the results file names the
-    round and older files go (the previous checkpoint stays until this one is complete)."""
+    round and older files go (the previous checkpoint stays until this one is complete).
+
+    The time this takes on the rank (waiting for the slowest one included) is added to
+    ``fed.checkpoint_seconds``."""
     assert fed.checkpoints is not None
+    t0 = time.perf_counter()
     fed.checkpoints.save(r, fed.state_dict(), {"backbone_checksum": backbone_checksum(fed)})
     world = fed.topology.world
-    seconds = np.zeros(1)
-    world.Reduce(
-        [np.array([fed.checkpoints.last_seconds]), MPI.DOUBLE],
-        [seconds, MPI.DOUBLE],
-        op=MPI.MAX,
-    )
     size = np.zeros(1)
-    world.Reduce(
-        [np.array([float(fed.checkpoints.last_bytes)]), MPI.DOUBLE],
-        [size, MPI.DOUBLE],
-        op=MPI.SUM,
-    )
+    mine = np.array([float(fed.checkpoints.last_bytes)])
+    world.Reduce([mine, MPI.DOUBLE], [size, MPI.DOUBLE], op=MPI.SUM, root=0)
     if fed.writer is not None:
-        fed.writer.mark_checkpoint(
-            r, str(fed.checkpoints.directory.resolve()), seconds[0], int(size[0])
-        )
+        fed.writer.mark_checkpoint(r, str(fed.checkpoints.directory.resolve()), int(size[0]))
     world.Barrier()
     fed.checkpoints.prune(keep=r)
+    fed.checkpoint_seconds += time.perf_counter() - t0
 
 
 def restore_checkpoint(fed: Federation, r: int, recorded: np.ndarray | None) -> None:

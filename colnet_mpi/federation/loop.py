@@ -67,6 +67,7 @@ class Federation:
         self.checkpoints: Checkpointer | None = None  # set by the caller to save state
         self.stop: StopRequest | None = None  # set by the caller to honour stop signals
         self.saved_round = 0  # the last round whose checkpoint is complete (0: none)
+        self.checkpoint_seconds = 0.0  # time this rank spent in checkpoint steps
         self.attack = AttackPlan(
             config.attack,
             topology.rank,

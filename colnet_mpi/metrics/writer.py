@@ -129,14 +129,18 @@ class ResultsWriter:
             f.attrs["status"] = "running"
             f.attrs["finished"] = ""
 
-    def mark_checkpoint(self, r: int, directory: str, seconds: float, nbytes: int) -> None:
-        """Record that every rank's checkpoint of round ``r`` is complete (and what it cost)."""
+    def mark_checkpoint(self, r: int, directory: str, nbytes: int) -> None:
+        """Record that every rank's checkpoint of round ``r`` is complete (and its size)."""
         with h5py.File(self.path, "a") as f:
             f.attrs["checkpoint_round"] = r
             f.attrs["checkpoint_dir"] = directory
-            f.attrs["checkpoint_seconds"] = float(f.attrs.get("checkpoint_seconds", 0.0)) + seconds
             f.attrs["checkpoint_count"] = int(f.attrs.get("checkpoint_count", 0)) + 1
             f.attrs["checkpoint_bytes"] = nbytes
+
+    def add_checkpoint_seconds(self, seconds: float) -> None:
+        """Add the writer rank's time spent checkpointing (summed over resumes)."""
+        with h5py.File(self.path, "a") as f:
+            f.attrs["checkpoint_seconds"] = float(f.attrs.get("checkpoint_seconds", 0.0)) + seconds
 
     def set_attrs(self, **attrs: Any) -> None:
         """Set root attributes (e.g. ``status``)."""

@@ -126,7 +126,7 @@ def _results(tmp_path: Path, cfg, *, world_size: int = 6, rounds: int = 2, ckpt:
         )
     if ckpt:
         (tmp_path / "ckpt").mkdir()
-        writer.mark_checkpoint(ckpt, str(tmp_path / "ckpt"), 0.1, 10)
+        writer.mark_checkpoint(ckpt, str(tmp_path / "ckpt"), 10)
     return path
 
 
