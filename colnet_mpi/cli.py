@@ -26,6 +26,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="colnet-mpi",
         description="ColNet decentralized federated multi-task learning: one MPI rank per node.",
     )
+    from colnet_mpi import __version__
+
+    p.add_argument("--version", action="version", version=f"colnet-mpi {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser(
         "run",
@@ -361,10 +364,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
         return cmd_run(args)
-    if args.command == "check-config":
-        return cmd_check_config(args)
-    if hasattr(args, "func"):
-        return int(args.func(args))
+    try:
+        if args.command == "check-config":
+            return cmd_check_config(args)
+        if hasattr(args, "func"):
+            return int(args.func(args))
+    except BrokenPipeError:  # e.g. `colnet-mpi sweep SPEC --list | head`: the reader left
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 0
     raise AssertionError(args.command)  # pragma: no cover
 
 

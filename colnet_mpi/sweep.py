@@ -429,7 +429,8 @@ def add_parser(sub: Any) -> None:
     mode.add_argument(
         "--unfinished",
         action="store_true",
-        help="print the indices whose results are not finished, as --array syntax (e.g. 2,5-7)",
+        help="print the indices whose results are not finished, as --array syntax (e.g. 2,5-7); "
+        "exit code 1 when every set is finished",
     )
     mode.add_argument("--index", type=int, metavar="I", help="one set (0-based)")
     what = p.add_mutually_exclusive_group()
@@ -565,10 +566,10 @@ def main(args: argparse.Namespace) -> int:
                 for i in range(sweep.count)
                 if output_status(sweep.output(i, args.out_dir)) != "finished"
             ]
-            if todo:
-                print(index_ranges(todo))
-            else:
+            if not todo:  # exit 1, so that sbatch --array=$(...) is not given an empty array
                 print(f"all {sweep.count} sets of {sweep.name!r} are finished", file=sys.stderr)
+                return 1
+            print(index_ranges(todo))
         elif args.index is not None:
             if args.status:
                 print(output_status(sweep.output(args.index, args.out_dir)))

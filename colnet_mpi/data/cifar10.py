@@ -114,11 +114,51 @@ def find_folder(root: str | os.PathLike[str]) -> Path:
     return folder
 
 
+#: The only callables a CIFAR-10 batch file may name: rebuilding numpy arrays and Python 3's
+#: encoding of bytes. Anything else (``os.system``, ``builtins.eval``, ...) is refused unrun.
+_ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),  # protocol 5
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+)
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """An unpickler that builds only containers, numbers, text, bytes and numpy arrays."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        """Resolve the allowed globals only; refuse every other one before it is imported."""
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"refused to load {module}.{name}: a CIFAR-10 batch holds only arrays, lists, "
+                "numbers and text"
+            )
+        if module == "_codecs":
+            import codecs
+
+            return codecs.encode
+        core = getattr(np, "_core", None) or np.core
+        if module.endswith("multiarray"):
+            return getattr(core.multiarray, name)
+        if module.endswith("numeric"):
+            return getattr(core.numeric, name)
+        return getattr(np, name)
+
+
 def _unpickle(path: Path) -> dict[Any, Any]:
-    """Load one pickled dict of the dataset; a truncated or foreign file raises ValueError."""
+    """Load one pickled dict of the dataset; a truncated, foreign or code-carrying file raises
+    ValueError (only the objects a batch file holds can be built; see ``_BatchUnpickler``)."""
     try:
         with open(path, "rb") as fh:
-            entry = pickle.load(fh, encoding="bytes")
+            entry = _BatchUnpickler(fh, encoding="bytes").load()
     except Exception as err:  # a damaged pickle can raise almost anything
         raise ValueError(
             f"CIFAR-10 file {str(path)!r} could not be read ({type(err).__name__}: {err}); it is "

@@ -314,6 +314,52 @@ def test_cifar_incomplete_and_damaged_trees(cifar_tree: CifarTree, tmp_path: Pat
     )
 
 
+class _Payload:
+    """Unpickling this runs a shell command (what a crafted batch file can do)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("name", ["batches.meta", "data_batch_1", "test_batch"])
+def test_cifar_file_that_would_run_code_is_refused_unrun(
+    cifar_tree: CifarTree, tmp_path: Path, name: str
+) -> None:
+    tree = CifarTree(copy_tree(cifar_tree.parent, tmp_path))
+    marker = tmp_path / "pwned"
+    with open(tree.folder / name, "wb") as fh:
+        pickle.dump({b"label_names": _Payload(marker), b"data": _Payload(marker)}, fh, protocol=2)
+    # the ordinary pickle module would run it (the test's own check that the payload is live)
+    with open(tree.folder / name, "rb") as fh:
+        pickle.load(fh, encoding="bytes")
+    assert marker.exists()
+    marker.unlink()
+    _raises(ValueError, [str(tree.folder / name), "refused to load"], cifar, tree, "objects", 0, 1)
+    assert not marker.exists(), "the crafted file ran code"
+
+
+def test_cifar_batches_from_numpy_pickles_still_load(cifar_tree: CifarTree, tmp_path: Path) -> None:
+    """The allowed globals cover arrays pickled by this numpy with every protocol."""
+    from colnet_mpi.data.cifar10 import read_batch
+
+    images, labels = read_batch(cifar_tree.folder / "data_batch_1")
+    for protocol in range(2, pickle.HIGHEST_PROTOCOL + 1):
+        path = tmp_path / f"again_{protocol}"
+        with open(path, "wb") as fh:
+            pickle.dump(
+                {b"data": images.reshape(len(images), -1), b"labels": labels.tolist()},
+                fh,
+                protocol=protocol,
+            )
+        again, again_labels = read_batch(path)
+        assert np.array_equal(again, images) and np.array_equal(again_labels, labels)
+
+
 # ------------------------------------------------------------------------------ CelebA
 
 

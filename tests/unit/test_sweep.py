@@ -675,7 +675,9 @@ def test_cli_status_and_unfinished(tmp_path, in_repo, capsys):
     assert capsys.readouterr().out == "2-4,6-8\n"
     for i in range(9):
         write_results(tmp_path / f"epochs_x_privatization_{i}.h5", "finished")
-    assert cli(EXP, "--unfinished", "--out-dir", out_dir) == 0
+    # nothing left: exit 1, so that `sbatch --array=$(...)` under `set -e` stops instead of
+    # submitting an empty array
+    assert cli(EXP, "--unfinished", "--out-dir", out_dir) == 1
     captured = capsys.readouterr()
     assert (
         captured.out == "" and "all 9 sets of 'epochs_x_privatization' are finished" in captured.err
@@ -785,3 +787,44 @@ def test_real_console_entry_point():
     assert proc.stdout.split("\0")[:-1] == load_sweep(
         SWEEPS / "epochs_x_privatization.toml"
     ).run_args(2)
+
+
+def test_listing_into_a_closed_pipe_ends_quietly(tmp_path) -> None:
+    """`colnet-mpi sweep SPEC --list | head -1`: no BrokenPipeError traceback, exit 0."""
+    import subprocess
+    import sys
+
+    # 3,000 sets: far more output than a pipe buffers, so the writer does hit the closed pipe
+    spec = write_spec(
+        tmp_path,
+        f"""
+[sweep]
+name = "big"
+config = "{ROOT / "configs/quickstart.toml"}"
+[axes]
+"run.seed" = {list(range(1000))}
+"federation.scheme" = ["none", "intra", "colnet"]
+""",
+    )
+    cmd = f"{sys.executable} -m colnet_mpi sweep {spec} --list --out-dir {tmp_path} | head -1"
+    proc = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, cwd=ROOT, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+    assert len(proc.stdout.splitlines()) == 1
+
+
+def test_version_flag() -> None:
+    import subprocess
+    import sys
+
+    from colnet_mpi import __version__
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "colnet_mpi", "--version"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == f"colnet-mpi {__version__}"
