@@ -4,7 +4,8 @@ Group ``animals``: bird, cat, deer, dog, frog, horse (labels 0-5); group ``objec
 automobile, ship, truck (labels 0-3). A node keeps only its own shard and its group's test images,
 as uint8 in memory; images are converted, augmented (training view only) and normalised per item.
 The batch files are Python pickles written by the dataset's authors; they are read from the local
-data directory only, never from the network.
+data directory only, never from the network, and with an unpickler that can build nothing but
+arrays, containers, numbers and text (a crafted file cannot run code).
 """
 
 from __future__ import annotations
