@@ -1,8 +1,11 @@
-"""Stopping a run early and cleanly: SLURM's warning signal before the time limit, or SIGTERM.
+"""Stopping a run early and cleanly: SLURM's warning signal before the time limit, SIGTERM, or
+Ctrl-C (SIGINT).
 
 The handlers only note the signal. The round loop asks :meth:`StopRequest.agreed` at fixed
 points that every rank reaches (the start of a round, the end of local training); the answer is
 one small Allreduce, so all ranks stop at the same point and none waits for a rank that left.
+A second signal to the same rank ends that rank at once (exit 128 + signal number): the way out
+when the next stop point is far away; the last complete checkpoint still resumes.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from mpi4py import MPI
 #: Exit code of a run stopped by a signal (BSD ``EX_TEMPFAIL``: try again later).
 EXIT_PREEMPTED = 75
 
-#: Signals that ask the run to stop: SLURM's ``--signal`` warning (USR1) and SIGTERM.
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+#: Signals that ask the run to stop: SLURM's ``--signal`` warning (USR1), SIGTERM and Ctrl-C.
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
 class Preempted(Exception):
@@ -45,7 +48,13 @@ class StopRequest:
         self._previous.clear()
 
     def _note(self, signum: int, _frame: FrameType | None) -> None:
-        self.received = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if self.received:  # asked twice: leave now
+            os.write(
+                2, f"colnet-mpi: {name} again; leaving without waiting for the others\n".encode()
+            )
+            os._exit(128 + signum)
+        self.received = name
 
     def agreed(self, world: MPI.Comm) -> str:
         """Collective: the signal's name if any rank received one, else ``""``."""

@@ -123,11 +123,14 @@ def test_signal_on_one_rank_stops_all_at_round_boundary(
 
 @pytest.mark.mpi
 @pytest.mark.slow
-def test_sigterm_mid_round_loses_only_that_round(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_mid_round_loses_only_that_round(tmp_path: Path, sig: str) -> None:
+    """SIGTERM (scancel, SLURM preemption) or Ctrl-C to every rank during local training."""
     out = tmp_path / "term.h5"
-    proc = launch(out, env={"COLNET_TEST_SIGNAL": "stage.local_train:4:*:SIGTERM"})
+    proc = launch(out, env={"COLNET_TEST_SIGNAL": f"stage.local_train:4:*:{sig}"})
     assert proc.returncode == EXIT_PREEMPTED, proc.stdout + proc.stderr
-    assert "SIGTERM in round 4" in proc.stdout and "Traceback" not in proc.stderr, proc.stderr
+    assert f"{sig} in round 4" in proc.stdout and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stdout.count("stopped:") == 1, proc.stdout  # one line, from rank 0
     a = attrs(out)
     assert a["status"] == "preempted" and a["checkpoint_round"] == 3 and a["rounds"] == 3, a
 
