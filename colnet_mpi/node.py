@@ -4,6 +4,8 @@ loaders, with its whole state as numeric arrays (``state_dict`` / ``load_state_d
 from __future__ import annotations
 
 import random
+import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -130,15 +132,20 @@ class Node:
         return len(self.data.train)
 
     def train_local(
-        self, epochs: int, batch_hook: BatchHook | None = None
+        self,
+        epochs: int,
+        batch_hook: BatchHook | None = None,
+        progress: Callable[[int, float, float, float], None] | None = None,
     ) -> tuple[list[float], list[float]]:
         """Stage 1: E local epochs; returns per-epoch training and validation losses.
 
         ``batch_hook`` (an attack's) may replace each training batch before its step.
+        ``progress(epoch, train_loss, val_loss, seconds)`` is called after each epoch (1-based).
         """
         train, val = [], []
         clip = self.config.training.grad_clip or None
-        for _ in range(epochs):
+        for epoch in range(1, epochs + 1):
+            t0 = time.perf_counter()
             train.append(
                 train_epoch(
                     self.backbone,
@@ -153,6 +160,8 @@ class Node:
             )
             self.scheduler.step()
             val.append(self.evaluate(self.val_loader)["loss"])
+            if progress is not None:
+                progress(epoch, train[-1], val[-1], time.perf_counter() - t0)
         return train, val
 
     def evaluate(self, loader: DataLoader[tuple[torch.Tensor, ...]]) -> dict[str, float]:

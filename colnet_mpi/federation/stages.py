@@ -18,12 +18,33 @@ if TYPE_CHECKING:
     from colnet_mpi.federation.loop import Federation
 
 
+#: A local epoch that takes at least this long gets a progress line (rank 0's, in the job log),
+#: so that a long GPU round does not look hung.
+EPOCH_LINE_SECONDS = 10.0
+
+
+def epoch_line(
+    r: int, rounds: int, epoch: int, epochs: int, losses: tuple[float, float], seconds: float
+) -> str:
+    """The progress line of one long local epoch."""
+    return (
+        f"  round {r}/{rounds} epoch {epoch}/{epochs}: train loss {losses[0]:.4g}, "
+        f"val loss {losses[1]:.4g} ({seconds:.1f}s on rank 0)"
+    )
+
+
 def train(fed: Federation, ctx: RoundContext) -> bool:
     """Stage 1: local training (attack hooks: poisoned batches, then boost / weight clipping)."""
     node, attack, r = fed.node, fed.attack, ctx.r
+    t = fed.config.training
+
+    def progress(epoch: int, train_loss: float, val_loss: float, seconds: float) -> None:
+        if seconds >= EPOCH_LINE_SECONDS:
+            fed.log(epoch_line(r, t.rounds, epoch, t.local_epochs, (train_loss, val_loss), seconds))
+
     ctx.start = node.flat.pack().clone()
     hook = attack.batch_hook(r, node.backbone, node.head)
-    ctx.train_loss, ctx.val_loss = node.train_local(fed.config.training.local_epochs, hook)
+    ctx.train_loss, ctx.val_loss = node.train_local(t.local_epochs, hook, progress)
     attack.after_training(r, ctx.start, node.flat, (node.backbone, node.head), node.train_loader)
     ctx.own = ctx.new = node.flat.pack()
     return True
