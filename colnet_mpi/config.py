@@ -30,6 +30,12 @@ def _choice(key: str, value: object, allowed: Sequence[object]) -> None:
         raise ConfigError(f"{key} = {value!r} is not allowed; choose one of: {shown}")
 
 
+def _at_most(key: str, value: float, limit: float, why: str) -> None:
+    """Refuse a value above a sane upper bound, saying why the bound is there."""
+    if value > limit:
+        raise ConfigError(f"{key} = {value!r} is not allowed; it must be at most {limit:,} ({why})")
+
+
 def _positive(key: str, value: float, *, allow_zero: bool = False) -> None:
     ok = value >= 0 if allow_zero else value > 0
     if not ok or (isinstance(value, float) and not math.isfinite(value)):
@@ -54,6 +60,7 @@ class RunConfig:
                 f"run.name = {self.name!r} is not allowed; use a non-empty name without '/', '\\' or spaces"
             )
         _positive("run.seed", self.seed, allow_zero=True)
+        _at_most("run.seed", self.seed, 2**63 - 1, "the results file stores it as a 64-bit integer")
         _positive("run.checkpoint_every", self.checkpoint_every, allow_zero=True)
 
     def output_path(self) -> Path:
@@ -89,8 +96,15 @@ class DataConfig:
 
         _choice("data.dataset", self.dataset, known_datasets())
         _positive("data.samples_per_node", self.samples_per_node, allow_zero=True)
+        _at_most(
+            "data.samples_per_node", self.samples_per_node, 10**8, "more than any dataset here"
+        )
         _positive("data.test_samples", self.test_samples, allow_zero=True)
+        _at_most("data.test_samples", self.test_samples, 10**8, "more than any dataset here")
         _positive("data.workers", self.workers, allow_zero=True)
+        _at_most(
+            "data.workers", self.workers, 64, "processes per loader and rank; 2-8 keep a GPU fed"
+        )
         problem = image_size_problem(self.dataset, self.image_size)
         if problem is not None:
             raise ConfigError(
@@ -115,6 +129,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _positive("model.width", self.width)
+        _at_most(
+            "model.width", self.width, 1024, "16x the standard ResNet-18, about 2.9 G parameters"
+        )
         _choice("model.privatization", self.privatization, (0, 1, 2))
         _choice("model.stem", self.stem, ("auto", "cifar", "imagenet"))
 
@@ -173,6 +190,14 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         for key in ("rounds", "local_epochs", "batch_size", "eval_batch_size"):
             _positive(f"training.{key}", getattr(self, key))
+        _at_most("training.rounds", self.rounds, 100_000, "a typo guard; the paper runs 15")
+        _at_most(
+            "training.local_epochs", self.local_epochs, 10_000, "a typo guard; the paper runs 2"
+        )
+        for key in ("batch_size", "eval_batch_size"):
+            _at_most(
+                f"training.{key}", getattr(self, key), 65_536, "a typo guard"
+            )
         _positive("training.grad_clip", self.grad_clip, allow_zero=True)
         for kind in ("single_label", "multi_label", "landmarks"):
             getattr(self, kind).validate(f"training.{kind}")

@@ -671,3 +671,29 @@ def test_real_dataset_configs_have_the_papers_settings(name, dataset, tasks):
         a, m = t.multi_label, t.landmarks
         assert (a.name, a.lr, a.weight_decay, a.lr_decay) == ("adamw", 5e-5, 5e-3, 0.95)
         assert (m.name, m.lr, m.lr_decay) == ("adam", 5e-4, 0.9)
+
+
+UPPER_BOUNDS = {
+    "run.seed": 2**63 - 1,
+    "model.width": 1024,
+    "data.samples_per_node": 10**8,
+    "data.test_samples": 10**8,
+    "data.workers": 64,
+    "training.rounds": 100_000,
+    "training.local_epochs": 10_000,
+    "training.batch_size": 65_536,
+    "training.eval_batch_size": 65_536,
+}
+
+
+@pytest.mark.parametrize("key", sorted(UPPER_BOUNDS))
+def test_sizes_have_upper_bounds_with_a_reason(key: str) -> None:
+    quick = Path(__file__).resolve().parents[2] / "configs" / "quickstart.toml"
+    limit = UPPER_BOUNDS[key]
+    section, name = key.split(".")
+    at_limit = load_config(quick, [f"{key}={limit}"])
+    assert getattr(getattr(at_limit, section), name) == limit
+    message = raises_naming(
+        [key, str(limit + 1), f"at most {limit:,}", "("], load_config, quick, [f"{key}={limit + 1}"]
+    )
+    assert message.endswith(")"), message  # the reason for the bound
