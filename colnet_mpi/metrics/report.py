@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from colnet_mpi.metrics.reader import (
     TEST_METRICS,
     Curve,
@@ -28,6 +30,7 @@ from colnet_mpi.metrics.reader import (
     val_loss_curves,
 )
 from colnet_mpi.metrics.robustness import (
+    LOG_SPAN,
     defense_costs,
     robustness_markdown,
     robustness_rows,
@@ -221,8 +224,12 @@ def plot_curves(
     xlabel: str,
     ylabel: Callable[[Curve], str],
     title: str,
-) -> None:
-    """One panel per (dataset, task group), one line per setting, a ± std band where n ≥ 2."""
+) -> Any:
+    """One panel per (dataset, task group), one line per setting, a ± std band where n ≥ 2.
+
+    A panel whose values span more than a factor 10 (a landmark loss falling from 70 to 1) gets
+    a log axis; the legend sits beside the panels, never over the data. Returns the figure.
+    """
     from matplotlib.figure import Figure  # the 'plot' extra; the object API needs no backend
     from matplotlib.ticker import MaxNLocator
 
@@ -249,10 +256,15 @@ def plot_curves(
         ax.set_title(f"{group} ({dataset})" if several else group)
         ax.set_xlabel(xlabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(ylabel(mine[0]))
+        values = np.concatenate([c.mean for c in mine])
+        positive = values[np.isfinite(values) & (values > 0)]
+        log = positive.size == values.size and positive.max() / positive.min() > LOG_SPAN
+        ax.set_ylabel(ylabel(mine[0]) + (" (log scale)" if log else ""))
+        if log:
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
         if dataset not in legend_done:
-            ax.legend(fontsize="small")
+            ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
             legend_done.add(dataset)
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
@@ -260,6 +272,7 @@ def plot_curves(
         title += " (shaded: ± std over seeds)"
     fig.suptitle(title)
     fig.savefig(path, dpi=120)
+    return fig
 
 
 def write_figures(

@@ -700,13 +700,17 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "dataset"
 
 
+#: A loss row (or curve panel) whose positive values span more than this factor gets a log axis.
+LOG_SPAN = 10.0
+
+
 def plot_attacks(f1: Sequence[NodeBars], loss: Sequence[NodeBars], path: Path) -> Any:
     """One dataset's per-node bars (paper Figs 5–8): one column per setting, F1 row and loss row.
 
     The F1 row (nodes that have an F1) is left out when no node has one; the loss row shows every
     node. Bars are grouped per node, one per attack (clean first); an attacker's own bar is
     hatched and its tick says so; error bars are the std over seeds. A row whose bars span more
-    than a factor 100 gets a log axis. Returns the matplotlib figure (already saved to ``path``).
+    than a factor 10 gets a log axis. Returns the matplotlib figure (already saved to ``path``).
     """
     from matplotlib.figure import Figure  # the 'plot' extra; the object API needs no backend
     from matplotlib.patches import Patch
@@ -730,8 +734,8 @@ def plot_attacks(f1: Sequence[NodeBars], loss: Sequence[NodeBars], path: Path) -
         means = np.concatenate([b.mean[idx] for b in bars])
         positive = means[np.isfinite(means) & (means > 0)]
         # a broadcast manipulated x2 each round can blow a loss up to 1e10: on a linear axis
-        # every other bar would vanish, so a row spanning more than 100x is drawn on a log axis
-        log = positive.size > 0 and positive.max() / positive.min() > 100
+        # every other bar would vanish, so a row spanning more than 10x is drawn on a log axis
+        log = positive.size > 0 and positive.max() / positive.min() > LOG_SPAN
         for label, ax in zip(labels, ax_row, strict=True):
             x = np.arange(idx.size)
             marked: set[int] = set()

@@ -503,3 +503,23 @@ def _raw(config: Config) -> dict:
     import tomllib
 
     return tomllib.loads(to_toml(config))
+
+
+def test_curve_panels_get_a_log_axis_when_values_span_more_than_10x(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    from colnet_mpi.metrics.reader import Curve
+    from colnet_mpi.metrics.report import plot_curves
+
+    def curve(group: str, mean: list[float]) -> Curve:
+        x = np.arange(1, len(mean) + 1)
+        return Curve("faces", {}, "all runs", group, x, np.array(mean), np.zeros(len(mean)), 2)
+
+    curves = [curve("landmarks", [70.0, 5.2, 1.1, 1.2]), curve("attributes", [0.6, 0.5, 0.45, 0.4])]
+    fig = plot_curves(
+        curves, tmp_path / "c.png", xlabel="round", ylabel=lambda c: "loss", title="t"
+    )
+    landmarks, attributes = fig.axes[0], fig.axes[1]
+    assert landmarks.get_yscale() == "log" and "log" in landmarks.get_ylabel()
+    assert attributes.get_yscale() == "linear"
+    legend = landmarks.get_legend()
+    assert legend is not None and legend.get_bbox_to_anchor().x0 >= landmarks.bbox.x1 - 1  # beside

@@ -467,7 +467,7 @@ def test_attack_figure_uses_a_log_axis_only_for_a_blown_up_loss(tmp_path: Path) 
         )
 
     f1 = [bars("none", "f1_micro", [0.7, 0.8, 0.6]), bars("boost", "f1_micro", [0.5, 0.7, 0.6])]
-    for blown, scale in ((2.5, "linear"), (1e9, "log")):
+    for blown, scale in ((2.5, "linear"), (15.0, "log"), (1e9, "log")):
         loss = [bars("none", "loss", [1.0, 1.2, 0.9]), bars("boost", "loss", [blown, 1.1, 1.0])]
         fig = plot_attacks(f1, loss, tmp_path / "a.png")
         f1_ax, loss_ax = fig.axes[0], fig.axes[1]
