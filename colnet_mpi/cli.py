@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import subprocess
 import sys
@@ -125,19 +126,58 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise
         import socket
 
+        output = state.get("output")
         message = (
             f"colnet-mpi: rank {rank} of {world.Get_size()} on {socket.gethostname()} failed: "
-            f"{type(err).__name__}: {err}"
+            f"{_describe_failure(err, output)}"
         )
-        sys.stderr.write(message + "\n" + traceback.format_exc())
+        # A full disk is the machine's state, not a bug: one message, no traceback.
+        text = message if _disk_full(err) else message + "\n" + traceback.format_exc()
+        sys.stderr.write(text.rstrip("\n") + "\n")
         sys.stderr.flush()
-        output = state.get("output")
         if output is not None:
             from colnet_mpi.metrics.writer import mark_failed
 
-            mark_failed(str(output), message + "\n" + traceback.format_exc())
+            mark_failed(str(output), text)
+            if rank != 0:  # rank 0 dies with the job, perhaps before it can drop its lock
+                from colnet_mpi.metrics.lock import abandon_for_job
+
+                abandon_for_job(str(output))
+        _release_lock(state)
         world.Abort(1)
         return 1  # pragma: no cover - Abort does not return
+    finally:
+        _release_lock(state)  # every way out of a run on the writer rank
+
+
+def _release_lock(state: dict[str, object]) -> None:
+    """Drop the writer rank's lock of the results file, if it holds one."""
+    lock = state.pop("lock", None)
+    if lock is not None:
+        from colnet_mpi.metrics.lock import OutputLock
+
+        assert isinstance(lock, OutputLock)
+        lock.release()
+
+
+def _disk_full(err: BaseException) -> bool:
+    """Whether ``err`` is a write that failed for want of space (errno or HDF5's message)."""
+    if not isinstance(err, OSError):
+        return False
+    text = str(err)
+    return err.errno == errno.ENOSPC or "No space left on device" in text or "errno = 28" in text
+
+
+def _describe_failure(err: BaseException, output: object) -> str:
+    """The failure in one line; a full disk names the file it could not write."""
+    if _disk_full(err):
+        assert isinstance(err, OSError)
+        where = err.filename or output or "the results file"
+        return (
+            f"disk full: cannot write {str(where)!r}: no space left on device "
+            "(free some space, then continue the run with --resume)"
+        )
+    return f"{type(err).__name__}: {err}"
 
 
 def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
@@ -190,7 +230,16 @@ def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
     output = Path(args.out) if args.out else config.run.output_path()
     point = None
     if error is None and rank == 0 and not args.dry_run:
-        point, error = _resume_decision(args, config, output, size, log)
+        # One run per output: the lock comes first, so that a second run neither reads
+        # (--resume) nor replaces (--overwrite) the file of a running one.
+        from colnet_mpi.metrics.lock import LockHeld, acquire
+
+        try:
+            state["lock"] = acquire(output, log=_say)
+        except LockHeld as err:
+            error = str(err)
+        if error is None:
+            point, error = _resume_decision(args, config, output, size, log)
     stop_if_any(error)
     plan = _share_resume(world, point, size)
     if plan is None:

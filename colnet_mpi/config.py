@@ -195,9 +195,7 @@ class TrainingConfig:
             "training.local_epochs", self.local_epochs, 10_000, "a typo guard; the paper runs 2"
         )
         for key in ("batch_size", "eval_batch_size"):
-            _at_most(
-                f"training.{key}", getattr(self, key), 65_536, "a typo guard"
-            )
+            _at_most(f"training.{key}", getattr(self, key), 65_536, "a typo guard")
         _positive("training.grad_clip", self.grad_clip, allow_zero=True)
         for kind in ("single_label", "multi_label", "landmarks"):
             getattr(self, kind).validate(f"training.{kind}")

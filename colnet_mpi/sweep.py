@@ -381,7 +381,7 @@ def output_status(path: str | Path) -> str:
     try:
         import h5py
 
-        with h5py.File(p, "r") as f:
+        with h5py.File(p, "r", locking=False) as f:  # never block a writer
             status = f.attrs.get("status", "")
     except (OSError, ValueError):
         return "unreadable"

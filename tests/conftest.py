@@ -48,3 +48,21 @@ def run_mpi(
 def colnet(*args: str) -> list[str]:
     """Command line of the real CLI, run by this interpreter."""
     return [sys.executable, "-m", "colnet_mpi", *args]
+
+
+def write_crash_script(script: Path) -> Path:
+    """A ``colnet-mpi`` entry script whose rank 1 raises in round 2 (a crash on one rank)."""
+    script.write_text(
+        "import sys\n"
+        "from mpi4py import MPI\n"
+        "from colnet_mpi import cli\n"
+        "from colnet_mpi.federation import loop as rnd\n"
+        "original = rnd.Federation.round\n"
+        "def round(self, r):\n"
+        "    if r == 2 and MPI.COMM_WORLD.Get_rank() == 1:\n"
+        "        raise RuntimeError('injected failure')\n"
+        "    return original(self, r)\n"
+        "rnd.Federation.round = round\n"
+        "sys.exit(cli.main(sys.argv[1:]))\n"
+    )
+    return script

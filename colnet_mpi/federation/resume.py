@@ -71,7 +71,7 @@ def config_differences(stored_toml: str, config: Config) -> list[str]:
 def resume_point(path: Path, config: Config, world_size: int) -> ResumePoint:
     """The checkpoint to continue ``path``'s run from, or :class:`ResumeError` saying why not."""
     try:
-        f = h5py.File(path, "r")
+        f = h5py.File(path, "r", locking=False)
     except OSError as err:
         raise ResumeError(
             f"cannot resume from {str(path)!r}: not a readable HDF5 file ({err})"

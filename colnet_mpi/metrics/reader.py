@@ -17,9 +17,11 @@ import h5py
 import numpy as np
 
 from colnet_mpi.metrics.names import METRIC_NAMES
-from colnet_mpi.metrics.record import axis_of
+from colnet_mpi.metrics.record import FIELDS, axis_of
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from colnet_mpi.config import Config
 
 if sys.version_info >= (3, 11):
@@ -51,6 +53,8 @@ __all__ = [
     "setting_label",
     "setting_of",
     "settings",
+    "tidy",
+    "tidy_epochs",
     "val_loss_curves",
 ]
 
@@ -281,10 +285,11 @@ def find_results(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def _open(path: Path, attempts: int = 5) -> h5py.File:
-    """Open read-only, retrying briefly while the writer rank holds the file."""
+    """Open read-only, retrying briefly while the writer rank holds the file. Without HDF5
+    file locking, so that holding the returned file open never blocks the writer."""
     for i in range(attempts):
         try:
-            return h5py.File(path, "r")
+            return h5py.File(path, "r", locking=False)
         except BlockingIOError:
             if i == attempts - 1:
                 raise
@@ -757,3 +762,126 @@ def csv_cell(value: Any) -> str:
 def csv_number(value: float) -> str:
     """A number as a CSV cell at full precision; empty for NaN."""
     return "" if math.isnan(value) else repr(float(value))
+
+
+# ---------------------------------------------------------------------------------------------
+# Tidy tables (pandas) for notebooks
+
+#: Per-round, per-node datasets (one number per node and round), from the record spec.
+NODE_ROUND_DATASETS: tuple[str, ...] = tuple(
+    f.name
+    for f in FIELDS
+    if f.source == "node" and f.reduce is None and f.axis == "round" and f.shape == ""
+)
+#: Per-round scalars (one number per round: reduced over the nodes or computed by the writer).
+ROUND_DATASETS: tuple[str, ...] = tuple(
+    f.name for f in FIELDS if f.axis == "round" and (f.source == "writer" or f.reduce is not None)
+)
+#: Per-epoch, per-node datasets (``epoch/round`` becomes the ``round`` column).
+NODE_EPOCH_DATASETS: tuple[str, ...] = tuple(
+    f.name for f in FIELDS if f.source == "node" and f.axis == "epoch"
+)
+
+
+def _column(name: str) -> str:
+    """A dataset's column in a tidy table: ``round/test_f1_micro`` -> ``test_f1_micro``,
+    ``round/seconds/total`` -> ``seconds_total``, ``defense/excluded`` -> ``defense_excluded``,
+    ``epoch/val_loss`` -> ``val_loss``."""
+    for prefix in ("round/", "epoch/"):
+        if name.startswith(prefix):
+            name = name[len(prefix) :]
+            break
+    return name.replace("/", "_")
+
+
+def _pandas() -> Any:
+    try:
+        import pandas
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            'tidy tables need pandas: pip install -e ".[analysis]" (or pip install pandas)'
+        ) from err
+    return pandas
+
+
+def _run_columns(run: Run, keys: Sequence[str], rows: int) -> dict[str, Any]:
+    """The identifying columns of one run, repeated over ``rows`` rows."""
+    ident: dict[str, Any] = {"file": str(run.path), "run": run.name, "seed": run.seed}
+    ident.update(setting_of(run, keys))
+    return {k: [v] * rows for k, v in ident.items()}
+
+
+def _node_columns(run: Run, node: np.ndarray) -> dict[str, Any]:
+    return {
+        "node": node,
+        "node_name": [run.node_names[i] for i in node],
+        "task": [run.node_tasks[i] for i in node],
+        "true_group": [run.true_groups[i] for i in node],
+    }
+
+
+def _frame(parts: list[dict[str, Any]]) -> pd.DataFrame:
+    pandas = _pandas()
+    frames = [pandas.DataFrame(p) for p in parts]
+    return pandas.concat(frames, ignore_index=True) if frames else pandas.DataFrame()
+
+
+def tidy(paths: Iterable[str | Path], *, include_unfinished: bool = False) -> pd.DataFrame:
+    """One row per run x round x node of every results file under ``paths`` (needs pandas).
+
+    Columns: ``file``, ``run`` (``run.name``), ``seed``, the dotted config keys in which the runs
+    differ (:func:`settings`), ``round`` (1-based), ``node`` (world index), ``node_name``,
+    ``task``, ``true_group``, then every per-node round dataset of the record spec, named without
+    its ``round/`` prefix and with ``/`` as ``_`` (``test_loss``, ``test_f1_micro``, ``group``,
+    ``leader``, ``backbone_checksum``, ``bytes_sent``, ``seconds_total``, ``hca_weights``,
+    ``attack_active``, ``defense_excluded``, ...), and the per-round scalars repeated on each
+    node's row (``clustering_ari``, ``clustering_k``, ``hca_solver_ok``, ...). Unfinished runs
+    are skipped, or with ``include_unfinished`` cut to their last complete round
+    (:func:`load_runs`). Text is ``str``, never bytes.
+
+    Example::
+
+        from colnet_mpi.metrics.reader import tidy
+        df = tidy(["results/schemes/"])          # pip install -e ".[analysis]"
+        final = df[df["round"] == df.groupby("run")["round"].transform("max")]
+        final.groupby(["training.local_epochs", "true_group"])["test_f1_micro"].agg(["mean", "std"])
+        df.groupby(["run", "round"])["seconds_total"].max()          # slowest node per round
+        df.pivot_table(index="round", columns="node_name", values="test_loss", aggfunc="mean")
+    """
+    runs = load_runs(paths, include_unfinished=include_unfinished)
+    keys = settings(runs)
+    parts = []
+    for run in runs:
+        r, n = run.n_rounds, len(run.node_names)
+        node = np.tile(np.arange(n), r)
+        part = _run_columns(run, keys, r * n)
+        part["round"] = np.repeat(np.arange(1, r + 1), n)
+        part.update(_node_columns(run, node))
+        for name in NODE_ROUND_DATASETS:
+            if name in run.data:
+                part[_column(name)] = np.asarray(run.data[name][:r]).reshape(r * n)
+        for name in ROUND_DATASETS:
+            if name in run.data:
+                part[_column(name)] = np.repeat(np.asarray(run.data[name][:r]), n)
+        parts.append(part)
+    return _frame(parts)
+
+
+def tidy_epochs(paths: Iterable[str | Path], *, include_unfinished: bool = False) -> pd.DataFrame:
+    """One row per run x local epoch x node (needs pandas): the columns of :func:`tidy` up to
+    ``true_group`` with ``epoch`` (1-based, counted over the whole run) beside ``round`` (from
+    ``epoch/round``), then ``train_loss`` and ``val_loss``."""
+    runs = load_runs(paths, include_unfinished=include_unfinished)
+    keys = settings(runs)
+    parts = []
+    for run in runs:
+        e, n = run.n_epochs, len(run.node_names)
+        part = _run_columns(run, keys, e * n)
+        part["epoch"] = np.repeat(np.arange(1, e + 1), n)
+        part["round"] = np.repeat(np.asarray(run.data["epoch/round"][:e]), n)
+        part.update(_node_columns(run, np.tile(np.arange(n), e)))
+        for name in NODE_EPOCH_DATASETS:
+            if name in run.data:
+                part[_column(name)] = np.asarray(run.data[name][:e]).reshape(e * n)
+        parts.append(part)
+    return _frame(parts)

@@ -18,7 +18,7 @@ import numpy as np
 
 from colnet_mpi.metrics.names import METRIC_NAMES, STAGES
 
-__all__ = ["FIELDS", "Field", "RecordSpec", "Series", "axis_of"]
+__all__ = ["FIELDS", "NODE_DATASETS", "Field", "RecordSpec", "Series", "axis_of"]
 
 Reduce = Callable[[np.ndarray, Mapping[str, np.ndarray]], float | int]
 
@@ -41,7 +41,9 @@ class Field:
     (``axis = "epoch"``: one row per epoch instead, nodes along the row), or ``reduce`` turns the
     gathered column into one number per round. ``source = "writer"``: the writer rank computes
     the value itself (passed to :meth:`RecordSpec.rows`). ``optional`` names a switch that must
-    be on for the dataset to exist (``"affinity"``: the N x N x N matrices).
+    be on for the dataset to exist (``"affinity"``: the N x N x N matrices). ``description``
+    and ``unit`` (``"1"`` dimensionless, ``"s"``, ``"bytes"``, ``""`` for ids, codes and flags)
+    become the dataset's attributes; :attr:`dims` names its axes.
     """
 
     name: str
@@ -52,6 +54,18 @@ class Field:
     default: float = math.nan
     reduce: Reduce | None = None
     optional: str = ""
+    description: str = ""
+    unit: str = ""
+
+    @property
+    def dims(self) -> str:
+        """The dataset's axes, comma-separated: ``"round,node"``, ``"epoch,node"``, ``"round"``,
+        ``"round,node,node"``, ... (the same rule as :meth:`RecordSpec.layout`'s row shapes)."""
+        if self.source == "writer" or self.reduce is not None:
+            return self.axis
+        if self.axis == "epoch":
+            return "epoch,node"
+        return ",".join([self.axis, "node", *("epoch" if c == "e" else "node" for c in self.shape)])
 
 
 def _leader_value(column: np.ndarray, _cols: Mapping[str, np.ndarray]) -> float:
@@ -71,38 +85,220 @@ def _largest_k(column: np.ndarray, _cols: Mapping[str, np.ndarray]) -> int:
     return int(np.nanmax(column)) if column.size else 0
 
 
+#: What a test metric of ``round/test_<metric>`` is, for its ``description`` attribute.
+_METRIC_TEXT = {
+    "loss": "test loss of the node's model on its own task",
+    "precision_micro": "test precision (micro average) on the node's task; NaN where not applicable",
+    "recall_micro": "test recall (micro average) on the node's task; NaN where not applicable",
+    "f1_micro": "test F1 (micro average) on the node's task; NaN where not applicable",
+    "precision_macro": "test precision (macro average) on the node's task; NaN where not applicable",
+    "recall_macro": "test recall (macro average) on the node's task; NaN where not applicable",
+    "f1_macro": "test F1 (macro average) on the node's task; NaN where not applicable",
+}
+
 #: Every dataset of a results file, in the order a record is packed.
 FIELDS: tuple[Field, ...] = (
-    Field("epoch/train_loss", "f8", "e", axis="epoch"),
-    Field("epoch/val_loss", "f8", "e", axis="epoch"),
-    Field("epoch/round", "i4", axis="epoch", source="writer"),
-    *(Field(f"round/test_{m}", "f8") for m in METRIC_NAMES),
-    Field("round/group", "i4", default=-1),
-    Field("round/leader", "i1", default=0),
-    Field("round/backbone_checksum", "i8", default=0),
-    Field("round/bytes_sent", "i8", default=0),
-    Field("round/bytes_received", "i8", default=0),
-    *(Field(f"round/seconds/{s}", "f8", default=0.0) for s in STAGES),
-    Field("hca/weights", "f8"),
-    Field("hca/mean_delta_norm", "f8", reduce=_leader_value),
-    Field("hca/update_norm", "f8", reduce=_leader_value),
-    Field("hca/solver_ok", "i1", default=-1, reduce=_solver_status),
-    Field("clustering/k", "i4", default=0, reduce=_largest_k),
-    Field("clustering/ari", "f8", source="writer"),
-    Field("attack/active", "i1", default=0),  # 1 where the node attacked in the round
-    Field("defense/excluded", "i1", default=0),  # 1: left out of its group's aggregate
-    Field("defense/reason", "i1", default=0),  # index into EXCLUSION_REASONS
-    Field("defense/norm_score", "f8"),  # update norm / reference norm
-    Field("defense/cosine_score", "f8"),  # cosine to the others' median
-    Field("defense/leader_rejected", "i1", default=0),  # 1: refused its leader's broadcast
-    Field("defense/verify_error", "f8"),  # relative error of the leader check
-    Field("defense/refused", "i1", "n", default=0),  # [i, j] = 1: node i refused j's buffer
-    Field("clustering/proposal", "i4", "n", default=-1),  # node i's labels (-1 = unseen)
-    Field("clustering/loss", "f8", "n"),  # loss of node q's backbone with i's head
-    Field("clustering/jacobian", "f8", "n"),  # its mean Jacobian norm
-    Field("clustering/affinity", "f4", "nn", optional="affinity"),  # node i's fused matrix
-    Field("clustering/cosine", "f4", "nn", optional="affinity"),  # node i's cosine matrix
+    Field(
+        "epoch/train_loss",
+        "f8",
+        "e",
+        axis="epoch",
+        unit="1",
+        description="training loss of each local epoch",
+    ),
+    Field(
+        "epoch/val_loss",
+        "f8",
+        "e",
+        axis="epoch",
+        unit="1",
+        description="validation loss after each local epoch",
+    ),
+    Field(
+        "epoch/round",
+        "i4",
+        axis="epoch",
+        source="writer",
+        description="the round (1-based) each local epoch belongs to",
+    ),
+    *(
+        Field(
+            f"round/test_{m}",
+            "f8",
+            unit="1",
+            description=_METRIC_TEXT.get(m, f"test {m} after the round"),
+        )
+        for m in METRIC_NAMES
+    ),
+    Field(
+        "round/group",
+        "i4",
+        default=-1,
+        description="agreed group id (ids in order of first member); -1 = quarantined",
+    ),
+    Field("round/leader", "i1", default=0, description="1 for the round's group leaders"),
+    Field(
+        "round/backbone_checksum",
+        "i8",
+        default=0,
+        description="CRC-32 of the backbone after the round (equal within a group)",
+    ),
+    Field(
+        "round/bytes_sent",
+        "i8",
+        default=0,
+        unit="bytes",
+        description="model-data payload handed to MPI in the round",
+    ),
+    Field(
+        "round/bytes_received",
+        "i8",
+        default=0,
+        unit="bytes",
+        description="model-data payload received from MPI in the round",
+    ),
+    *(
+        Field(
+            f"round/seconds/{s}",
+            "f8",
+            default=0.0,
+            unit="s",
+            description=f"wall-clock time of the {s} stage (0 where the scheme skips it)",
+        )
+        for s in STAGES
+    ),
+    Field(
+        "hca/weights",
+        "f8",
+        unit="1",
+        description="HCA solver weight of each leader (NaN for non-leaders)",
+    ),
+    Field(
+        "hca/mean_delta_norm",
+        "f8",
+        reduce=_leader_value,
+        unit="1",
+        description="norm of the leaders' mean delta (NaN when HCA did not run)",
+    ),
+    Field(
+        "hca/update_norm",
+        "f8",
+        reduce=_leader_value,
+        unit="1",
+        description="norm of the HCA update (NaN when HCA did not run)",
+    ),
+    Field(
+        "hca/solver_ok",
+        "i1",
+        default=-1,
+        reduce=_solver_status,
+        description="1 solver converged, 0 fell back to uniform weights, -1 HCA not run",
+    ),
+    Field(
+        "clustering/k",
+        "i4",
+        default=0,
+        reduce=_largest_k,
+        unit="1",
+        description="number of clusters K used in the round",
+    ),
+    Field(
+        "clustering/ari",
+        "f8",
+        source="writer",
+        unit="1",
+        description="adjusted Rand index of the agreed partition vs. the true groups",
+    ),
+    Field("attack/active", "i1", default=0, description="1 where the node attacked in the round"),
+    Field(
+        "defense/excluded",
+        "i1",
+        default=0,
+        description="1: left out of its group's aggregate (or quarantined)",
+    ),
+    Field(
+        "defense/reason",
+        "i1",
+        default=0,
+        description="why excluded: index into the root attribute defense_reasons",
+    ),
+    Field(
+        "defense/norm_score",
+        "f8",
+        unit="1",
+        description="screening score: update norm / reference norm",
+    ),
+    Field(
+        "defense/cosine_score",
+        "f8",
+        unit="1",
+        description="screening score: cosine of the update to the others' median",
+    ),
+    Field(
+        "defense/leader_rejected",
+        "i1",
+        default=0,
+        description="1: the node refused its leader's broadcast",
+    ),
+    Field(
+        "defense/verify_error",
+        "f8",
+        unit="1",
+        description="relative error the node measured when checking its leader's broadcast",
+    ),
+    Field(
+        "defense/refused",
+        "i1",
+        "n",
+        default=0,
+        description="[i, j] = 1: node i refused a buffer from node j",
+    ),
+    Field(
+        "clustering/proposal",
+        "i4",
+        "n",
+        default=-1,
+        description="node i's proposed labels over world indices (-1 = unseen)",
+    ),
+    Field(
+        "clustering/loss",
+        "f8",
+        "n",
+        unit="1",
+        description="[i, q]: loss of node q's backbone with node i's head",
+    ),
+    Field(
+        "clustering/jacobian",
+        "f8",
+        "n",
+        unit="1",
+        description="[i, q]: mean Jacobian norm of node q's backbone with node i's head",
+    ),
+    Field(
+        "clustering/affinity",
+        "f4",
+        "nn",
+        optional="affinity",
+        unit="1",
+        description="node i's fused affinity matrix S over world indices (NaN = unseen pair)",
+    ),
+    Field(
+        "clustering/cosine",
+        "f4",
+        "nn",
+        optional="affinity",
+        unit="1",
+        description="node i's cosine matrix over world indices (NaN = unseen pair)",
+    ),
 )
+
+#: The per-node string datasets under ``nodes/`` (written once, not part of the record):
+#: ``{name: (description, unit, dims)}``.
+NODE_DATASETS: dict[str, tuple[str, str, str]] = {
+    "nodes/name": ("name of each node (world rank order)", "", "node"),
+    "nodes/task": ("task each node learns", "", "node"),
+    "nodes/true_group": ("true task group of each node (for the clustering ARI)", "", "node"),
+}
 
 _AXIS = {f.name: f.axis for f in FIELDS}
 
@@ -135,6 +331,17 @@ class RecordSpec:
             else:
                 row = (self.n, *self._dims(f.shape))
             out[f.name] = Series(f.dtype, row)
+        return out
+
+    def attributes(self) -> dict[str, dict[str, str]]:
+        """``{dataset name: {"description", "unit", "dims"}}`` for every dataset of the file
+        (the record's and the ``nodes/`` ones), set as HDF5 attributes by the writer."""
+        out = {
+            name: {"description": d, "unit": u, "dims": dims}
+            for name, (d, u, dims) in NODE_DATASETS.items()
+        }
+        for f in self.fields:
+            out[f.name] = {"description": f.description, "unit": f.unit, "dims": f.dims}
         return out
 
     def width(self) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
@@ -41,6 +43,8 @@ class ResultsWriter:
 
     The file is opened, appended and closed for every round, so a job killed between rounds
     leaves a complete, readable file, and another rank can mark it failed after a crash.
+    Every open is without HDF5 file locking (``locking=False``): a reader that holds the file
+    open (a notebook, ``colnet-mpi report``) must never make the writer's next open fail.
     """
 
     def __init__(
@@ -62,7 +66,7 @@ class ResultsWriter:
         if resume_round is not None:
             self._truncate(resume_round, attrs)
             return
-        with h5py.File(self.path, "w" if overwrite else "w-") as f:
+        with h5py.File(self.path, "w" if overwrite else "w-", locking=False) as f:
             for key, value in attrs.items():
                 f.attrs[key] = value
             f.attrs["status"] = "running"
@@ -87,10 +91,16 @@ class ResultsWriter:
                         *series.row,
                     ),
                 )
+            # description / unit / dims of every dataset (nodes/ too), from the record spec
+            spec = RecordSpec(n, 1, record_affinity=record_affinity)
+            for name, attributes in spec.attributes().items():
+                if name in f:
+                    f[name].attrs.update(attributes)
 
     def append(self, rows: Mapping[str, np.ndarray | float | int]) -> None:
         """Append one or more rows to each named dataset and close the file (so it is on disk)."""
-        with h5py.File(self.path, "a") as f:
+        _test_enospc(self.path, rows)
+        with h5py.File(self.path, "a", locking=False) as f:
             for name, value in rows.items():
                 series = self.layout[name]
                 arr = np.asarray(value, dtype=series.dtype)
@@ -108,7 +118,7 @@ class ResultsWriter:
     def _truncate(self, rounds: int, attrs: Mapping[str, Any]) -> None:
         """Reopen an existing file to continue after round ``rounds``: every dataset is cut to
         those rounds (epochs: to the epochs of those rounds) and the run is marked running."""
-        with h5py.File(self.path, "a") as f:
+        with h5py.File(self.path, "a", locking=False) as f:
             missing = [name for name in self.layout if name not in f]
             if missing:
                 raise ValueError(f"{self.path}: no dataset {missing[0]!r}; not this run's file")
@@ -131,7 +141,7 @@ class ResultsWriter:
 
     def mark_checkpoint(self, r: int, directory: str, nbytes: int) -> None:
         """Record that every rank's checkpoint of round ``r`` is complete (and its size)."""
-        with h5py.File(self.path, "a") as f:
+        with h5py.File(self.path, "a", locking=False) as f:
             f.attrs["checkpoint_round"] = r
             f.attrs["checkpoint_dir"] = directory
             f.attrs["checkpoint_count"] = int(f.attrs.get("checkpoint_count", 0)) + 1
@@ -139,18 +149,29 @@ class ResultsWriter:
 
     def add_checkpoint_seconds(self, seconds: float) -> None:
         """Add the writer rank's time spent checkpointing (summed over resumes)."""
-        with h5py.File(self.path, "a") as f:
+        with h5py.File(self.path, "a", locking=False) as f:
             f.attrs["checkpoint_seconds"] = float(f.attrs.get("checkpoint_seconds", 0.0)) + seconds
 
     def set_attrs(self, **attrs: Any) -> None:
         """Set root attributes (e.g. ``status``)."""
-        with h5py.File(self.path, "a") as f:
+        with h5py.File(self.path, "a", locking=False) as f:
             for key, value in attrs.items():
                 f.attrs[key] = value
 
     def finish(self) -> None:
         """Mark the run finished."""
         self.set_attrs(status="finished", finished=now_iso())
+
+
+def _test_enospc(path: Path, rows: Mapping[str, Any]) -> None:
+    """Fault injection for the tests: ``COLNET_TEST_ENOSPC=<round>`` makes appending that round
+    (the round named by its ``epoch/round`` rows) fail as on a full disk, before the file is touched."""
+    spec = os.environ.get("COLNET_TEST_ENOSPC", "")
+    if not spec or "epoch/round" not in rows:
+        return
+    rounds = np.asarray(rows["epoch/round"]).ravel()
+    if rounds.size and str(int(rounds[-1])) == spec.strip():
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 
 def mark_failed(path: str | Path, message: str, *, attempts: int = 10) -> bool:
@@ -164,7 +185,7 @@ def mark_failed(path: str | Path, message: str, *, attempts: int = 10) -> bool:
         if not p.is_file():
             return False
         try:
-            with h5py.File(p, "a") as f:
+            with h5py.File(p, "a", locking=False) as f:
                 if f.attrs.get("status") not in ("running", b"running"):
                     return False
                 f.attrs["status"] = "failed"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from colnet_mpi.metrics.writer import STAGES, TEST_METRICS
-from tests.conftest import ROOT, colnet, run_mpi
+from tests.conftest import ROOT, colnet, run_mpi, write_crash_script
 
 QUICK = str(ROOT / "configs" / "quickstart.toml")
 # the quickstart, shrunk so that a CI run takes seconds
@@ -288,19 +288,7 @@ def test_exception_on_one_rank_aborts_job(tmp_path: Path) -> None:
     cfg.write_text(Path(QUICK).read_text().replace("count = 3", "count = 1"))
     out = tmp_path / "crash.h5"
     script = tmp_path / "crash.py"
-    script.write_text(
-        "import sys\n"
-        "from mpi4py import MPI\n"
-        "from colnet_mpi import cli\n"
-        "from colnet_mpi.federation import loop as rnd\n"
-        "original = rnd.Federation.round\n"
-        "def round(self, r):\n"
-        "    if r == 2 and MPI.COMM_WORLD.Get_rank() == 1:\n"
-        "        raise RuntimeError('injected failure')\n"
-        "    return original(self, r)\n"
-        "rnd.Federation.round = round\n"
-        "sys.exit(cli.main(sys.argv[1:]))\n"
-    )
+    write_crash_script(script)
     proc = run_mpi(
         2, [sys.executable, str(script), "run", str(cfg), "--out", str(out), *SMALL], timeout=240
     )
