@@ -287,7 +287,7 @@ ATTACKS = ("none", "label_flip", "boost", "at2fl", "manipulate", "bad_buffer")
 class AttackConfig:
     """[attack]: one poisoning attack (or none), which nodes run it and from which round.
 
-    Defaults are the settings of the paper's robustness experiments (REFERENCE_FACTS "Attacks").
+    Defaults are the settings of the paper's robustness experiments.
     """
 
     kind: str = "none"  # none | label_flip | boost | at2fl | manipulate | bad_buffer

@@ -1,6 +1,6 @@
 """Task-aware clustering: signal fusion, spectral proposals and the rank-wide consensus.
 
-These are the pure parts of ColNet's stage 3 (DESIGN §3 and §5.3). Each node fuses its own
+These are the pure parts of ColNet's stage 3. Each node fuses its own
 signals into an affinity matrix over the indices it saw and proposes labels with spectral
 clustering; the proposals of all nodes are then turned into one partition by a deterministic
 co-association consensus that every rank computes identically.

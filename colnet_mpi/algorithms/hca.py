@@ -1,4 +1,4 @@
-"""Hyper conflict-averse (HCA) cross-group aggregation of backbone deltas (DESIGN §5.5)."""
+"""Hyper conflict-averse (HCA) cross-group aggregation of backbone deltas."""
 
 from __future__ import annotations
 

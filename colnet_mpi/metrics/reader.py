@@ -58,7 +58,7 @@ __all__ = [
     "val_loss_curves",
 ]
 
-#: Test metrics stored as ``round/test_<metric>`` (DESIGN §7; the same names as the writer's).
+#: Test metrics stored as ``round/test_<metric>`` (the same names as the writer's; see the README's "Results file").
 TEST_METRICS: tuple[str, ...] = METRIC_NAMES
 
 #: Config keys that never make two runs different settings (seeds are replicates of one setting).
@@ -132,7 +132,7 @@ def flatten_config(raw: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 class Run:
     """One results file read into memory (everything but the per-node affinity matrices).
 
-    ``data`` maps dataset names of DESIGN §7 (``"round/test_f1_micro"``, ``"epoch/val_loss"``,
+    ``data`` maps dataset names of the results file (``"round/test_f1_micro"``, ``"epoch/val_loss"``,
     ``"clustering/ari"``, ``"hca/weights"``, ...) to arrays, cut to the complete rounds.
     """
 

@@ -33,7 +33,7 @@ STAGES = [
 NAN = math.nan
 
 # Every dataset a rank packs: (shape of one node's value in letters, default), written out from
-# the DESIGN record: "e" one value per local epoch, "n" one per node, "nn" node-by-node.
+# the record: "e" one value per local epoch, "n" one per node, "nn" node-by-node.
 PACKED: dict[str, tuple[str, float]] = {
     "epoch/train_loss": ("e", NAN),
     "epoch/val_loss": ("e", NAN),
@@ -82,7 +82,7 @@ def random_values(rng: np.random.Generator, n: int, e: int, affinity: bool) -> d
 
 
 def expected_row(name: str, n: int) -> tuple[int, ...]:
-    """Shape of one dataset row, from the DESIGN layout (independent of the spec's code)."""
+    """Shape of one dataset row, from the documented layout (independent of the spec's code)."""
     if name in WRITER or name in REDUCED:
         return ()
     if name in EPOCH:

@@ -17,7 +17,7 @@ from colnet_mpi.federation.schemes import CROSS, GROUPERS, INTRA, SCHEMES, Regis
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "configs" / "quickstart.toml"
 
-# the documented names (DESIGN / config comments), in registration order
+# the documented names (README / config comments), in registration order
 EXPECTED = {
     "grouper": (GROUPERS, ("cluster", "tasks")),
     "intra": (INTRA, ("mean", "median", "trimmed_mean", "norm_clipped_mean")),

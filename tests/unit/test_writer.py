@@ -1,4 +1,4 @@
-"""Unit tests for colnet_mpi.metrics.writer: the DESIGN §7 layout, appending, status attributes."""
+"""Unit tests for colnet_mpi.metrics.writer: the results-file layout, appending, status attributes."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ METRICS = [
     "f1_macro",
 ]
 
-# DESIGN §7 interface names -> shape of one row after the round/epoch axis (n = nodes)
+# the results-file interface names -> shape of one row after the round/epoch axis (n = nodes)
 PER_NODE = (
     ["epoch/train_loss", "epoch/val_loss"]
     + [f"round/test_{m}" for m in METRICS]
@@ -70,7 +70,7 @@ def make_writer(path, *, record_affinity: bool = True, overwrite: bool = False) 
 
 
 def one_round(rng: np.random.Generator, n: int = N) -> dict[str, np.ndarray]:
-    """Random rows for every DESIGN §7 series (integers for the integer series)."""
+    """Random rows for every results-file series (integers for the integer series)."""
     rows: dict[str, np.ndarray] = {}
     for name, shape in design_rows(n).items():
         rows[name] = rng.normal(size=shape)
