@@ -58,7 +58,7 @@ __all__ = [
     "val_loss_curves",
 ]
 
-#: Test metrics stored as ``round/test_<metric>`` (the same names as the writer's; see the README's "Results file").
+#: Test metrics stored as ``round/test_<metric>`` (the writer's names; see the README's "Results file").
 TEST_METRICS: tuple[str, ...] = METRIC_NAMES
 
 #: Config keys that never make two runs different settings (seeds are replicates of one setting).
