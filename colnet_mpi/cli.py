@@ -62,7 +62,9 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="validate the config, world size, data and models on every rank, then stop before training",
     )
-    run.add_argument("--quiet", action="store_true", help="no per-round progress lines")
+    run.add_argument(
+        "--quiet", action="store_true", help="print only the final line (and errors), no progress"
+    )
     check = sub.add_parser(
         "check-config", help="validate a config (no MPI needed) and print it resolved"
     )
@@ -257,6 +259,10 @@ def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
     if config.run.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
+    log(
+        f"colnet-mpi: {size} ranks up after {time.perf_counter() - t0:.1f}s; building every "
+        f"rank's data shard and model ({config.data.dataset}, width {config.model.width})"
+    )
     node = None
     try:
         node = Node(config, rank, device)
@@ -342,7 +348,8 @@ def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
     if writer is not None:
         writer.add_checkpoint_seconds(federation.checkpoint_seconds)
         writer.finish()
-        log(f"finished in {time.perf_counter() - t0:.1f}s; results: {output}")
+        # the last line, printed with --quiet too
+        _say(f"finished in {time.perf_counter() - t0:.1f}s; results: {output}")
     topology.free()
     return 0
 

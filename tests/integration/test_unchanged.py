@@ -47,5 +47,8 @@ def test_a_case_alone_is_bit_identical_too(tmp_path: Path) -> None:
     out = tmp_path / "quickstart.h5"
     proc = run_mpi(6, command("quickstart", out), timeout=400)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # --quiet: no progress lines, but the final line still says where the results went
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("finished in") and str(out) in lines[0], lines
     diff = differences(REFERENCE["quickstart"], fingerprint(out))
     assert not diff, "\n".join(diff)
