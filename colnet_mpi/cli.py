@@ -392,27 +392,17 @@ def _resume_decision(
 def _share_resume(world: Any, point: Any, size: int) -> tuple[int, str, np.ndarray | None] | None:
     """Broadcast the writer rank's decision: ``(start round, checkpoint folder, checksums)``,
     ``(0, "", None)`` for a fresh run, None when there is nothing to do (numeric buffers only)."""
-    from mpi4py import MPI
+    from colnet_mpi.comm.topology import bcast_ints, bcast_text
 
-    head = np.zeros(2, dtype=np.int64)
-    sums = np.zeros(size, dtype=np.int64)
-    text = np.zeros(4096, dtype=np.uint8)
-    if world.Get_rank() == 0:
-        if point == "done":
-            head[0] = -1
-        elif point is not None:
-            head[:] = (point.round, 0)
-            sums[:] = point.checksums
-            raw = point.directory.encode()[: text.size]
-            text[: len(raw)] = np.frombuffer(raw, dtype=np.uint8)
-    world.Bcast([head, MPI.INT64_T], root=0)
-    if head[0] < 0:
+    mine = world.Get_rank() == 0 and point not in (None, "done")
+    start = -1 if point == "done" else (point.round if mine else 0)
+    start = int(bcast_ints(world, [start])[0])
+    if start < 0:
         return None
-    if head[0] == 0:
+    if start == 0:
         return 0, "", None
-    world.Bcast([sums, MPI.INT64_T], root=0)
-    world.Bcast([text, MPI.UNSIGNED_CHAR], root=0)
-    return int(head[0]), bytes(text).rstrip(b"\0").decode(), sums
+    sums = bcast_ints(world, point.checksums if mine else np.zeros(size))
+    return start, bcast_text(world, point.directory if mine else ""), sums
 
 
 def main(argv: Sequence[str] | None = None) -> int:

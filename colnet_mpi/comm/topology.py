@@ -168,13 +168,24 @@ def agree(world: MPI.Comm, error: str | None) -> list[tuple[int, str]]:
     if failing.size == 0:
         return []
     root = int(failing[0])
-    width = 4096
-    msg = np.zeros(width, dtype=np.uint8)
-    if world.Get_rank() == root and error:
-        raw = error.encode()[:width]
-        msg[: len(raw)] = np.frombuffer(raw, dtype=np.uint8)
-    world.Bcast([msg, MPI.UNSIGNED_CHAR], root=root)
-    return [(root, bytes(msg).rstrip(b"\0").decode(errors="replace"))]
+    return [(root, bcast_text(world, error or "", root=root))]
+
+
+def bcast_text(world: MPI.Comm, text: str, *, root: int = 0, width: int = 4096) -> str:
+    """``root``'s ``text`` (its first ``width`` bytes) on every rank, as a fixed-width byte buffer."""
+    buf = np.zeros(width, dtype=np.uint8)
+    if world.Get_rank() == root:
+        raw = text.encode()[:width]
+        buf[: len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+    world.Bcast([buf, MPI.UNSIGNED_CHAR], root=root)
+    return bytes(buf).rstrip(b"\0").decode(errors="replace")
+
+
+def bcast_ints(world: MPI.Comm, values: Sequence[int] | np.ndarray, *, root: int = 0) -> np.ndarray:
+    """``root``'s int64 vector on every rank (all ranks pass a vector of the same length)."""
+    buf = np.ascontiguousarray(values, dtype=np.int64).copy()
+    world.Bcast([buf, MPI.INT64_T], root=root)
+    return buf
 
 
 def ints_allgather(world: MPI.Comm, values: Sequence[int] | np.ndarray) -> np.ndarray:

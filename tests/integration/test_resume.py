@@ -46,6 +46,13 @@ def attrs(path: Path) -> dict:
     return a
 
 
+def crashed(out: Path, kill: str) -> dict:
+    """The results-file attributes after a run whose process was killed at ``kill``."""
+    proc = launch(out, env={"COLNET_TEST_KILL": kill})
+    assert proc.returncode != 0
+    return attrs(out)
+
+
 def checkpoint_files(path: Path) -> list[str]:
     return sorted(p.name for p in Path(f"{path}.ckpt").iterdir())
 
@@ -76,9 +83,7 @@ def resume_and_compare(out: Path, reference: dict, resumed_from: int) -> None:
 @pytest.mark.slow
 def test_kill_one_rank_in_round_3_then_resume(tmp_path: Path, uninterrupted: dict) -> None:
     out = tmp_path / "killed.h5"
-    proc = launch(out, env={"COLNET_TEST_KILL": "stage.cross:3:2"})
-    assert proc.returncode != 0
-    a = attrs(out)
+    a = crashed(out, "stage.cross:3:2")
     assert a["status"] == "running" and a["checkpoint_round"] == 2 and a["rounds"] == 2, a
     resume_and_compare(out, uninterrupted, 2)
 
@@ -87,9 +92,7 @@ def test_kill_one_rank_in_round_3_then_resume(tmp_path: Path, uninterrupted: dic
 @pytest.mark.slow
 def test_crash_while_writing_checkpoint_keeps_previous(tmp_path: Path, uninterrupted: dict) -> None:
     out = tmp_path / "crashed.h5"
-    proc = launch(out, env={"COLNET_TEST_KILL": "checkpoint:3:4"})
-    assert proc.returncode != 0
-    a = attrs(out)
+    a = crashed(out, "checkpoint:3:4")
     # round 3 is recorded but not saved: resuming replaces it (recomputed), never mixes
     assert a["checkpoint_round"] == 2 and a["rounds"] == 3 and a["epochs"] == 3, a
     files = checkpoint_files(out)

@@ -10,26 +10,8 @@ import pytest
 
 from colnet_mpi.metrics.record import FIELDS, RecordSpec, axis_of
 from colnet_mpi.metrics.writer import ResultsWriter, result_layout
+from tests.unit.test_writer import METRICS, STAGES
 
-METRICS = [
-    "loss",
-    "precision_micro",
-    "recall_micro",
-    "f1_micro",
-    "precision_macro",
-    "recall_macro",
-    "f1_macro",
-]
-STAGES = [
-    "local_train",
-    "exchange",
-    "clustering",
-    "intra",
-    "cross",
-    "redistribute",
-    "evaluate",
-    "total",
-]
 NAN = math.nan
 
 # Every dataset a rank packs: (shape of one node's value in letters, default), written out from
