@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace an existing results file (with --resume: only if it cannot be resumed)",
+        help="start over on an existing results file, which is kept renamed to "
+        "<name>.replaced-<time>.h5 (with --resume: only if it cannot be resumed)",
     )
     run.add_argument(
         "--resume",
@@ -133,8 +134,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"colnet-mpi: rank {rank} of {world.Get_size()} on {socket.gethostname()} failed: "
             f"{_describe_failure(err, output)}"
         )
-        # A full disk is the machine's state, not a bug: one message, no traceback.
-        text = message if _disk_full(err) else message + "\n" + traceback.format_exc()
+        # A full disk is the machine's state, and a silent peer is named by the watchdog, not a
+        # bug here: one message, no traceback.
+        from colnet_mpi.comm.watchdog import WatchdogTimeout
+
+        plain = _disk_full(err) or isinstance(err, WatchdogTimeout)
+        text = message if plain else message + "\n" + traceback.format_exc()
         sys.stderr.write(text.rstrip("\n") + "\n")
         sys.stderr.flush()
         if output is not None:
@@ -205,11 +210,15 @@ def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
         config = load_config(args.config, args.overrides)
     except ConfigError as err:
         error = f"invalid config: {err}"
-    topology = Topology(kind=config.federation.topology if config else "full")
+    timeout = config.federation.timeout if config else "auto"
+    topology = Topology(
+        kind=config.federation.topology if config else "full",
+        timeout=None if timeout == "auto" else float(timeout),
+    )
     world, rank, size = topology.world, topology.rank, topology.size
 
     def stop_if_any(err: str | None) -> None:
-        failures = agree(world, err)
+        failures = agree(world, err, topology.watchdog)
         if failures:
             who, msg = failures[0]
             if rank == 0:
@@ -243,7 +252,7 @@ def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
         if error is None:
             point, error = _resume_decision(args, config, output, size, log)
     stop_if_any(error)
-    plan = _share_resume(world, point, size)
+    plan = _share_resume(world, point, size, topology.watchdog)
     if plan is None:
         log(f"{output}: finished with all {config.training.rounds} rounds; nothing to resume")
         topology.free()
@@ -327,7 +336,9 @@ def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
         )
         federation.writer = writer
         state["output"] = output
-    world.Barrier()
+        if writer.kept is not None:
+            log(f"the earlier results file is kept as {writer.kept}")
+    topology.watchdog.fence(world, "the results file to be created")
     if rank != 0:
         state["output"] = output
     federation.stop = StopRequest().install()
@@ -344,7 +355,7 @@ def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
         return EXIT_PREEMPTED
     finally:
         federation.stop.uninstall()
-    world.Barrier()
+    topology.watchdog.fence(world, "every rank to finish")
     if writer is not None:
         writer.add_checkpoint_seconds(federation.checkpoint_seconds)
         writer.finish()
@@ -389,20 +400,22 @@ def _resume_decision(
     return point, None
 
 
-def _share_resume(world: Any, point: Any, size: int) -> tuple[int, str, np.ndarray | None] | None:
+def _share_resume(
+    world: Any, point: Any, size: int, watchdog: Any = None
+) -> tuple[int, str, np.ndarray | None] | None:
     """Broadcast the writer rank's decision: ``(start round, checkpoint folder, checksums)``,
     ``(0, "", None)`` for a fresh run, None when there is nothing to do (numeric buffers only)."""
     from colnet_mpi.comm.topology import bcast_ints, bcast_text
 
     mine = world.Get_rank() == 0 and point not in (None, "done")
     start = -1 if point == "done" else (point.round if mine else 0)
-    start = int(bcast_ints(world, [start])[0])
+    start = int(bcast_ints(world, [start], watchdog=watchdog)[0])
     if start < 0:
         return None
     if start == 0:
         return 0, "", None
-    sums = bcast_ints(world, point.checksums if mine else np.zeros(size))
-    return start, bcast_text(world, point.directory if mine else ""), sums
+    sums = bcast_ints(world, point.checksums if mine else np.zeros(size), watchdog=watchdog)
+    return start, bcast_text(world, point.directory if mine else "", watchdog=watchdog), sums
 
 
 def main(argv: Sequence[str] | None = None) -> int:

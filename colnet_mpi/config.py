@@ -215,8 +215,20 @@ class FederationConfig:
     intra_weights: str = "equal"  # equal (the paper) or samples (training-set sizes)
     local_bn: bool = False  # FedBN-style: BatchNorm layers stay local
     cuda_aware: str = "auto"  # auto | yes | no: pass GPU buffers straight to MPI
+    # seconds any MPI wait may last before the job is aborted naming the silent rank; "auto":
+    # derived from the round times seen so far (see comm/watchdog.py)
+    timeout: float | str = "auto"
 
     def __post_init__(self) -> None:
+        if isinstance(self.timeout, str):
+            _choice("federation.timeout", self.timeout, ("auto",))
+        else:
+            if isinstance(self.timeout, bool):
+                raise ConfigError(
+                    f"federation.timeout = {self.timeout!r} is not allowed; use \"auto\" or seconds"
+                )
+            _positive("federation.timeout", self.timeout)
+            _at_most("federation.timeout", self.timeout, 7 * 86400, "a week; a typo guard")
         _choice("federation.scheme", self.scheme, SCHEMES.names())
         _choice("federation.grouping", self.grouping, GROUPERS.names())
         _choice("federation.topology", self.topology, ("full", "ring"))

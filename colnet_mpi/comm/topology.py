@@ -9,6 +9,8 @@ from collections.abc import Sequence
 import numpy as np
 from mpi4py import MPI
 
+from colnet_mpi.comm.watchdog import Watchdog
+
 TOPOLOGIES = ("full", "ring")
 
 
@@ -26,11 +28,15 @@ class Topology:
 
     ``world`` is a private duplicate of the parent communicator, so library traffic never mixes with
     anything else in the process. ``group`` and ``leaders`` are rebuilt by :meth:`set_groups` each
-    round (``MPI.COMM_NULL`` where this rank is not a member) and freed by :meth:`free`.
+    round (``MPI.COMM_NULL`` where this rank is not a member) and freed by :meth:`free`. Every
+    wait on them goes through ``watchdog`` (``timeout`` seconds, None: automatic).
     """
 
-    def __init__(self, parent: MPI.Comm | None = None, *, kind: str = "full") -> None:
+    def __init__(
+        self, parent: MPI.Comm | None = None, *, kind: str = "full", timeout: float | None = None
+    ) -> None:
         self.world: MPI.Comm = (parent if parent is not None else MPI.COMM_WORLD).Dup()
+        self.watchdog = Watchdog(self.world, timeout)
         self.rank: int = self.world.Get_rank()
         self.size: int = self.world.Get_size()
         self.kind = kind
@@ -46,6 +52,7 @@ class Topology:
         self.is_leader = False
         self.isolated = False  # quarantined by screening this round (group id -1)
         self.group_members: list[int] = [self.rank]
+        self.leader_ranks: list[int] = []  # world ranks in the leaders' communicator
         self.leader_rank_in_group = 0
 
     # -- per-round groups -------------------------------------------------------------------
@@ -82,6 +89,7 @@ class Topology:
             leader = leaders_here[0]
             color = my_group
         key = group_ids.tobytes()
+        self.watchdog.fence(self.world, "the new group communicators")
         if key != self._groups_key:
             self._free(self.group)
             self.group = self.world.Split(color=color, key=self.rank)
@@ -92,6 +100,7 @@ class Topology:
             color=0 if self.is_leader else MPI.UNDEFINED, key=max(my_group, 0)
         )
         self.group_ids = group_ids
+        self.leader_ranks = [int(r) for r in np.flatnonzero(leader_flags & (group_ids >= 0))]
         self.group_members = members
         self.leader_rank_in_group = members.index(leader)
 
@@ -113,6 +122,7 @@ class Topology:
         self.group = MPI.COMM_NULL
         self.leaders = MPI.COMM_NULL
         self._groups_key = None
+        self.watchdog.free()
         if self.world != MPI.COMM_NULL:
             self.world.Free()
             self.world = MPI.COMM_NULL
@@ -131,6 +141,7 @@ class Topology:
         raw = socket.gethostname().encode()[:width]
         mine[: len(raw)] = np.frombuffer(raw, dtype=np.uint8)
         allnames = np.zeros((self.size, width), dtype=np.uint8)
+        self.watchdog.fence(self.world, "every rank's host name")
         self.world.Allgather([mine, MPI.UNSIGNED_CHAR], [allnames, MPI.UNSIGNED_CHAR])
         return [bytes(row).rstrip(b"\0").decode(errors="replace") for row in allnames]
 
@@ -154,7 +165,9 @@ def mpi_library() -> str:
     return MPI.Get_library_version().strip().splitlines()[0].strip()
 
 
-def agree(world: MPI.Comm, error: str | None) -> list[tuple[int, str]]:
+def agree(
+    world: MPI.Comm, error: str | None, watchdog: Watchdog | None = None
+) -> list[tuple[int, str]]:
     """Collectively learn which ranks hit an error before training (numeric Allgather only).
 
     Returns ``[(rank, message)]`` for the lowest failing rank (its message is broadcast as bytes),
@@ -163,34 +176,62 @@ def agree(world: MPI.Comm, error: str | None) -> list[tuple[int, str]]:
     """
     flags = np.zeros(world.Get_size(), dtype=np.int32)
     mine = np.array([1 if error else 0], dtype=np.int32)
+    _fence(watchdog, world, "every rank's start-up checks")
     world.Allgather([mine, MPI.INT], [flags, MPI.INT])
     failing = np.flatnonzero(flags)
     if failing.size == 0:
         return []
     root = int(failing[0])
-    return [(root, bcast_text(world, error or "", root=root))]
+    return [(root, bcast_text(world, error or "", root=root, watchdog=watchdog))]
 
 
-def bcast_text(world: MPI.Comm, text: str, *, root: int = 0, width: int = 4096) -> str:
+def _fence(watchdog: Watchdog | None, comm: MPI.Comm, what: str) -> None:
+    if watchdog is not None:
+        watchdog.fence(comm, what)
+
+
+def bcast_text(
+    world: MPI.Comm,
+    text: str,
+    *,
+    root: int = 0,
+    width: int = 4096,
+    watchdog: Watchdog | None = None,
+) -> str:
     """``root``'s ``text`` (its first ``width`` bytes) on every rank, as a fixed-width byte buffer."""
     buf = np.zeros(width, dtype=np.uint8)
     if world.Get_rank() == root:
         raw = text.encode()[:width]
         buf[: len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+    _fence(watchdog, world, f"a message from rank {root}")
     world.Bcast([buf, MPI.UNSIGNED_CHAR], root=root)
     return bytes(buf).rstrip(b"\0").decode(errors="replace")
 
 
-def bcast_ints(world: MPI.Comm, values: Sequence[int] | np.ndarray, *, root: int = 0) -> np.ndarray:
+def bcast_ints(
+    world: MPI.Comm,
+    values: Sequence[int] | np.ndarray,
+    *,
+    root: int = 0,
+    watchdog: Watchdog | None = None,
+) -> np.ndarray:
     """``root``'s int64 vector on every rank (all ranks pass a vector of the same length)."""
     buf = np.ascontiguousarray(values, dtype=np.int64).copy()
+    _fence(watchdog, world, f"numbers from rank {root}")
     world.Bcast([buf, MPI.INT64_T], root=root)
     return buf
 
 
-def ints_allgather(world: MPI.Comm, values: Sequence[int] | np.ndarray) -> np.ndarray:
+def ints_allgather(
+    world: MPI.Comm,
+    values: Sequence[int] | np.ndarray,
+    *,
+    watchdog: Watchdog | None = None,
+    what: str = "every rank's numbers",
+) -> np.ndarray:
     """Allgather a small int64 vector of the same length from every rank -> (size, length)."""
     mine = np.ascontiguousarray(values, dtype=np.int64)
     out = np.empty((world.Get_size(), mine.size), dtype=np.int64)
+    _fence(watchdog, world, what)
     world.Allgather([mine, MPI.INT64_T], [out, MPI.INT64_T])
     return out

@@ -98,6 +98,11 @@ class Transport:
             return [t, dtype]  # __cuda_array_interface__
         return [t.numpy(), dtype]
 
+    def _fence_group(self, what: str) -> None:
+        """Wait (bounded by the watchdog) until every group member reached this collective."""
+        topo = self.topology
+        topo.watchdog.fence(topo.group, what, topo.group_members)
+
     def reset_counters(self) -> None:
         """Start counting the bytes (and refused buffers) of a new round."""
         self.bytes_sent = 0
@@ -125,9 +130,10 @@ class Transport:
             world.Isend(self._buf(send), dest=dst, tag=tag) for dst in self.topology.neighbours
         ]
         received: dict[int, torch.Tensor] = {}
+        watchdog = self.topology.watchdog
         for src in self.topology.neighbours:
             status = MPI.Status()
-            message = world.Mprobe(source=src, tag=tag, status=status)
+            message = watchdog.probe(world, src, tag, status, "its backbone")
             count = status.Get_count(MPI.FLOAT)
             size_ok = count == numel
             buf = self._empty(numel if size_ok else max(status.Get_count(MPI.BYTE), 0) // 4 + 1)
@@ -142,7 +148,7 @@ class Transport:
                 self.rejected.append((src, str(err)))
                 continue
             received[src] = self._back(buf)
-        MPI.Request.Waitall(sends)
+        watchdog.requests(sends, "its neighbours to take its backbone", self.topology.neighbours)
         self.bytes_sent += len(sends) * send.numel() * send.element_size()
         return received
 
@@ -152,6 +158,7 @@ class Transport:
         comm = self.topology.group
         wire = self._wire(vec.clone())
         if self.topology.group_size > 1:
+            self._fence_group("the group sum")
             comm.Allreduce(MPI.IN_PLACE, self._buf(wire), op=MPI.SUM)
             self.bytes_sent += wire.numel() * wire.element_size()
             self.bytes_received += wire.numel() * wire.element_size()
@@ -164,6 +171,7 @@ class Transport:
             return vec.clone()
         wire = self._wire(vec.clone())
         root = topo.leader_rank_in_group
+        self._fence_group("the group sum on its leader")
         if topo.is_leader:
             topo.group.Reduce(MPI.IN_PLACE, self._buf(wire), op=MPI.SUM, root=root)
             self.bytes_received += wire.numel() * wire.element_size() * (topo.group_size - 1)
@@ -184,6 +192,7 @@ class Transport:
             return vec.clone().unsqueeze(0)
         wire = self._wire(vec)
         out = self._empty(topo.group_size, vec.numel())
+        self._fence_group("every group member's update")
         topo.group.Allgather(self._buf(wire), self._buf(out))
         size = wire.numel() * wire.element_size()
         self.bytes_sent += size * (topo.group_size - 1)
@@ -196,6 +205,7 @@ class Transport:
         if topo.group_size == 1:
             return True
         both = np.array([value, -value], dtype=np.int64)
+        self._fence_group("the group's checksum comparison")
         topo.group.Allreduce(MPI.IN_PLACE, [both, MPI.INT64_T], op=MPI.MAX)
         return bool(both[0] == -both[1])
 
@@ -211,6 +221,7 @@ class Transport:
         wire = self._wire(vec)
         root = topo.leader_rank_in_group
         size = wire.numel() * wire.element_size()
+        self._fence_group("the members' updates on the leader")
         if topo.is_leader:
             out = self._empty(topo.group_size, vec.numel())
             topo.group.Gather(self._buf(wire), self._buf(out), root=root)
@@ -227,6 +238,9 @@ class Transport:
         n = comm.Get_size()
         out = self._empty(n, vec.numel())
         wire = self._wire(vec)
+        self.topology.watchdog.fence(
+            comm, "every leader's group result", self.topology.leader_ranks
+        )
         comm.Allgather(self._buf(wire), self._buf(out))
         self.bytes_sent += wire.numel() * 4 * (n - 1)
         self.bytes_received += wire.numel() * 4 * (n - 1)
@@ -237,6 +251,7 @@ class Transport:
         comm = self.topology.leaders
         wire = self._wire(vec.clone())
         if comm.Get_size() > 1:
+            self.topology.watchdog.fence(comm, "the leaders' sum", self.topology.leader_ranks)
             comm.Allreduce(MPI.IN_PLACE, self._buf(wire), op=MPI.SUM)
             self.bytes_sent += wire.numel() * 4
             self.bytes_received += wire.numel() * 4
@@ -253,6 +268,7 @@ class Transport:
         if topo.group_size == 1:
             return vec
         wire = self._wire(vec.clone())
+        self._fence_group("the leader's backbone")
         topo.group.Bcast(self._buf(wire), root=topo.leader_rank_in_group)
         size = wire.numel() * wire.element_size()
         if topo.is_leader:
@@ -283,6 +299,7 @@ class Transport:
         else:
             wire = self._empty(*shape)
         if topo.group_size > 1:
+            self._fence_group("the leader's rows")
             topo.group.Bcast(self._buf(wire), root=topo.leader_rank_in_group)
             size = wire.numel() * wire.element_size()
             if topo.is_leader:
@@ -301,5 +318,6 @@ class Transport:
             if world.Get_rank() == root
             else None
         )
+        self.topology.watchdog.fence(world, "every rank's round record")
         world.Gather([rec, MPI.DOUBLE], [out, MPI.DOUBLE] if out is not None else None, root=root)
         return out

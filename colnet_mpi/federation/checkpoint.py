@@ -237,10 +237,11 @@ def save_checkpoint(fed: Federation, r: int) -> None:
     world = fed.topology.world
     size = np.zeros(1)
     mine = np.array([float(fed.checkpoints.last_bytes)])
+    fed.topology.watchdog.fence(world, "every rank's checkpoint")
     world.Reduce([mine, MPI.DOUBLE], [size, MPI.DOUBLE], op=MPI.SUM, root=0)
     if fed.writer is not None:
         fed.writer.mark_checkpoint(r, str(fed.checkpoints.directory.resolve()), int(size[0]))
-    world.Barrier()
+    fed.topology.watchdog.fence(world, "the checkpoint to be recorded")
     fed.checkpoints.prune(keep=r)
     fed.checkpoint_seconds += time.perf_counter() - t0
 

@@ -78,7 +78,9 @@ class Defense:
         for i, j in enumerate(mates):
             if not math.isnan(float(scores[i])):  # NaN: nobody to compare with, untested
                 verdict[j] = int(not float(scores[i]) <= ratio)
-        verdicts = ints_allgather(topo.world, verdict)
+        verdicts = ints_allgather(
+            topo.world, verdict, watchdog=topo.watchdog, what="every rank's screening verdict"
+        )
         clip = self.config.norm_action == "clip"
         outlier, quarantined = quarantine_vote(verdicts, refused_only=clip)
         defended.norm_score = float(scores[0])

@@ -103,7 +103,9 @@ class TaskAwareClustering:
             world_aff[1][np.ix_(view, view)] = cos
             signals[0, view] = losses
             signals[1, view] = jacobians
-        proposals = ints_allgather(topo.world, proposal)
+        proposals = ints_allgather(
+            topo.world, proposal, watchdog=topo.watchdog, what="every rank's grouping proposal"
+        )
         active = np.flatnonzero(~quarantined)
         want = min(cfg.k, active.size) if isinstance(cfg.k, int) else None
         groups = np.full(n, -1, dtype=np.int64)

@@ -43,6 +43,8 @@ class Federation:
             config, topology, node, writer, log,
         )  # fmt: skip
         self.transport = Transport(topology, node.device, config.federation.cuda_aware)
+        timeout = config.federation.timeout
+        topology.watchdog.timeout = None if timeout == "auto" else float(timeout)
         n = topology.size
         tasks = dataset_tasks(config.data.dataset)
         self.true_groups = [tasks[nd.task].group for nd in config.nodes]
@@ -87,16 +89,19 @@ class Federation:
         ctx = RoundContext(r, self.topology.size)
         self.transport.reset_counters()
         t_round = time.perf_counter()
+        watchdog = self.topology.watchdog
         for name, stage in stages.ROUND:
+            watchdog.at(r, name)
             test_hook(f"stage.{name}", r, self.topology.rank)
             t = time.perf_counter()
             if stage(self, ctx):
                 ctx.seconds[name] += time.perf_counter() - t
             if name == "local_train" and self.stop is not None:
-                sig = self.stop.agreed(self.topology.world)
+                sig = self.stop.agreed(self.topology.world, watchdog)
                 if sig:
                     raise Preempted(f"{sig} in round {r}")
         ctx.seconds["total"] = time.perf_counter() - t_round
+        watchdog.round_finished(ctx.seconds["total"])
         self.state.finish_round(r, ctx.groups)
         return ctx
 
@@ -124,19 +129,22 @@ class Federation:
         the next point all ranks reach (round start, end of local training) with
         :class:`Preempted`, after the last finished round is checkpointed.
         """
-        world = self.topology.world
+        world, watchdog = self.topology.world, self.topology.watchdog
         rounds, every = self.config.training.rounds, self.config.run.checkpoint_every
         self.saved_round = start_round - 1
         for r in range(start_round, rounds + 1):
-            if self.stop is not None and (sig := self.stop.agreed(world)):
+            watchdog.at(r, "round start")
+            if self.stop is not None and (sig := self.stop.agreed(world, watchdog)):
                 if self.checkpoints is not None and every and self.saved_round < r - 1:
                     save_checkpoint(self, r - 1)
                     self.saved_round = r - 1
                 raise Preempted(f"{sig} before round {r}")
             ctx = self.round(r)
+            watchdog.at(r, "record")
             record_round(self, ctx)
             # nobody starts the next round before round r is on disk: a crash later loses nothing
-            world.Barrier()
+            watchdog.fence(world, f"round {r} to be on disk")
             if self.checkpoints is not None and every and (r % every == 0 or r == rounds):
+                watchdog.at(r, "checkpoint")
                 save_checkpoint(self, r)
                 self.saved_round = r

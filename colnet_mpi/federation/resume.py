@@ -29,6 +29,7 @@ MAY_CHANGE: frozenset[str] = frozenset(
         "run.checkpoint_dir",
         "training.rounds",
         "federation.cuda_aware",
+        "federation.timeout",
         "data.root",
     }
 )

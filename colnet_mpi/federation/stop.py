@@ -17,6 +17,8 @@ from types import FrameType
 import numpy as np
 from mpi4py import MPI
 
+from colnet_mpi.comm.watchdog import Watchdog
+
 #: Exit code of a run stopped by a signal (BSD ``EX_TEMPFAIL``: try again later).
 EXIT_PREEMPTED = 75
 
@@ -56,13 +58,15 @@ class StopRequest:
             os._exit(128 + signum)
         self.received = name
 
-    def agreed(self, world: MPI.Comm) -> str:
+    def agreed(self, world: MPI.Comm, watchdog: Watchdog | None = None) -> str:
         """Collective: the signal's name if any rank received one, else ``""``."""
         mine = np.array(
             [STOP_SIGNALS.index(signal.Signals[self.received]) + 1 if self.received else 0]
         )
         mine = mine.astype(np.int32)
         out = np.zeros(1, dtype=np.int32)
+        if watchdog is not None:
+            watchdog.fence(world, "the stop-signal check")
         world.Allreduce([mine, MPI.INT], [out, MPI.INT], op=MPI.MAX)
         return STOP_SIGNALS[int(out[0]) - 1].name if out[0] else ""
 

@@ -23,6 +23,7 @@ __all__ = [
     "STAGES",
     "TEST_METRICS",
     "ResultsWriter",
+    "keep_previous",
     "mark_failed",
     "result_layout",
 ]
@@ -36,6 +37,25 @@ def now_iso() -> str:
 def result_layout(n_nodes: int, *, record_affinity: bool) -> dict[str, Series]:
     """Every appendable dataset of a results file for ``n_nodes`` nodes (from the record spec)."""
     return RecordSpec(n_nodes, 1, record_affinity=record_affinity).layout()
+
+
+def keep_previous(path: Path) -> Path | None:
+    """Move an existing results file (and its default checkpoint folder) out of the way, to
+    ``<stem>.replaced-<UTC time>[-n]<suffix>`` next to it; returns the new name, None when there
+    was nothing to move. A replaced run is renamed, never truncated: its records stay readable."""
+    if not path.exists():
+        return None
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    for n in range(1000):
+        tail = f"-{n}" if n else ""
+        kept = path.with_name(f"{path.stem}.replaced-{stamp}{tail}{path.suffix}")
+        if not kept.exists():
+            break
+    os.replace(path, kept)
+    folder = path.with_name(path.name + ".ckpt")
+    if folder.is_dir():
+        os.replace(folder, kept.with_name(kept.name + ".ckpt"))
+    return kept
 
 
 class ResultsWriter:
@@ -63,10 +83,13 @@ class ResultsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         n = len(node_names)
         self.layout = result_layout(n, record_affinity=record_affinity)
+        self.kept: Path | None = None  # where an overwritten earlier attempt went
         if resume_round is not None:
             self._truncate(resume_round, attrs)
             return
-        with h5py.File(self.path, "w" if overwrite else "w-", locking=False) as f:
+        if overwrite:
+            self.kept = keep_previous(self.path)
+        with h5py.File(self.path, "w-", locking=False) as f:
             for key, value in attrs.items():
                 f.attrs[key] = value
             f.attrs["status"] = "running"

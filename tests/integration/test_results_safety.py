@@ -143,3 +143,33 @@ def test_failure_on_another_rank_drops_the_lock_of_a_slurm_job(tmp_path: Path) -
     assert proc.returncode != 0 and "injected failure" in proc.stderr, proc.stderr
     assert load_run(out).status == "failed"
     assert not lock_path(out).exists()
+
+
+@pytest.mark.mpi
+def test_stopped_rank_is_named_and_the_run_marked_failed(tmp_path: Path) -> None:
+    """Rank 1 is stopped (SIGSTOP, as a hung GPU would be) before its exchange in round 2: rank 0
+    gives up after federation.timeout, names rank 1 and the stage in one line, the job ends,
+    and the results file says failed and why, with round 1 kept."""
+    cfg = two_node_config(tmp_path)
+    out = tmp_path / "stopped.h5"
+    env = dict(os.environ, COLNET_TEST_SIGNAL="stage.exchange:2:1:SIGSTOP")
+    t0 = time.perf_counter()
+    proc = run_mpi_env(
+        2,
+        colnet("run", str(cfg), "--out", str(out), *SMALL, "--set", "federation.timeout=3"),
+        env,
+        timeout=180,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0, log
+    lines = [line for line in proc.stderr.splitlines() if "watchdog:" in line]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("colnet-mpi: rank 0 of 2"), lines[0]
+    assert "in round 2, exchange for its backbone with rank 1" in lines[0], lines[0]
+    assert "silent: rank 1" in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert time.perf_counter() - t0 < 150
+    run = load_run(out)
+    assert run.status == "failed"
+    assert "silent: rank 1" in run.attrs["error"]
+    assert run.n_rounds == 1

@@ -44,3 +44,19 @@ def test_adding_a_cross_rule_example() -> None:
     proc = run_mpi(4, [sys.executable, script], timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("ok on 4 ranks") == 1, proc.stdout
+
+
+@pytest.mark.mpi
+def test_watchdog_names_a_stopped_rank() -> None:
+    """Bounded waits: completed ones return, a mismatched wait times out with every rank
+    answering, and a rank stopped with SIGSTOP is named by the others, which end the job."""
+    script = str(SCRIPTS / "watchdog_checks.py")
+    proc = run_mpi(3, [sys.executable, script], timeout=60)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert proc.stdout.count("ok on 3 ranks") == 2, proc.stdout + proc.stderr
+    gave_up = [line for line in proc.stdout.splitlines() if "gave up" in line]
+    assert {line.split()[1] for line in gave_up} == {"0", "1"}, proc.stdout
+    for line in gave_up:
+        assert "in round 4, cross for the leaders' sum" in line, line
+        assert "silent: rank 2 (no answer within 1s" in line, line
+    assert "not reached" not in proc.stdout

@@ -40,6 +40,7 @@ def test_identical_config_has_no_differences(stored: str) -> None:
         "run.checkpoint_every=3",
         "run.checkpoint_dir='/tmp/ckpt'",
         "federation.cuda_aware=no",
+        "federation.timeout=120",
     ],
 )
 def test_keys_that_may_change(stored: str, override: str) -> None:

@@ -206,6 +206,27 @@ def test_existing_file_is_refused_unless_overwrite(tmp_path):
         assert f.attrs["status"] == "running"
 
 
+def test_overwrite_keeps_the_earlier_attempt_renamed(tmp_path):
+    """--overwrite never truncates: the earlier file (and its checkpoint folder) is renamed and
+    stays readable; a second overwrite within the same second gets a name of its own."""
+    path = tmp_path / "run.h5"
+    make_writer(path).append({"clustering/ari": 0.25})
+    (tmp_path / "run.h5.ckpt").mkdir()
+    (tmp_path / "run.h5.ckpt" / "rank00000.round000001.ckpt").write_bytes(b"state")
+    second = make_writer(path, overwrite=True)
+    assert second.kept is not None and second.kept.parent == tmp_path
+    assert second.kept.name.startswith("run.replaced-") and second.kept.suffix == ".h5"
+    with h5py.File(second.kept, "r") as f:
+        assert f["clustering/ari"][()].tolist() == [0.25]
+    moved = second.kept.with_name(second.kept.name + ".ckpt")
+    assert (moved / "rank00000.round000001.ckpt").read_bytes() == b"state"
+    assert not (tmp_path / "run.h5.ckpt").exists()
+    third = make_writer(path, overwrite=True)
+    assert third.kept is not None and third.kept != second.kept
+    assert len(list(tmp_path.glob("run.replaced-*.h5"))) == 2
+    assert make_writer(tmp_path / "new.h5", overwrite=True).kept is None
+
+
 def test_mark_failed(tmp_path):
     path = tmp_path / "run.h5"
     make_writer(path)
