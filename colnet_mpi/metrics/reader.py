@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import math
 import re
 import sys
@@ -30,6 +31,7 @@ else:  # pragma: no cover - exercised only on Python 3.10
     import tomli as tomllib
 
 __all__ = [
+    "NOT_APPLICABLE",
     "NOT_SETTINGS",
     "TEST_METRICS",
     "Curve",
@@ -50,6 +52,7 @@ __all__ = [
     "node_summary",
     "round_curves",
     "scenarios",
+    "setting_config",
     "setting_label",
     "setting_of",
     "settings",
@@ -110,6 +113,41 @@ ADDED_KEYS: dict[str, Any] = {
     "run.checkpoint_every": 1,
     "run.checkpoint_dir": "",
 }
+
+
+class _Marker(enum.Enum):
+    NOT_APPLICABLE = "n/a"
+
+    def __repr__(self) -> str:
+        return "NOT_APPLICABLE"
+
+
+#: The value :func:`setting_config` gives a key that has no effect in a run (an ``[attack]``
+#: option of a run without an attack): shown as "–", an empty CSV cell, ``None`` in tidy tables.
+NOT_APPLICABLE = _Marker.NOT_APPLICABLE
+
+#: Sections whose keys do nothing while a switch key has a given value:
+#: key prefix -> (switch key, the value that turns the section off, the switch's default).
+#: The switch itself stays a setting (a clean run is a setting of its own).
+_INERT_UNLESS = {"attack.": ("attack.kind", "none", "none")}
+
+
+def setting_config(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """A flat config as the report compares it: keys that have no effect become
+    :data:`NOT_APPLICABLE`.
+
+    The one rule for grouping runs into settings: while ``attack.kind = "none"`` no node attacks,
+    so the other ``attack.*`` keys (``attack.nodes``, ``attack.boost_scale``, ...) do not make
+    two clean runs different settings.
+    """
+    out = dict(flat)
+    for prefix, (switch, off, default) in _INERT_UNLESS.items():
+        if out.get(switch, default) != off:
+            continue
+        for k in out:
+            if k.startswith(prefix) and k != switch:
+                out[k] = NOT_APPLICABLE
+    return out
 
 
 def flatten_config(raw: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -188,6 +226,12 @@ class Run:
         """The resolved config as ``{"section.key": value}`` (keys of :data:`ADDED_KEYS` that
         the file predates filled in)."""
         return {**ADDED_KEYS, **flatten_config(self.raw_config)}
+
+    @cached_property
+    def setting_config(self) -> dict[str, Any]:
+        """:attr:`flat_config` with the keys that have no effect in this run marked
+        :data:`NOT_APPLICABLE` (:func:`setting_config`): what settings are compared on."""
+        return setting_config(self.flat_config)
 
     @property
     def groups(self) -> tuple[str, ...]:
@@ -472,9 +516,11 @@ def settings(runs: Sequence[Run], *, ignore: Iterable[str] = ()) -> tuple[str, .
     """Dotted config keys whose values differ between runs, in config order.
 
     ``run.seed``, ``run.name`` and ``run.output`` (and any key in ``ignore``) are never settings.
+    Values are compared as :func:`setting_config` gives them: a key counts only when it differs
+    between the runs in which it has an effect (``attack.nodes`` of clean runs never does).
     """
     skip = NOT_SETTINGS | set(ignore)
-    flats = [r.flat_config for r in runs]
+    flats = [r.setting_config for r in runs]
     keys = list(dict.fromkeys(k for flat in flats for k in flat))
     missing = object()
     out = []
@@ -482,7 +528,8 @@ def settings(runs: Sequence[Run], *, ignore: Iterable[str] = ()) -> tuple[str, .
         if k in skip:
             continue
         values = [flat.get(k, missing) for flat in flats]
-        if any(v != values[0] for v in values[1:]):
+        used = [v for v in values if v is not NOT_APPLICABLE]
+        if any(v != used[0] for v in used[1:]):
             out.append(k)
     return tuple(out)
 
@@ -505,6 +552,8 @@ def _short_keys(keys: Sequence[str]) -> dict[str, str]:
 
 
 def _format_value(value: Any) -> str:
+    if value is NOT_APPLICABLE:
+        return "–"
     if value is None:
         return "(unset)"
     if isinstance(value, bool):
@@ -517,17 +566,23 @@ def _format_value(value: Any) -> str:
 
 
 def setting_of(run: Run, keys: Sequence[str]) -> dict[str, Any]:
-    """The values of ``keys`` in this run's config (``None`` where the key is absent)."""
-    flat = run.flat_config
+    """The values of ``keys`` in this run's config (``None`` where the key is absent,
+    :data:`NOT_APPLICABLE` where it has no effect: :func:`setting_config`)."""
+    flat = run.setting_config
     return {k: flat.get(k) for k in keys}
 
 
 def setting_label(setting: Mapping[str, Any]) -> str:
-    """A row label such as ``local_epochs=2, rounds=15``; ``all runs`` when nothing differs."""
+    """A row label such as ``local_epochs=2, rounds=15``; ``all runs`` when nothing differs.
+
+    Keys that have no effect in the setting (:data:`NOT_APPLICABLE`, e.g. ``attack.nodes`` of
+    the clean runs) are left out: ``attack.kind=none`` says enough.
+    """
     if not setting:
         return "all runs"
-    short = _short_keys(list(setting))
-    return ", ".join(f"{short[k]}={_format_value(v)}" for k, v in setting.items())
+    shown = {k: v for k, v in setting.items() if v is not NOT_APPLICABLE} or dict(setting)
+    short = _short_keys(list(shown))
+    return ", ".join(f"{short[k]}={_format_value(v)}" for k, v in shown.items())
 
 
 def _by_setting(
@@ -751,8 +806,9 @@ def round_curves(
 
 
 def csv_cell(value: Any) -> str:
-    """A setting value as a CSV cell: empty for None, TOML spelling for booleans."""
-    if value is None:
+    """A setting value as a CSV cell: empty for None and :data:`NOT_APPLICABLE`, TOML spelling
+    for booleans."""
+    if value is None or value is NOT_APPLICABLE:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -807,7 +863,7 @@ def _pandas() -> Any:
 def _run_columns(run: Run, keys: Sequence[str], rows: int) -> dict[str, Any]:
     """The identifying columns of one run, repeated over ``rows`` rows."""
     ident: dict[str, Any] = {"file": str(run.path), "run": run.name, "seed": run.seed}
-    ident.update(setting_of(run, keys))
+    ident.update({k: None if v is NOT_APPLICABLE else v for k, v in setting_of(run, keys).items()})
     return {k: [v] * rows for k, v in ident.items()}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -372,6 +373,33 @@ def default_out(paths: Sequence[str]) -> Path:
     return (first if first.is_dir() else first.parent) / "report"
 
 
+def out_dir_problem(out: Path) -> str | None:
+    """What stops the report from being written to folder ``out`` (a short reason), or None.
+
+    Only looks: ``out`` must be a folder, or not exist yet under a nearest existing folder in
+    which this user may create entries (``os.access``: right for root and read-only mounts too).
+    """
+    if out.exists():
+        if not out.is_dir():
+            return f"{out} exists and is not a folder"
+        if not os.access(out, os.W_OK | os.X_OK):
+            return f"{out} is not writable (permission denied)"
+        return None
+    if out.is_symlink():
+        return f"{out} is a broken symbolic link"
+    for parent in out.absolute().parents:
+        if parent.is_symlink() and not parent.exists():
+            return f"{parent} is a broken symbolic link"
+        if not parent.exists():
+            continue
+        if not parent.is_dir():
+            return f"{parent} is a file, not a folder"
+        if not os.access(parent, os.W_OK | os.X_OK):
+            return f"{parent} is not writable (permission denied)"
+        return None
+    return None  # pragma: no cover - the root folder always exists
+
+
 def _err(msg: str) -> None:
     print(f"colnet-mpi report: {msg}", file=sys.stderr, flush=True)
 
@@ -379,13 +407,20 @@ def _err(msg: str) -> None:
 def main(args: argparse.Namespace) -> int:
     """Run ``colnet-mpi report``."""
     out = Path(args.out) if args.out else default_out(args.paths)
+    problem = out_dir_problem(out)  # before reading anything: a bad --out fails fast
+    if problem:
+        _err(f"cannot write the report to {out}: {problem}")
+        return EXIT_BAD_INPUT
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             runs = load_runs(args.paths, include_unfinished=args.include_unfinished)
-            text, written, note = write_report(
-                runs, out, round=args.round, ignore=args.ignore, figures=not args.no_figures
-            )
+            try:
+                text, written, note = write_report(
+                    runs, out, round=args.round, ignore=args.ignore, figures=not args.no_figures
+                )
+            except OSError as err:  # a full disk, or --out changed after the check above
+                raise ReportError(f"cannot write the report to {out}: {err}") from err
     except (ReportError, IndexError) as err:
         for w in caught:
             _err(f"warning: {w.message}")

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
+from colnet_mpi.federation.schemes import SCHEMES
 from colnet_mpi.metrics.reader import (
     Run,
     Stat,
@@ -189,6 +190,17 @@ def _defended(run: Run) -> bool:
     )
 
 
+def _clustered(run: Run) -> bool:
+    """Whether the run's scheme groups nodes at all (``federation.scheme = none`` does not: every
+    node stays alone, so no ARI applies, however its ``round/group`` ids happen to read)."""
+    scheme = str(run.flat_config.get("federation.scheme", "colnet"))
+    try:
+        return SCHEMES.get(scheme).grouper is not None
+    except KeyError:  # a scheme this version does not know: the writer's ARI tells
+        ari = np.asarray(run.data.get("clustering/ari", []), dtype=float)
+        return bool(np.isfinite(ari).any())
+
+
 def _mean(values: np.ndarray, mask: np.ndarray) -> float:
     """Mean over the masked nodes; NaN where no node is selected (NaN values propagate)."""
     return float(np.mean(values[mask])) if mask.any() else math.nan
@@ -225,11 +237,12 @@ def _run_stats(run: Run, round: int, benign: np.ndarray) -> dict[str, float]:
     keys = ("ari_final", "ari_mean", "ari_benign", "attacker_caught", "false_positives")
     out = {k: math.nan for k in keys}
     out["leader_rejected"] = math.nan
-    if "clustering/ari" in run.data:
+    clustered = _clustered(run)  # without clustering every ARI column is "–" (NaN), not 0
+    if clustered and "clustering/ari" in run.data:
         ari = np.asarray(run["clustering/ari"][:upto], dtype=float)
         out["ari_final"] = float(ari[i])
         out["ari_mean"] = float(np.mean(ari))
-    if "round/group" in run.data and benign.any():
+    if clustered and "round/group" in run.data and benign.any():
         truth = np.asarray(run.true_groups)[benign]
         agreed = np.asarray(run["round/group"][i])[benign]
         out["ari_benign"] = float(adjusted_rand_score(truth, agreed))
@@ -658,7 +671,8 @@ def robustness_markdown(
         "benign nodes without an F1 (landmarks); Δ attacker is the attackers' F1 change (or "
         "loss change when they have no F1). ARI mean: over rounds 1 .. the round used; ARI benign: "
         "at the round used, over the benign nodes only (a quarantined attacker, group −1, is no "
-        "clustering error there). Attacker "
+        "clustering error there); every ARI is – for a scheme without clustering "
+        "(`federation.scheme = none`). Attacker "
         "caught: fraction of attacker-rounds (`attack/active`) in which the attacker was left out "
         "of its group's aggregate (`defense/excluded`), quarantined (`round/group` = −1) or had its "
         "update clipped (`defense/reason` = clipped); false "

@@ -523,3 +523,179 @@ def test_curve_panels_get_a_log_axis_when_values_span_more_than_10x(tmp_path) ->
     assert attributes.get_yscale() == "linear"
     legend = landmarks.get_legend()
     assert legend is not None and legend.get_bbox_to_anchor().x0 >= landmarks.bbox.x1 - 1  # beside
+    fig.draw_without_rendering()
+    box = legend.get_window_extent()
+    assert not any(box.overlaps(ax.get_window_extent()) for ax in fig.axes)  # over no panel
+
+
+# --- --out that cannot be written: exit 2, one line, nothing read or written -----------------
+
+
+def _no_reading(monkeypatch) -> None:
+    """Fail the test if the report starts reading results (it must check --out first)."""
+    from colnet_mpi.metrics import report
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("results were read before --out was checked")
+
+    monkeypatch.setattr(report, "load_runs", refuse)
+
+
+def _bad_out(sweep, out: Path, capsys) -> str:
+    folder, _ = sweep
+    try:
+        rc = cli_main(["report", str(folder), "--out", str(out)])
+    except SystemExit as stop:  # a traceback-free exit would do too, as long as it is 2
+        rc = stop.code
+    assert rc == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    assert str(out) in lines[0]
+    return lines[0]
+
+
+def test_out_that_is_or_lies_under_a_regular_file(sweep, tmp_path: Path, monkeypatch, capsys):
+    _no_reading(monkeypatch)
+    plain = tmp_path / "notes.txt"
+    plain.write_text("keep me")
+    line = _bad_out(sweep, plain, capsys)
+    assert "not a folder" in line
+    for out in (plain / "report", plain / "deeper" / "report"):
+        line = _bad_out(sweep, out, capsys)
+        assert f"{plain} is a file, not a folder" in line
+    assert plain.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_out_in_a_read_only_folder(sweep, tmp_path: Path, monkeypatch, capsys):
+    import os
+
+    _no_reading(monkeypatch)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("chmod does not stop this user (root) from writing")
+        for out in (locked / "report", locked / "a" / "b"):
+            line = _bad_out(sweep, out, capsys)
+            assert f"{locked} is not writable" in line
+        line = _bad_out(sweep, locked, capsys)  # the folder itself
+        assert "not writable" in line
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o755)
+
+
+def test_out_not_writable_says_so_even_as_root(sweep, tmp_path: Path, monkeypatch, capsys):
+    """The same check with os.access answering "no", which chmod cannot make it do for root."""
+    import os
+
+    _no_reading(monkeypatch)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+
+    def access(path, mode, *args, **kwargs):
+        if Path(path).absolute() == locked and mode & os.W_OK:
+            return False
+        return real_access(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    line = _bad_out(sweep, locked / "report", capsys)
+    assert f"{locked} is not writable (permission denied)" in line
+    assert list(locked.iterdir()) == []
+
+
+def test_out_that_can_be_made_still_works(sweep, tmp_path: Path, capsys):
+    from colnet_mpi.metrics.report import out_dir_problem
+
+    assert out_dir_problem(tmp_path) is None
+    assert out_dir_problem(tmp_path / "a" / "b") is None
+    folder, _ = sweep
+    out = tmp_path / "a" / "b"
+    assert cli_main(["report", str(folder), "--out", str(out), "--no-figures"]) == 0
+    assert (out / "table.md").is_file()
+
+
+# --- grouping: [attack] keys of clean runs do not split settings ------------------------------
+
+
+def _with(config: Config, **sections: dict) -> Config:
+    raw = _raw(config)
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    return config_from_dict(raw)
+
+
+def test_setting_config_marks_attack_keys_of_clean_runs() -> None:
+    from colnet_mpi.metrics.reader import NOT_APPLICABLE, setting_config
+
+    clean = {"attack.kind": "none", "attack.nodes": (1,), "attack.boost_scale": 3.0, "x.y": 1}
+    assert setting_config(clean) == {
+        "attack.kind": "none",
+        "attack.nodes": NOT_APPLICABLE,
+        "attack.boost_scale": NOT_APPLICABLE,
+        "x.y": 1,
+    }
+    no_section = {"attack.nodes": (1,)}  # attack.kind defaults to none
+    assert setting_config(no_section) == {"attack.nodes": NOT_APPLICABLE}
+    attacked = {"attack.kind": "boost", "attack.nodes": (1,), "x.y": 1}
+    assert setting_config(attacked) == attacked
+    assert clean["attack.nodes"] == (1,)  # the input is left alone
+
+
+def test_clean_runs_differing_only_in_attack_keys_share_a_setting(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    base = make_config(nodes=FACES_NODES)
+    clean = [
+        _with(base, run={"seed": 0, "name": "c0"}, attack={"nodes": [0]}),
+        _with(base, run={"seed": 1, "name": "c1"}, attack={"nodes": [1], "boost_scale": 3.0}),
+        _with(base, run={"seed": 2, "name": "c2"}, attack={"start_round": 2, "epsilon": 0.1}),
+    ]
+    for i, cfg in enumerate(clean):
+        write_run(tmp_path / f"clean_{i}.h5", cfg, rng)
+    runs = load_runs([tmp_path])
+    assert settings(runs) == ()
+    rows = aggregate(runs)
+    assert [(r.group, r.label, r.n) for r in rows] == [
+        ("attributes", "all runs", 3),
+        ("landmarks", "all runs", 3),
+    ]
+
+    # attacked runs keep their [attack] keys; the clean ones are one setting among them
+    attacked = [
+        _with(base, run={"seed": 0, "name": "a0"}, attack={"kind": "boost", "nodes": [0]}),
+        _with(base, run={"seed": 0, "name": "a1"}, attack={"kind": "boost", "nodes": [1]}),
+    ]
+    for i, cfg in enumerate(attacked):
+        write_run(tmp_path / f"attacked_{i}.h5", cfg, rng)
+    runs = load_runs([tmp_path])
+    assert settings(runs) == ("attack.kind", "attack.nodes")
+    labels = list(dict.fromkeys(r.label for r in aggregate(runs)))
+    assert labels == [
+        "attack.kind=boost, attack.nodes=[0]",
+        "attack.kind=boost, attack.nodes=[1]",
+        "attack.kind=none",
+    ]
+    clean_rows = [r for r in aggregate(runs) if r.label == "attack.kind=none"]
+    assert all(r.n == 3 for r in clean_rows)
+
+    out = tmp_path / "rep"
+    write_report(runs, out, figures=False)
+    with (out / "table.csv").open() as fh:
+        parsed = list(csv.DictReader(fh))
+    none = [p for p in parsed if p["attack.kind"] == "none"]
+    assert len(none) == 2 and all(p["attack.nodes"] == "" and p["n"] == "3" for p in none)
+
+
+def test_attack_keys_of_attacked_runs_still_split(tmp_path: Path) -> None:
+    """Only clean runs lose their [attack] keys: two boost strengths stay two settings."""
+    rng = np.random.default_rng(6)
+    base = make_config(nodes=FACES_NODES)
+    for scale in (2.0, 5.0):
+        attack = {"kind": "boost", "boost_scale": scale}
+        write_run(tmp_path / f"b{scale:g}.h5", _with(base, attack=attack), rng)
+    assert settings(load_runs([tmp_path])) == ("attack.boost_scale",)

@@ -49,13 +49,16 @@ SCENARIOS = {
 }
 
 
-def make_config(dataset: str, kind: str, defended: bool, seed: int, name: str) -> Config:
+def make_config(
+    dataset: str, kind: str, defended: bool, seed: int, name: str, scheme: str = "colnet"
+) -> Config:
     nodes, attacker, _, _ = SCENARIOS[dataset]
     return config_from_dict(
         {
             "run": {"name": name, "seed": seed, "output": f"results/{name}.h5"},
             "data": {"dataset": dataset},
             "training": {"rounds": ROUNDS, "local_epochs": 1},
+            "federation": {"scheme": scheme},
             "attack": {"kind": kind, "nodes": [attacker], "start_round": 1},
             "defense": {"screening": defended, "verify_leader": defended},
             "nodes": nodes,
@@ -91,10 +94,13 @@ def write_run(path: Path, config: Config, rng: np.random.Generator) -> dict[str,
             active[attacker] = 1
         group = rng.integers(0, 2, size=n)
         group[rng.random(n) < 0.25] = -1
+        ari = float(rng.uniform(-0.2, 1.0))
+        if config.federation.scheme == "none":  # as the writer does: every node alone, no ARI
+            group, ari = np.arange(n), math.nan
         rows |= {
             "epoch/round": np.full(1, r),
             "round/group": group,
-            "clustering/ari": float(rng.uniform(-0.2, 1.0)),
+            "clustering/ari": ari,
             "attack/active": active,
             "defense/excluded": (rng.random(n) < 0.3).astype(int),
             "defense/leader_rejected": (rng.random(n) < 0.4).astype(int),
@@ -473,3 +479,51 @@ def test_attack_figure_uses_a_log_axis_only_for_a_blown_up_loss(tmp_path: Path) 
         f1_ax, loss_ax = fig.axes[0], fig.axes[1]
         assert f1_ax.get_yscale() == "linear" and loss_ax.get_yscale() == scale
         assert (tmp_path / "a.png").read_bytes().startswith(PNG_MAGIC)
+
+    # the legend sits outside every panel: it covers no data
+    fig.draw_without_rendering()
+    assert len(fig.legends) == 1
+    legend = fig.legends[0].get_window_extent()
+    for ax in fig.axes:
+        assert not legend.overlaps(ax.get_window_extent())
+
+
+def test_no_clustering_has_no_ari_anywhere(tmp_path: Path, capsys) -> None:
+    """federation.scheme = none groups nobody: all three ARI cells of its rows read "–" (empty
+    in the CSV), never 0.00 from the singleton group ids, while a clustering scheme has numbers."""
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "runs"
+    index = 0
+    for scheme in ("none", "colnet"):
+        for kind in ("none", "boost"):
+            for seed in SEEDS:
+                cfg = make_config("digits", kind, False, seed, f"s_{index}", scheme=scheme)
+                write_run(folder / f"s_{index}.h5", cfg, rng)
+                index += 1
+    rows = robustness_rows(load_runs([folder]))
+    ari = ("ari_final", "ari_mean", "ari_benign")
+    for row in rows:
+        values = [row.metrics[m].mean for m in ari]
+        if row.setting["federation.scheme"] == "none":
+            assert all(math.isnan(v) for v in values), (row.attack, values)
+        else:
+            assert not any(math.isnan(v) for v in values), (row.attack, values)
+
+    out = tmp_path / "rep"
+    assert cli_main(["report", str(folder), "--out", str(out), "--no-figures"]) == 0
+    section = capsys.readouterr().out.split("# Robustness to attacks")[1]
+    body = [cells(line) for line in section.splitlines() if line.startswith("|")][2:]
+    assert len(body) == 4
+    for b in body:
+        if b[1] == "scheme=none":
+            assert b[8:11] == ["–", "–", "–"], b
+        else:
+            assert "–" not in b[8:11], b
+    with (out / "robustness.csv").open() as fh:
+        parsed = list(csv.DictReader(fh))
+    for p in parsed:
+        cols = [p[f"{m}_{s}"] for m in ari for s in ("mean", "std")]
+        if p["federation.scheme"] == "none":
+            assert cols == [""] * 6, p
+        else:
+            assert all(c != "" for c in cols), p

@@ -261,6 +261,76 @@ def test_launcher_failure_propagates(tmp_path):
     assert proc.returncode == 7
 
 
+def with_python(tmp_path: Path) -> None:
+    """python3 on PATH is this interpreter (colnet_mpi importable), as in a job with the venv active."""
+    python = f'#!/usr/bin/env bash\nexec {shlex.quote(sys.executable)} "$@"\n'
+    make_script(tmp_path / "bin", "python3", python)
+
+
+def write_config(tmp_path: Path, text: str, name: str = "configs/exp.toml") -> str:
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return name
+
+
+def test_results_file_is_named_after_run_name(tmp_path):
+    make_stand_in(tmp_path / "bin")
+    with_python(tmp_path)
+    config = write_config(tmp_path, '[run]\nname = "label_het"\nseed = 3\n')
+    env = clean_env(tmp_path, **SLURM_ENV)
+    proc, argv = run_script(tmp_path, config, "--quiet", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert argv == expected("--quiet", config=config, out="results/label_het_123.h5")
+    assert f"config {config}, results file results/label_het_123.h5" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args, name",
+    [
+        (["--set", "run.name=other"], "other"),
+        (["--set=run.name=other"], "other"),
+        (["--set", "run.name=first", "--quiet", "--set", "run.name=last"], "last"),  # later wins
+        (["--set", "training.rounds=2"], "label_het"),
+    ],
+)
+def test_results_file_honours_run_name_overrides(tmp_path, args, name):
+    make_stand_in(tmp_path / "bin")
+    with_python(tmp_path)
+    config = write_config(tmp_path, '[run]\nname = "label_het"\n')
+    env = clean_env(tmp_path, COLNET_CONFIG=config, **SLURM_ENV)
+    proc, argv = run_script(tmp_path, *args, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert argv == expected(*args, config=config, out=f"results/{name}_123.h5")
+
+
+def test_results_file_of_a_config_without_a_name_or_unreadable(tmp_path):
+    make_stand_in(tmp_path / "bin")
+    with_python(tmp_path)
+    unnamed = write_config(tmp_path, "[training]\nrounds = 2\n", "configs/unnamed.toml")
+    proc, argv = run_script(tmp_path, unnamed, env=clean_env(tmp_path, **SLURM_ENV))
+    assert proc.returncode == 0, proc.stderr
+    assert argv is not None and argv[-1] == "results/colnet_123.h5"  # run.name's default
+    # not TOML, or a name a path cannot hold: the job name, and the run itself says what is wrong
+    broken = write_config(tmp_path, "[run\nname = ", "configs/broken.toml")
+    env = clean_env(tmp_path, **{**SLURM_ENV, "SLURM_JOB_NAME": "myjob"})
+    proc, argv = run_script(tmp_path, broken, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert argv is not None and argv[-1] == "results/myjob_123.h5"
+    proc, argv = run_script(tmp_path, unnamed, "--set", "run.name=a/b", env=env)
+    assert argv is not None and argv[argv.index("--out") + 1] == "results/myjob_123.h5"
+
+
+def test_colnet_out_wins_over_run_name(tmp_path):
+    make_stand_in(tmp_path / "bin")
+    with_python(tmp_path)
+    config = write_config(tmp_path, '[run]\nname = "label_het"\n')
+    env = clean_env(tmp_path, COLNET_OUT="mine.h5", **SLURM_ENV)
+    proc, argv = run_script(tmp_path, config, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert argv == expected(config=config, out="mine.h5")
+
+
 def test_run_sbatch_documents_account_partition_and_time():
     text = SCRIPT.read_text()
     for name in ("SBATCH_ACCOUNT", "SBATCH_PARTITION", "SBATCH_TIMELIMIT", "COLNET_LAUNCH"):
