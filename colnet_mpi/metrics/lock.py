@@ -8,9 +8,10 @@ over (with a log line) when
 
 - its host is this host and its pid is not alive, or
 - it names this SLURM job with another restart count (an earlier incarnation of a requeued job),
-- it is unreadable and older than a few seconds (a holder killed while writing it).
+- it is unreadable and older than a few seconds (a holder killed while writing it),
+- it is from another host and names a SLURM job that ``squeue`` no longer lists.
 
-Any other lock is live, in particular one from another host: the run is refused with a message
+Any other lock is live, in particular one from another host outside SLURM: the run is refused with a message
 naming the holder and how to remove the lock once that run is known to be gone.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -104,12 +106,29 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def slurm_job_listed(job_id: str) -> bool | None:
+    """Whether SLURM still lists the job (pending, running, completing), asked with ``squeue``
+    (``$COLNET_SQUEUE`` replaces the command); None when SLURM cannot be asked."""
+    exe = os.environ.get("COLNET_SQUEUE", "squeue")
+    try:
+        out = subprocess.run(
+            [exe, "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=15
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:  # squeue refuses the id of a job that has left the queue
+        return False if "invalid job id" in out.stderr.lower() else None
+    return bool(out.stdout.strip())
+
+
 def stale_reason(holder: Holder, me: Holder) -> str:
     """Why ``holder``'s lock is stale as seen by ``me``, or ``""`` when it is live."""
     if holder.job_id and holder.job_id == me.job_id and holder.restart != me.restart:
         return f"an earlier start of this job (restart {holder.restart or 0})"
     if holder.host == me.host and not pid_alive(holder.pid):
         return f"pid {holder.pid} is no longer running on {holder.host}"
+    if holder.host != me.host and holder.job_id and slurm_job_listed(holder.job_id) is False:
+        return f"SLURM job {holder.job_id} has ended (squeue no longer lists it)"
     return ""
 
 

@@ -72,6 +72,42 @@ def test_lock_from_another_host_is_live(tmp_path) -> None:
     assert path.exists()
 
 
+def fake_squeue(tmp_path: Path, stdout: str, stderr: str = "", code: int = 0) -> str:
+    script = tmp_path / "squeue"
+    script.write_text(
+        f"#!/bin/sh\nprintf '%s' '{stdout}'\nprintf '%s' '{stderr}' >&2\nexit {code}\n"
+    )
+    script.chmod(0o755)
+    return str(script)
+
+
+@pytest.mark.parametrize(
+    ("stdout", "stderr", "code", "stale"),
+    [
+        ("RUNNING\n", "", 0, False),  # still in the queue: live
+        ("", "", 0, True),  # no longer listed: stale
+        ("", "slurm_load_jobs error: Invalid job id specified", 1, True),
+        ("", "slurm_load_jobs error: Unable to contact slurm controller", 1, False),
+    ],
+)
+def test_lock_of_a_slurm_job_on_another_host_is_checked_with_squeue(
+    tmp_path, monkeypatch, stdout: str, stderr: str, code: int, stale: bool
+) -> None:
+    out = tmp_path / "run.h5"
+    path = write_lock(out, host="elsewhere-node17", pid=12345, job_id="9")
+    monkeypatch.setenv("COLNET_SQUEUE", fake_squeue(tmp_path, stdout, stderr, code))
+    said: list[str] = []
+    if stale:
+        lock = acquire(out, log=said.append)
+        assert "SLURM job 9 has ended" in said[0]
+        assert read_holder(path).pid == os.getpid()
+        lock.release()
+    else:
+        with pytest.raises(LockHeld, match="another host"):
+            acquire(out)
+        assert read_holder(path).pid == 12345
+
+
 def test_stale_lock_of_a_dead_pid_on_this_host_is_taken_over(tmp_path) -> None:
     out = tmp_path / "run.h5"
     pid = dead_pid()
