@@ -7,6 +7,7 @@ import errno
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -22,7 +23,18 @@ if TYPE_CHECKING:
 EXIT_BAD_INPUT = 2
 
 
-def _parser() -> argparse.ArgumentParser:
+#: Commands whose parsers need no heavy imports (``report`` brings in scikit-learn).
+_LIGHT_COMMANDS = ("run", "check-config", "sweep")
+
+
+def _command(argv: Sequence[str]) -> str | None:
+    """The subcommand named in ``argv`` (its first word that is not an option), if any."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; given a light ``command``, without the parsers of the others
+    that would import heavy libraries (so that ``run`` and ``check-config`` start fast)."""
     p = argparse.ArgumentParser(
         prog="colnet-mpi",
         description="ColNet decentralized federated multi-task learning: one MPI rank per node.",
@@ -75,10 +87,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     # Subcommands that live in their own modules register their parser and set ``func``.
     from colnet_mpi import sweep
-    from colnet_mpi.metrics import report
 
     sweep.add_parser(sub)
-    report.add_parser(sub)
+    if command not in _LIGHT_COMMANDS:
+        from colnet_mpi.metrics import report
+
+        report.add_parser(sub)
     return p
 
 
@@ -187,21 +201,79 @@ def _describe_failure(err: BaseException, output: object) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
-    import torch
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its closest ancestor that exists (the run creates the folders below it)."""
+    while not (path.exists() or path.is_symlink()) and path != path.parent:
+        path = path.parent
+    return path
 
-    import colnet_mpi
-    from colnet_mpi.comm.topology import Topology, agree, mpi_library
-    from colnet_mpi.config import ConfigError, load_config, to_toml
-    from colnet_mpi.federation.checkpoint import (
-        Checkpointer,
-        CheckpointError,
-        restore_checkpoint,
+
+def _folder_problem(folder: Path, shown: str) -> str | None:
+    """Why files cannot be created in ``folder`` (or in the folders the run would make there);
+    ``shown`` names what is written, for the message. Tries a temporary file, removed at once."""
+    base = _nearest_existing(folder)
+    if not base.is_dir():
+        kind = "a file" if base.is_file() else "not a folder"
+        return f"{shown} is under {str(base)!r}, which is {kind}; choose a path in a folder"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".colnet-write-test-", dir=base)
+    except OSError as err:
+        return (
+            f"{shown} cannot be written: the folder {str(base)!r} is not writable "
+            f"({err.strerror or err}); choose another path"
+        )
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
+def _nothing_to_resume(output: Path) -> str:
+    return f"nothing to resume: {str(output)!r} does not exist (drop --resume)"
+
+
+def output_problem(
+    output: Path, config: Config, *, resume: bool, overwrite: bool, source: str
+) -> str | None:
+    """Why the run could not write its results file ``output`` or its checkpoints (None if it
+    can); ``source`` says where the path came from. Torch-free and leaves nothing behind;
+    whether an existing file may be replaced or resumed is :func:`_resume_decision`'s part."""
+    shown = f"output {str(output)!r} ({source})"
+    if resume and not overwrite and not output.parent.is_dir():
+        # no run can hold a lock in a missing folder; taking one would create the folder
+        return _nothing_to_resume(output)
+    if output.is_dir():
+        return f"{shown} is a directory; give the path of a results file, e.g. {output}/run.h5"
+    if output.exists() and not output.is_file():
+        return f"{shown} exists and is not a regular file; choose another path"
+    problem = _folder_problem(output.parent, shown)
+    if problem is None and resume and output.is_file() and not os.access(output, os.W_OK):
+        problem = f"{shown} is read-only; --resume appends to it"
+    if problem is None and config.run.checkpoint_dir and config.run.checkpoint_every:
+        folder = Path(config.run.checkpoint_dir)
+        shown = f"run.checkpoint_dir = {config.run.checkpoint_dir!r}"
+        if folder.exists() and not folder.is_dir():
+            return f"{shown} exists and is not a folder; choose another path"
+        problem = _folder_problem(folder, shown)
+    return problem
+
+
+def _lock_problem(output: Path) -> str | None:
+    """For a dry run, which takes no lock: whether a live run holds ``output`` (read only)."""
+    from colnet_mpi.metrics.lock import Holder, lock_path, read_holder, stale_reason
+
+    holder = read_holder(lock_path(output))
+    if holder is None or stale_reason(holder, Holder.me()):
+        return None
+    return (
+        f"{str(output)!r} is in use by another run ({holder.describe()}); the run would be "
+        f"refused; wait for it to end, or, if it is gone, remove {str(lock_path(output))!r}"
     )
-    from colnet_mpi.federation.loop import Federation
-    from colnet_mpi.federation.stop import EXIT_PREEMPTED, Preempted, StopRequest
-    from colnet_mpi.metrics.writer import ResultsWriter, now_iso
-    from colnet_mpi.node import Node
+
+
+def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
+    # Only what the start-up checks need is imported here: a refused run never waits for torch.
+    from colnet_mpi.comm.topology import Topology, agree
+    from colnet_mpi.config import ConfigError, load_config
 
     t0 = time.perf_counter()
     config = None
@@ -240,15 +312,24 @@ def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
         )
     output = Path(args.out) if args.out else config.run.output_path()
     point = None
-    if error is None and rank == 0 and not args.dry_run:
-        # One run per output: the lock comes first, so that a second run neither reads
-        # (--resume) nor replaces (--overwrite) the file of a running one.
-        from colnet_mpi.metrics.lock import LockHeld, acquire
+    if error is None and rank == 0:
+        # The same checks with and without --dry-run, so that a dry run that passes means a run
+        # that starts. Nothing is written here except the lock of a real run.
+        source = "--out" if args.out else "run.output" if config.run.output else "from run.name"
+        error = output_problem(
+            output, config, resume=args.resume, overwrite=args.overwrite, source=source
+        )
+        if error is None and args.dry_run:
+            error = _lock_problem(output)
+        elif error is None:
+            # One run per output: the lock comes first, so that a second run neither reads
+            # (--resume) nor replaces (--overwrite) the file of a running one.
+            from colnet_mpi.metrics.lock import LockHeld, acquire
 
-        try:
-            state["lock"] = acquire(output, log=_say)
-        except LockHeld as err:
-            error = str(err)
+            try:
+                state["lock"] = acquire(output, log=_say)
+            except LockHeld as err:
+                error = str(err)
         if error is None:
             point, error = _resume_decision(args, config, output, size, log)
     stop_if_any(error)
@@ -257,6 +338,21 @@ def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
         log(f"{output}: finished with all {config.training.rounds} rounds; nothing to resume")
         topology.free()
         return 0
+
+    import torch
+
+    import colnet_mpi
+    from colnet_mpi.comm.topology import mpi_library
+    from colnet_mpi.config import to_toml
+    from colnet_mpi.federation.checkpoint import (
+        Checkpointer,
+        CheckpointError,
+        restore_checkpoint,
+    )
+    from colnet_mpi.federation.loop import Federation
+    from colnet_mpi.federation.stop import EXIT_PREEMPTED, Preempted, StopRequest
+    from colnet_mpi.metrics.writer import ResultsWriter, now_iso
+    from colnet_mpi.node import Node
 
     # Per-rank resources: threads from the CPUs this rank was given, GPU from the node-local rank.
     torch.set_num_threads(topology.cpus_for_rank())
@@ -374,7 +470,7 @@ def _resume_decision(
 
     if not output.exists():
         if args.resume and not args.overwrite:
-            return None, f"nothing to resume: {str(output)!r} does not exist (drop --resume)"
+            return None, _nothing_to_resume(output)
         return None, None
     if not args.resume:
         if args.overwrite:
@@ -420,7 +516,8 @@ def _share_resume(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``colnet-mpi`` console script."""
-    args = _parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    args = _parser(_command(words)).parse_args(words)
     if args.command == "run":
         return cmd_run(args)
     try:

@@ -36,6 +36,12 @@ def _at_most(key: str, value: float, limit: float, why: str) -> None:
         raise ConfigError(f"{key} = {value!r} is not allowed; it must be at most {limit:,} ({why})")
 
 
+#: Typo guards shared by several keys.
+MAX_ROUNDS = 100_000
+MAX_NODES = 100_000  # one MPI rank each
+MAX_BATCHES = 1_000_000
+
+
 def _positive(key: str, value: float, *, allow_zero: bool = False) -> None:
     ok = value >= 0 if allow_zero else value > 0
     if not ok or (isinstance(value, float) and not math.isfinite(value)):
@@ -62,6 +68,7 @@ class RunConfig:
         _positive("run.seed", self.seed, allow_zero=True)
         _at_most("run.seed", self.seed, 2**63 - 1, "the results file stores it as a 64-bit integer")
         _positive("run.checkpoint_every", self.checkpoint_every, allow_zero=True)
+        _at_most("run.checkpoint_every", self.checkpoint_every, MAX_ROUNDS, "a typo guard")
 
     def output_path(self) -> Path:
         """Where the HDF5 results file of this run goes."""
@@ -92,7 +99,8 @@ class DataConfig:
     workers: int = 0  # DataLoader worker processes per loader of each rank; 0 = load in the rank
 
     def __post_init__(self) -> None:
-        from colnet_mpi.data import ON_DISK_DATASETS, image_size_problem, known_datasets
+        # the catalog, not the builders: validating a config never imports torch
+        from colnet_mpi.data.catalog import ON_DISK_DATASETS, image_size_problem, known_datasets
 
         _choice("data.dataset", self.dataset, known_datasets())
         _positive("data.samples_per_node", self.samples_per_node, allow_zero=True)
@@ -190,7 +198,7 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         for key in ("rounds", "local_epochs", "batch_size", "eval_batch_size"):
             _positive(f"training.{key}", getattr(self, key))
-        _at_most("training.rounds", self.rounds, 100_000, "a typo guard; the paper runs 15")
+        _at_most("training.rounds", self.rounds, MAX_ROUNDS, "a typo guard; the paper runs 15")
         _at_most(
             "training.local_epochs", self.local_epochs, 10_000, "a typo guard; the paper runs 2"
         )
@@ -225,7 +233,7 @@ class FederationConfig:
         else:
             if isinstance(self.timeout, bool):
                 raise ConfigError(
-                    f"federation.timeout = {self.timeout!r} is not allowed; use \"auto\" or seconds"
+                    f'federation.timeout = {self.timeout!r} is not allowed; use "auto" or seconds'
                 )
             _positive("federation.timeout", self.timeout)
             _at_most("federation.timeout", self.timeout, 7 * 86400, "a week; a typo guard")
@@ -254,6 +262,16 @@ class ClusteringConfig:
         "centered"  # centered (deviation from the view's mean) | raw (the paper's literal)
     )
     record_affinity: str = "auto"  # auto (up to 64 nodes) | yes | no
+    # resemblance (default): centred cosines of data profiles, backbones and round updates, and
+    # loss-profile correlations, mixed with the *_weight keys and kept over rounds; paper: the
+    # literal signals (alpha/beta/gamma, column-only loss and Jacobian views, this round only)
+    signals: str = "resemblance"
+    data_weight: float = 0.5  # each node's data under the shared initial backbone
+    backbone_weight: float = 0.5  # the backbones after local training
+    update_weight: float = 0.0  # the round updates (sketched to `sketch` entries)
+    loss_weight: float = 0.0  # agreement of the loss rows (every backbone on each node's data)
+    memory: float = 0.5  # weight of earlier rounds' evidence (0 = this round only)
+    sketch: int = 1024  # entries of the update sketch sent with a backbone (0 = exact)
 
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not (
@@ -263,6 +281,7 @@ class ClusteringConfig:
                 f'clustering.k = {self.k!r} is not allowed; use an integer >= 1 or "auto"'
             )
         _positive("clustering.k_max", self.k_max)
+        _at_most("clustering.k_max", self.k_max, MAX_NODES, "there are at most that many nodes")
         for key in ("alpha", "beta", "gamma"):
             _positive(f"clustering.{key}", getattr(self, key), allow_zero=True)
         total = self.alpha + self.beta + self.gamma
@@ -273,8 +292,27 @@ class ClusteringConfig:
         _positive("clustering.tau_loss", self.tau_loss)
         _positive("clustering.tau_jacobian", self.tau_jacobian)
         _positive("clustering.max_batches", self.max_batches)
+        _at_most(
+            "clustering.max_batches", self.max_batches, 10_000, "per evaluated model; a typo guard"
+        )
         _choice("clustering.jacobian", self.jacobian, ("exact", "hutchinson"))
         _positive("clustering.probes", self.probes)
+        _at_most("clustering.probes", self.probes, 1_000, "per batch; a typo guard, default 4")
+        _choice("clustering.signals", self.signals, ("resemblance", "paper"))
+        weights = ("data_weight", "backbone_weight", "update_weight", "loss_weight")
+        for key in weights:
+            _positive(f"clustering.{key}", getattr(self, key), allow_zero=True)
+        if sum(getattr(self, key) for key in weights) <= 0:
+            raise ConfigError(
+                "clustering.data_weight + backbone_weight + update_weight + loss_weight = 0 is "
+                "not allowed; give at least one resemblance channel a weight > 0"
+            )
+        if not (isinstance(self.memory, (int, float)) and 0.0 <= self.memory < 1.0):
+            raise ConfigError(
+                f"clustering.memory = {self.memory!r} is not allowed; it must be in [0, 1)"
+            )
+        _positive("clustering.sketch", self.sketch, allow_zero=True)
+        _at_most("clustering.sketch", self.sketch, 2**24, "floats sent per neighbour; a typo guard")
         _choice("clustering.cosine", self.cosine, ("centered", "raw"))
         _choice("clustering.record_affinity", self.record_affinity, ("auto", "yes", "no"))
 
@@ -325,6 +363,7 @@ class AttackConfig:
         if len(set(self.nodes)) != len(self.nodes):
             raise ConfigError(f"attack.nodes = {list(self.nodes)!r} lists a node twice")
         _positive("attack.start_round", self.start_round)
+        _at_most("attack.start_round", self.start_round, MAX_ROUNDS, "the bound of training.rounds")
         if not 0 <= self.flip_probability <= 1:
             raise ConfigError(
                 f"attack.flip_probability = {self.flip_probability!r} is not allowed; use 0..1"
@@ -332,8 +371,12 @@ class AttackConfig:
         _positive("attack.boost_scale", self.boost_scale)
         _positive("attack.boost_clamp", self.boost_clamp, allow_zero=True)
         _positive("attack.bn_batches", self.bn_batches, allow_zero=True)
+        _at_most("attack.bn_batches", self.bn_batches, MAX_BATCHES, "a typo guard")
         _positive("attack.epsilon", self.epsilon, allow_zero=True)
         _positive("attack.adversarial_batches", self.adversarial_batches, allow_zero=True)
+        _at_most(
+            "attack.adversarial_batches", self.adversarial_batches, MAX_BATCHES, "a typo guard"
+        )
         _positive("attack.weight_clip", self.weight_clip, allow_zero=True)
         _choice("attack.manipulation", self.manipulation, ("scale", "noise"))
         _positive("attack.manipulation_factor", self.manipulation_factor, allow_zero=True)
@@ -412,11 +455,11 @@ class Config:
     nodes: tuple[NodeConfig, ...] = ()
 
     def __post_init__(self) -> None:
-        from colnet_mpi.data import dataset_tasks
+        from colnet_mpi.data.catalog import task_names
 
         if not self.nodes:
             raise ConfigError("nodes: at least one [[nodes]] entry is required")
-        tasks = dataset_tasks(self.data.dataset)
+        tasks = task_names(self.data.dataset)
         names = set()
         for i, node in enumerate(self.nodes):
             if node.task not in tasks:
@@ -488,12 +531,26 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if option is str and isinstance(value, str):
+            _check_text(key, value)
             return value
     wanted = " or ".join(_type_name(o) for o in options)
     raise ConfigError(f"{key} = {value!r} has the wrong type; expected {wanted}")
 
 
 _UnionType = type(int | str)
+
+
+def _check_text(key: str, value: str) -> None:
+    """Refuse text that cannot reach a file name or the results file intact."""
+    if "\0" in value:
+        raise ConfigError(f"{key} = {value!r} is not allowed; it contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ConfigError(
+            f"{key} = {value!r} is not allowed; it is not valid UTF-8 text "
+            f"(undecodable byte at character {err.start})"
+        ) from err
 
 
 def _build(cls: type, table: Mapping[str, Any], prefix: str) -> Any:
@@ -540,9 +597,16 @@ def _expand_nodes(entries: Any) -> tuple[NodeConfig, ...]:
         count = entry.get("count", 1)
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ConfigError(f"nodes[{i}].count = {count!r} is not allowed; use an integer >= 1")
+        if len(nodes) + count > MAX_NODES:
+            raise ConfigError(
+                f"nodes[{i}].count = {count!r} is not allowed; a federation has at most "
+                f"{MAX_NODES:,} nodes in all (one MPI rank each; a typo guard)"
+            )
         name = entry.get("name")
         if name is not None and (not isinstance(name, str) or count != 1):
             raise ConfigError(f"nodes[{i}].name must be a string and needs count = 1")
+        if name is not None:
+            _check_text(f"nodes[{i}].name", name)
         for _ in range(count):
             idx = per_task.get(task, 0)
             per_task[task] = idx + 1
@@ -601,13 +665,35 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
     return out
 
 
+def read_text_file(path: Path, what: str, error: type[Exception] = ValueError) -> str:
+    """The UTF-8 text of ``path``; ``error`` with one line naming ``what`` and the path when it
+    is missing, a directory, unreadable or not UTF-8 (the offset of the first bad byte)."""
+    shown = repr(str(path))
+    if path.is_dir():
+        raise error(f"{what} {shown} is a directory; give the path of a TOML file")
+    if not path.is_file():
+        raise error(f"{what} {shown} does not exist")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise error(f"{what} {shown} cannot be read: {err.strerror or err}") from err
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise error(
+            f"{what} {shown} is not valid UTF-8: byte 0x{data[err.start]:02x} at offset "
+            f"{err.start} (line {line}, column {column}); save it as UTF-8 text"
+        ) from None
+
+
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     """Read a TOML config file, apply overrides and validate everything."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
+    text = read_text_file(p, "config file", ConfigError)
     try:
-        raw = tomllib.loads(p.read_text())
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {str(p)!r} is not valid TOML: {err}") from err
     return config_from_dict(apply_overrides(raw, overrides))

@@ -184,6 +184,21 @@ class Node:
             generator=generator,
         )
 
+    def data_profile(self, most: int = 2**15) -> torch.Tensor:
+        """Mean and standard deviation of each backbone output unit over the probe batches,
+        under the backbone as it is now (evaluation mode, no gradients). Feature maps keep their
+        spatial layout (where digits differ), halved by 2x2 average pooling while a sample has
+        more than ``most`` values."""
+        training = self.backbone.training
+        self.backbone.eval()
+        with torch.no_grad():
+            feats = torch.cat([self.backbone(x) for x, _ in self.probe_batches])
+        self.backbone.train(training)
+        while feats.dim() == 4 and feats[0].numel() > most and min(feats.shape[2:]) >= 2:
+            feats = torch.nn.functional.avg_pool2d(feats, 2)
+        f = feats.reshape(feats.shape[0], -1).double()
+        return torch.cat([f.mean(dim=0), f.std(dim=0)]).float()
+
     # -- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything that changes while training: models, optimizer, schedule, random generators.

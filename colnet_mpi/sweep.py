@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from colnet_mpi.config import Config, ConfigError, load_config, parse_override
+from colnet_mpi.config import Config, ConfigError, load_config, parse_override, read_text_file
+from colnet_mpi.data.catalog import data_root_problem
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -358,10 +359,9 @@ def sweep_from_dict(raw: Mapping[str, Any], spec: Path | str = "<sweep>") -> Swe
 def load_sweep(path: str | Path) -> Sweep:
     """Read and validate a sweep spec file."""
     p = Path(path)
-    if not p.is_file():
-        raise SweepError(f"sweep spec {str(p)!r} does not exist")
+    text = read_text_file(p, "sweep spec", SweepError)
     try:
-        raw = tomllib.loads(p.read_text())
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         hint = "; is a key given twice?" if "overwrite" in str(err) else ""
         raise SweepError(f"{p}: not valid TOML ({err}){hint}") from err
@@ -512,15 +512,22 @@ def _print_args(sweep: Sweep, index: int, out_dir: str | None, print0: bool) -> 
 def _check_all(sweep: Sweep) -> int:
     bad = 0
     ranks: dict[int, list[int]] = {}
+    roots: dict[tuple[str, str], str | None] = {}  # each data folder is looked at once
     for i in range(sweep.count):
         try:
             config = sweep.check(i)
         except ConfigError as err:
+            problem: str | None = f"invalid config: {err}"
+        else:
+            # the run would stop at the same folder, after its ranks have started
+            key = (config.data.dataset, config.data.root)
+            if key not in roots:
+                roots[key] = data_root_problem(*key)
+            problem = roots[key]
+        if problem is not None:
             bad += 1
             shown = " ".join(f"--set {o}" for o in sweep.overrides(i))
-            print(
-                f"index {i}: {sweep.config_for(i)} {shown}: invalid config: {err}", file=sys.stderr
-            )
+            print(f"index {i}: {sweep.config_for(i)} {shown}: {problem}", file=sys.stderr)
             continue
         ranks.setdefault(config.world_size, []).append(i)
     if bad:

@@ -222,6 +222,21 @@ def bcast_ints(
     return buf
 
 
+def floats_allgather(
+    world: MPI.Comm,
+    values: Sequence[float] | np.ndarray,
+    *,
+    watchdog: Watchdog | None = None,
+    what: str = "every rank's numbers",
+) -> np.ndarray:
+    """Allgather a small float64 vector of the same length from every rank -> (size, length)."""
+    mine = np.ascontiguousarray(values, dtype=np.float64)
+    out = np.empty((world.Get_size(), mine.size), dtype=np.float64)
+    _fence(watchdog, world, what)
+    world.Allgather([mine, MPI.DOUBLE], [out, MPI.DOUBLE])
+    return out
+
+
 def ints_allgather(
     world: MPI.Comm,
     values: Sequence[int] | np.ndarray,

@@ -5,36 +5,37 @@ the label groups ``low_digits`` 0-5 and ``high_digits`` 6-9) and ``synthetic_fac
 faces with the tasks ``attributes`` and ``landmarks``). On-disk datasets (read from ``root``, never
 downloaded): ``cifar10`` (label groups ``animals`` and ``objects``) and ``celeba`` (tasks
 ``attributes`` and ``landmarks``). Everything here is pure numpy/torch; no MPI.
+
+Importing this package imports no torch: the names, task names, image-size rule and disk
+layouts come from ``catalog``; the builders and their types are loaded on first use (so that
+config validation and ``check-config`` stay fast).
 """
 
 from __future__ import annotations
 
-from .base import (
-    LANDMARK_NAMES,
-    TASK_KINDS,
-    DataSizes,
-    NodeData,
-    TaskSpec,
-    check_task_spec_labels,
-    split_labels,
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .catalog import (
+    EMBEDDED_DATASETS,
+    ON_DISK_DATASETS,
+    image_size_problem,
+    known_datasets,
 )
-from .celeba import CELEBA_TASKS, build_celeba_node_data
-from .cifar10 import CIFAR10_IMAGE_SIZE, CIFAR10_TASKS, build_cifar10_node_data
-from .digits import DIGITS_TASKS, build_digits_node_data
-from .faces import FACE_ATTRIBUTES, FACES_TASKS, build_faces_node_data
 
-EMBEDDED_DATASETS: tuple[str, ...] = ("digits", "synthetic_faces")
-#: Datasets read from ``data.root`` (never downloaded); they need a root.
-ON_DISK_DATASETS: tuple[str, ...] = ("cifar10", "celeba")
+if TYPE_CHECKING:
+    from .base import LANDMARK_NAMES, TASK_KINDS, DataSizes, NodeData, TaskSpec
+    from .faces import FACE_ATTRIBUTES
 
-_TASKS = {
-    "digits": DIGITS_TASKS,
-    "synthetic_faces": FACES_TASKS,
-    "cifar10": CIFAR10_TASKS,
-    "celeba": CELEBA_TASKS,
+# names re-exported from the torch-based submodules, imported when first asked for
+_LAZY = {
+    "LANDMARK_NAMES": "base",
+    "TASK_KINDS": "base",
+    "DataSizes": "base",
+    "NodeData": "base",
+    "TaskSpec": "base",
+    "FACE_ATTRIBUTES": "faces",
 }
-_BUILDERS = {"digits": build_digits_node_data, "synthetic_faces": build_faces_node_data}
-_DISK_BUILDERS = {"cifar10": build_cifar10_node_data, "celeba": build_celeba_node_data}
 
 __all__ = [
     "EMBEDDED_DATASETS",
@@ -52,44 +53,39 @@ __all__ = [
 ]
 
 
-def known_datasets() -> tuple[str, ...]:
-    """Return the names of all datasets ``build_node_data`` can build."""
-    return EMBEDDED_DATASETS + ON_DISK_DATASETS
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def image_size_problem(dataset: str, image_size: int) -> str | None:
-    """Say why ``image_size`` does not suit ``dataset`` (None if it does); the one place of the rule.
+def _tables() -> dict[str, dict[str, TaskSpec]]:
+    """The task specs of every dataset (imports the builders, hence torch)."""
+    from .celeba import CELEBA_TASKS
+    from .cifar10 import CIFAR10_TASKS
+    from .digits import DIGITS_TASKS
+    from .faces import FACES_TASKS
 
-    Embedded datasets: a square side >= 8. ``cifar10``: 32 or 0 (native 32x32, never resized).
-    ``celeba``: 0 = native 218x178 (height x width), or a square side >= 8 that every image is
-    resized to, its landmarks scaled with it.
-    """
-    if dataset == "cifar10":
-        if image_size in (0, CIFAR10_IMAGE_SIZE):
-            return None
-        return f"CIFAR-10 images are 32x32; use {CIFAR10_IMAGE_SIZE} or 0 (native)"
-    if dataset == "celeba":
-        if image_size == 0 or image_size >= 8:
-            return None
-        return "use 0 (native 218x178) or a square side >= 8 to resize CelebA to"
-    if image_size < 8:
-        return (
-            "it must be >= 8 (0, the native size, is only for the on-disk datasets "
-            f"{', '.join(ON_DISK_DATASETS)})"
-        )
-    return None
+    return {
+        "digits": DIGITS_TASKS,
+        "synthetic_faces": FACES_TASKS,
+        "cifar10": CIFAR10_TASKS,
+        "celeba": CELEBA_TASKS,
+    }
 
 
 def _check_dataset(dataset: str) -> None:
     """Raise ValueError naming ``dataset`` and the allowed names if it is unknown."""
-    if dataset not in _TASKS:
+    if dataset not in known_datasets():
         raise ValueError(f"unknown dataset {dataset!r}; allowed: {', '.join(known_datasets())}")
 
 
 def dataset_tasks(dataset: str) -> dict[str, TaskSpec]:
     """Return the tasks of ``dataset`` as a fresh ``{task name: TaskSpec}`` dict."""
     _check_dataset(dataset)
-    return dict(_TASKS[dataset])
+    return dict(_tables()[dataset])
 
 
 def build_node_data(
@@ -111,8 +107,14 @@ def build_node_data(
     ``root``, or that folder itself); the embedded datasets ignore it. Missing or incomplete
     files raise FileNotFoundError or ValueError naming the path and the expected files.
     """
+    from .base import DataSizes, check_task_spec_labels, split_labels
+    from .celeba import build_celeba_node_data
+    from .cifar10 import build_cifar10_node_data
+    from .digits import build_digits_node_data
+    from .faces import build_faces_node_data
+
     _check_dataset(dataset)
-    tasks = _TASKS[dataset]
+    tasks = _tables()[dataset]
     if task not in tasks:
         raise ValueError(
             f"unknown task {task!r} for dataset {dataset!r}; allowed: {', '.join(tasks)}"
@@ -122,15 +124,16 @@ def build_node_data(
     problem = image_size_problem(dataset, sizes.image_size)
     if problem is not None:
         raise ValueError(f"image_size={sizes.image_size} is not allowed for {dataset!r}: {problem}")
-    if dataset in _DISK_BUILDERS:
+    if dataset in ON_DISK_DATASETS:
         if not root:
             raise ValueError(
                 f"dataset {dataset!r} is read from disk: set data.root to its directory"
             )
-        builder = _DISK_BUILDERS[dataset]
-        node = builder(task, position, group_size, seed=seed, sizes=sizes, root=root)
+        disk = {"cifar10": build_cifar10_node_data, "celeba": build_celeba_node_data}[dataset]
+        node = disk(task, position, group_size, seed=seed, sizes=sizes, root=root)
     else:
-        node = _BUILDERS[dataset](task, position, group_size, seed=seed, sizes=sizes)
+        embedded = {"digits": build_digits_node_data, "synthetic_faces": build_faces_node_data}
+        node = embedded[dataset](task, position, group_size, seed=seed, sizes=sizes)
     for split in (node.train, node.val, node.test):
         check_task_spec_labels(node.task, split_labels(split))
     return node

@@ -1,7 +1,8 @@
-"""Embedded label-heterogeneity data: scikit-learn's bundled handwritten digits in two class groups.
+"""Embedded label-heterogeneity data: scikit-learn's bundled handwritten digits in class groups.
 
 Group ``low_digits`` holds classes 0-5 (labels 0-5, like CIFAR-10's six animals) and group
-``high_digits`` holds classes 6-9 (labels 0-3, like the four objects). Images are the real 8x8
+``high_digits`` holds classes 6-9 (labels 0-3, like the four objects); ``digits_012``,
+``digits_345`` and ``digits_6789`` split the classes into three groups. Images are the real 8x8
 scans (values 0-16), normalised with fixed constants and upsampled bilinearly to ``image_size``.
 """
 
@@ -24,6 +25,10 @@ DATASET_NAME = "digits"
 DIGIT_CLASSES: dict[str, tuple[int, ...]] = {
     "low_digits": (0, 1, 2, 3, 4, 5),
     "high_digits": (6, 7, 8, 9),
+    # three label groups (configs/digits_three_groups.toml)
+    "digits_012": (0, 1, 2),
+    "digits_345": (3, 4, 5),
+    "digits_6789": (6, 7, 8, 9),
 }
 
 #: Fixed normalisation constants in raw pixel units (0-16): mean and std over all 1,797 images.

@@ -63,6 +63,8 @@ class RoundContext:
     val_loss: list[float] = field(default_factory=list)
     # stage 2
     received: dict[int, torch.Tensor] = field(default_factory=dict)  # neighbours' backbones
+    payload: torch.Tensor | None = None  # what the grouper sent with the own backbone
+    payloads: dict[int, torch.Tensor] = field(default_factory=dict)  # and the neighbours' ones
     # stage 3a/3b
     quarantined: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     view_own: torch.Tensor = field(default_factory=_tensor)  # own backbone as clustering sees it

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from colnet_mpi.algorithms.clustering import leader_flags
 from colnet_mpi.comm.buffers import checksum
@@ -57,7 +58,16 @@ def exchange(fed: Federation, ctx: RoundContext) -> bool:
         return False
     upload = fed.attack.upload(ctx.r, ctx.own)
     expected = None if upload is ctx.own else ctx.own.numel()
-    ctx.received = fed.transport.exchange(upload, expected=expected)
+    ctx.payload = fed.grouper.payload(ctx, upload)
+    if ctx.payload is None:
+        ctx.received = fed.transport.exchange(upload, expected=expected)
+        return True
+    # one buffer per neighbour: the backbone, then what the grouper sends with it
+    n, extra = ctx.own.numel(), ctx.payload.numel()
+    both = torch.cat([upload.reshape(-1), ctx.payload.to(upload.device)])
+    got = fed.transport.exchange(both, expected=None if expected is None else n + extra)
+    ctx.received = {j: v[:n] for j, v in got.items()}
+    ctx.payloads = {j: v[n:] for j, v in got.items()}
     return True
 
 

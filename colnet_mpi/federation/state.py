@@ -20,6 +20,8 @@ class FederationState:
         # initial backbone, so everyone is everyone's group-mate
         self.home_groups = np.zeros(n, dtype=np.int64)
         self.groups = np.zeros((0, n), dtype=np.int64)  # the agreed partition of every round
+        # the clustering evidence kept over rounds (resemblance signals); NaN: not seen yet
+        self.evidence = np.full((n, n), np.nan)
 
     def finish_round(self, r: int, groups: np.ndarray) -> None:
         """Remember round ``r``'s partition."""
@@ -34,6 +36,7 @@ class FederationState:
             "round": self.round,
             "home_groups": self.home_groups.copy(),
             "groups": self.groups.copy(),
+            "evidence": self.evidence.copy(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -47,6 +50,13 @@ class FederationState:
                 f"federation state with home groups of shape {home.shape} and groups of shape "
                 f"{groups.shape} does not fit {self.n} nodes at round {state['round']}"
             )
+        # states saved before the clustering evidence existed have none: nothing seen yet
+        evidence = np.asarray(state.get("evidence", np.full((self.n, self.n), np.nan)), float)
+        if evidence.shape != (self.n, self.n):
+            raise ValueError(
+                f"clustering evidence of shape {evidence.shape} does not fit {self.n} nodes"
+            )
         self.round = int(state["round"])
         self.home_groups = home
         self.groups = groups
+        self.evidence = evidence

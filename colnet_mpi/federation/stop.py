@@ -87,3 +87,13 @@ def test_hook(where: str, r: int, rank: int) -> None:
         if parts[:2] == [where, str(r)] and parts[2] in ("*", str(rank)):
             sig = signal.SIGKILL if var == "COLNET_TEST_KILL" else signal.Signals[parts[3]]
             os.kill(os.getpid(), sig)
+
+
+def forced_groups(r: int) -> np.ndarray | None:
+    """Test hook: ``COLNET_TEST_FORCE_GROUPS=<round>:<g0>,<g1>,…`` replaces the agreed partition
+    of that round (every rank must see the same value), e.g. to check that clustering recovers
+    from a wrong partition. None when unset or for other rounds."""
+    spec = os.environ.get("COLNET_TEST_FORCE_GROUPS", "")
+    if not spec or spec.split(":")[0] != str(r):
+        return None
+    return np.array([int(g) for g in spec.split(":")[1].split(",")], dtype=np.int64)

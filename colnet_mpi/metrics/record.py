@@ -280,7 +280,8 @@ FIELDS: tuple[Field, ...] = (
         "nn",
         optional="affinity",
         unit="1",
-        description="node i's fused affinity matrix S over world indices (NaN = unseen pair)",
+        description="node i's affinity over world indices: the fused S (paper signals) or "
+        "max(E, 0) of the evidence kept over rounds (resemblance signals); NaN = unseen pair",
     ),
     Field(
         "clustering/cosine",
@@ -288,7 +289,8 @@ FIELDS: tuple[Field, ...] = (
         "nn",
         optional="affinity",
         unit="1",
-        description="node i's cosine matrix over world indices (NaN = unseen pair)",
+        description="node i's backbone cosine matrix over world indices (resemblance signals "
+        "with backbone_weight = 0: the data-profile cosine); NaN = unseen pair",
     ),
 )
 

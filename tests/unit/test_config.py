@@ -697,3 +697,104 @@ def test_sizes_have_upper_bounds_with_a_reason(key: str) -> None:
         [key, str(limit + 1), f"at most {limit:,}", "("], load_config, quick, [f"{key}={limit + 1}"]
     )
     assert message.endswith(")"), message  # the reason for the bound
+
+
+# ---------------------------------------------------------------------------------------------
+# The torch-free catalog that validation reads must say what the builders say.
+
+
+def test_catalog_matches_the_builders() -> None:
+    from colnet_mpi.data import base, catalog, celeba, cifar10, faces
+
+    for name in known_datasets():
+        assert catalog.task_names(name) == tuple(dataset_tasks(name)), name
+    assert (catalog.MIN_IMAGE_SIZE, catalog.MAX_IMAGE_SIZE) == (
+        base.MIN_IMAGE_SIZE,
+        base.MAX_IMAGE_SIZE,
+    )
+    assert catalog.MIN_FACE_IMAGE_SIZE == faces.MIN_FACE_IMAGE_SIZE
+    assert catalog.CIFAR10_IMAGE_SIZE == cifar10.CIFAR10_IMAGE_SIZE
+    layout = catalog.DISK_LAYOUTS["cifar10"]
+    assert (layout.folder, layout.files, layout.dirs) == (
+        cifar10.FOLDER,
+        cifar10.EXPECTED_FILES,
+        (),
+    )
+    layout = catalog.DISK_LAYOUTS["celeba"]
+    expected = (celeba.ATTR_FILE, celeba.LANDMARK_FILE, celeba.PARTITION_FILE)
+    assert (layout.folder, layout.files, layout.dirs) == (
+        celeba.FOLDER,
+        expected,
+        (celeba.IMAGE_DIR,),
+    )
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "celeba"])
+@pytest.mark.parametrize(
+    "layout",
+    ["missing", "root-is-file", "empty", "complete", "folder-itself", "holds-entry", "incomplete"],
+)
+def test_data_root_check_agrees_with_the_builders(tmp_path: Path, dataset: str, layout: str):
+    """sweep --check (catalog.data_root_problem) and the run (find_folder) accept the same roots."""
+    from colnet_mpi.data import catalog, celeba, cifar10
+
+    spec = catalog.DISK_LAYOUTS[dataset]
+    root = tmp_path / "root"
+
+    def fill(folder: Path, skip: int = 0) -> None:
+        for d in spec.dirs:
+            (folder / d).mkdir(parents=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in spec.files[skip:]:
+            (folder / f).write_bytes(b"")
+
+    if layout == "root-is-file":
+        root.write_text("x")
+    elif layout == "empty":
+        root.mkdir()
+    elif layout == "complete":
+        fill(root / spec.folder)
+    elif layout == "folder-itself":
+        root = tmp_path / spec.folder
+        fill(root)
+    elif layout == "holds-entry":
+        root.mkdir()
+        (root / spec.files[-1]).write_bytes(b"")
+    elif layout == "incomplete":
+        fill(root / spec.folder, skip=1)
+    problem = catalog.data_root_problem(dataset, str(root))
+    finder = cifar10.find_folder if dataset == "cifar10" else celeba.find_folder
+    try:
+        finder(str(root))
+    except FileNotFoundError:
+        assert problem is not None and "data.root" in problem and str(root) in problem
+    else:
+        assert problem is None
+    assert (problem is None) == (layout in ("complete", "folder-itself"))
+
+
+@pytest.mark.parametrize(
+    ("dataset", "size", "fine"),
+    [
+        ("digits", 8, True),
+        ("digits", 7, False),
+        ("digits", 512, True),
+        ("digits", 513, False),
+        ("synthetic_faces", 16, True),
+        ("synthetic_faces", 15, False),
+        ("synthetic_faces", 0, False),
+        ("cifar10", 0, True),
+        ("cifar10", 64, False),
+        ("celeba", 0, True),
+        ("celeba", 512, True),
+        ("celeba", 513, False),
+        ("celeba", 4, False),
+    ],
+)
+def test_image_size_rule_matches_what_the_datasets_build(dataset: str, size: int, fine: bool):
+    from colnet_mpi.data import DataSizes
+    from colnet_mpi.data.catalog import image_size_problem
+
+    assert (image_size_problem(dataset, size) is None) == fine
+    if fine:
+        DataSizes(image_size=size)  # the builders' own bounds take it too

@@ -44,7 +44,8 @@ def test_known_datasets_and_tasks() -> None:
     assert EMBEDDED_DATASETS == ("digits", "synthetic_faces")
     assert known_datasets()[: len(EMBEDDED_DATASETS)] == EMBEDDED_DATASETS
     digits = dataset_tasks("digits")
-    assert set(digits) == {"low_digits", "high_digits"}
+    assert set(digits) == {"low_digits", "high_digits", "digits_012", "digits_345", "digits_6789"}
+    assert digits["digits_6789"] == TaskSpec("digits_6789", "single_label", 4, "digits_6789")
     assert digits["low_digits"] == TaskSpec("low_digits", "single_label", 6, "low_digits")
     assert digits["high_digits"] == TaskSpec("high_digits", "single_label", 4, "high_digits")
     faces = dataset_tasks("synthetic_faces")
@@ -61,7 +62,7 @@ def test_known_datasets_and_tasks() -> None:
 def test_dataset_tasks_returns_a_copy() -> None:
     tasks = dataset_tasks("digits")
     tasks.clear()
-    assert len(dataset_tasks("digits")) == 2
+    assert len(dataset_tasks("digits")) == 5
 
 
 def test_unknown_dataset_and_task_raise() -> None:

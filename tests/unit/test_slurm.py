@@ -584,7 +584,13 @@ def test_sweep_dry_run(tmp_path):
     env = clean_env(tmp_path, COLNET_DRY_RUN="1", **ARRAY_ENV)
     proc, argv = run_sweep(tmp_path, SPEC, env=env)
     assert proc.returncode == 0, proc.stderr
-    assert argv == sweep_expected(4, "--dry-run")  # no status check, no --overwrite
+    assert argv is None  # a finished index is skipped, as the real run would be
+    assert "is finished; skipping" in proc.stdout
+    write_results(tmp_path / "results/epochs_x_privatization/epochs_x_privatization_4.h5", "failed")
+    proc, argv = run_sweep(tmp_path, SPEC, env=env)
+    assert proc.returncode == 0, proc.stderr
+    # the dry run checks the same resume decision the real run would make
+    assert argv == sweep_expected(4, "--resume", "--overwrite", "--dry-run")
 
 
 def test_sweep_dry_run_on_a_login_node(tmp_path):
@@ -692,11 +698,11 @@ def test_stale_preempted_file_is_not_requeued(tmp_path, which):
 
 
 @BOTH
-def test_dry_run_neither_resumes_nor_requeues(tmp_path, which):
+def test_dry_run_checks_the_resume_but_never_requeues(tmp_path, which):
     write_results(results_of(tmp_path, which), "running")
     proc, argv = launch(tmp_path, which, COLNET_DRY_RUN="1", **play_run(tmp_path, "preempted", 75))
     assert proc.returncode == 75
-    assert argv == launched(which, "--dry-run")
+    assert argv == launched(which, "--resume", "--overwrite", "--dry-run")
     assert scontrol_calls(tmp_path) is None
 
 

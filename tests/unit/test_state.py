@@ -66,6 +66,18 @@ def test_load_accepts_lists_and_round_zero() -> None:
     assert s.round == 0 and s.groups.shape == (0, 2)
     s.load_state_dict({"round": 1, "home_groups": [1, 0], "groups": [[1, 0]]})
     assert s.round == 1 and s.groups.dtype == np.int64
+    assert s.evidence.shape == (2, 2) and np.isnan(s.evidence).all()
+
+
+def test_clustering_evidence_round_trips_and_is_checked() -> None:
+    s = FederationState(3)
+    s.evidence = np.arange(9.0).reshape(3, 3)
+    t = FederationState(3)
+    t.load_state_dict(s.state_dict())
+    assert np.array_equal(t.evidence, s.evidence)
+    bad = dict(s.state_dict(), evidence=np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="evidence"):
+        t.load_state_dict(bad)
 
 
 @pytest.mark.parametrize(

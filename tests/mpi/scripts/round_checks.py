@@ -110,8 +110,14 @@ def check_colnet_round(comm: MPI.Comm) -> None:
         for g in np.unique(groups):
             members = np.flatnonzero(groups == g)
             assert (final[members] == final[members[0]]).all(), f"group {g} members differ"
-        # heads never travel: every payload is backbone-sized (+1 weight / trainable part)
+        # heads never travel: every payload is backbone-sized (+1 weight / trainable part); the
+        # exchange adds the clustering's data profile (statistics of the probe data under the
+        # initial backbone), nothing else
+        profile = fed.grouper.data
+        extra = 0 if profile is None else profile.numel()
+        assert extra > 0  # the default resemblance signals send it
         allowed = {flat.numel, flat.numel + 1, flat.n_trainable, flat.n_trainable + 1}
+        allowed.add(flat.numel + extra)
         assert set(rec.sizes) <= allowed, f"unexpected payload sizes {set(rec.sizes) - allowed}"
         for before, p in zip(rec.head_after_training, node.head.parameters(), strict=False):
             assert torch.equal(before, p.detach()), "aggregation touched the head"
