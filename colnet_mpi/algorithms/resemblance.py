@@ -192,7 +192,11 @@ def choose_k(
     similarity: np.ndarray, k_max: int, cluster: Callable[[np.ndarray, int], np.ndarray]
 ) -> tuple[int, np.ndarray]:
     """``(K, labels)`` for K in ``2 .. min(k_max, n - 1)`` with the best silhouette of
-    ``cluster(affinity, K)`` (the smallest K on ties); one group when fewer than 3 nodes."""
+    ``cluster(affinity, K)`` (the smallest K on ties); one group when fewer than 3 nodes.
+
+    A partition with a group of one node is only taken for K = 2: a node that resembles no one
+    (a backbone that drifted alone) scores a silhouette of 0 and would otherwise split off as
+    its own group and then, alone, drift further."""
     s = np.asarray(similarity, dtype=np.float64)
     n = s.shape[0]
     if n < 3 or k_max < 2:
@@ -201,6 +205,8 @@ def choose_k(
     best: tuple[float, int, np.ndarray] | None = None
     for k in range(2, min(k_max, n - 1) + 1):
         labels = cluster(affinity, k)
+        if k > 2 and np.bincount(labels).min() < 2:
+            continue
         score = silhouette(s, labels)
         if best is None or score > best[0] + 1e-12:
             best = (score, k, labels)

@@ -49,9 +49,9 @@ def test_planted_groups_are_found_with_a_noise_channel_beside_them(k: int, given
         signal = cosine_matrix(x)
         channels = [signal, noise_channel(labels.size, seed)]
         want = k if given else None
-        weights = reliable_weights(channels, [0.5, 0.5], want, 8, cluster)
+        weights = reliable_weights(channels, [0.5, 0.5], want, 6, cluster)
         assert weights[0] > 3 * weights[1], weights
-        chosen, found = partition(mix(channels, weights), want, 8, cluster)
+        chosen, found = partition(mix(channels, weights), want, 6, cluster)
         assert chosen == k
         assert adjusted_rand(labels, found) == 1.0, (seed, found)
 
@@ -148,3 +148,14 @@ def test_profile_similarity_ignores_model_quality_and_own_models() -> None:
     off = ~np.eye(n, dtype=bool)
     assert sim[same & off].min() > 0.5 and sim[~same].max() < -0.2
     assert np.allclose(sim, sim.T) and np.all(np.diag(sim) == 1.0)
+
+
+def test_auto_k_does_not_split_off_a_node_that_resembles_no_one() -> None:
+    """Three similar nodes and three that are each unlike every other node: two groups, not
+    a group of one beside them."""
+    s = np.full((6, 6), -0.3)
+    s[:3, :3] = 0.45
+    s[3, 5] = s[5, 3] = -0.15
+    np.fill_diagonal(s, 1.0)
+    k, labels = choose_k(s, 5, cluster)
+    assert k == 2 and adjusted_rand([0, 0, 0, 1, 1, 1], labels) == 1.0
