@@ -59,7 +59,7 @@ def report(folder: Path, seeds: int) -> str:
     """The markdown table of every setting with finished runs."""
     lines = [
         "| scenario | signals | K | ARI per round: mean over seeds (min) | rounds with ARI = 1 "
-        "from round 2, all seeds | K proposed (node-rounds) | clustering share of a round |",
+        "from round 2, all seeds | K used (rounds, all seeds) | clustering share of a round |",
         "|---|---|---|---|---|---|---|",
     ]
     for scenario, (_, _, true_k) in SCENARIOS.items():
