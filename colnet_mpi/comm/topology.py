@@ -222,6 +222,18 @@ def bcast_ints(
     return buf
 
 
+def _allgather(
+    world: MPI.Comm, values: object, dtype: type, watchdog: Watchdog | None, what: str
+) -> np.ndarray:
+    """Allgather a small vector of the same length from every rank -> (size, length)."""
+    mine: np.ndarray = np.ascontiguousarray(values, dtype=dtype)
+    out: np.ndarray = np.empty((world.Get_size(), mine.size), dtype=dtype)
+    kind = MPI.DOUBLE if dtype is np.float64 else MPI.INT64_T
+    _fence(watchdog, world, what)
+    world.Allgather([mine, kind], [out, kind])
+    return out
+
+
 def floats_allgather(
     world: MPI.Comm,
     values: Sequence[float] | np.ndarray,
@@ -230,11 +242,7 @@ def floats_allgather(
     what: str = "every rank's numbers",
 ) -> np.ndarray:
     """Allgather a small float64 vector of the same length from every rank -> (size, length)."""
-    mine = np.ascontiguousarray(values, dtype=np.float64)
-    out = np.empty((world.Get_size(), mine.size), dtype=np.float64)
-    _fence(watchdog, world, what)
-    world.Allgather([mine, MPI.DOUBLE], [out, MPI.DOUBLE])
-    return out
+    return _allgather(world, values, np.float64, watchdog, what)
 
 
 def ints_allgather(
@@ -245,8 +253,4 @@ def ints_allgather(
     what: str = "every rank's numbers",
 ) -> np.ndarray:
     """Allgather a small int64 vector of the same length from every rank -> (size, length)."""
-    mine = np.ascontiguousarray(values, dtype=np.int64)
-    out = np.empty((world.Get_size(), mine.size), dtype=np.int64)
-    _fence(watchdog, world, what)
-    world.Allgather([mine, MPI.INT64_T], [out, MPI.INT64_T])
-    return out
+    return _allgather(world, values, np.int64, watchdog, what)

@@ -33,3 +33,28 @@ def test_a_forced_wrong_partition_does_not_lock_in(tmp_path: Path) -> None:
     assert ari[1] < 0
     assert ari[0] == 1.0 and ari[2] == 1.0, ari  # right before, and right again after
     assert groups[2].tolist() == groups[0].tolist()
+
+
+@pytest.mark.mpi
+def test_optional_update_and_loss_channels_run_and_record_the_loss_rows(tmp_path: Path) -> None:
+    """With update sketches (a sketch smaller than the backbone) and loss profiles switched on,
+    a round runs and every node records the loss of every backbone it evaluated."""
+    out = tmp_path / "channels.h5"
+    sets = [
+        "training.rounds=1",
+        "model.width=4",
+        "data.samples_per_node=64",
+        "clustering.max_batches=1",
+        "clustering.update_weight=0.3",
+        "clustering.loss_weight=0.2",
+        "clustering.sketch=256",
+    ]
+    args = [a for s in sets for a in ("--set", s)]
+    proc = run_mpi_env(
+        6,
+        colnet("run", "configs/quickstart.toml", "--out", str(out), *args, "--quiet"),
+        dict(os.environ),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    loss = load_run(out).data["clustering/loss"]  # (rounds, nodes, nodes)
+    assert loss.shape == (1, 6, 6) and (loss > 0).all(), loss
