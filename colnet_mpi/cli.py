@@ -86,9 +86,10 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE"
     )
     # Subcommands that live in their own modules register their parser and set ``func``.
-    from colnet_mpi import sweep
+    from colnet_mpi import bench, sweep
 
     sweep.add_parser(sub)
+    bench.add_parser(sub)
     if command not in _LIGHT_COMMANDS:
         from colnet_mpi.metrics import report
 
@@ -129,13 +130,20 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    """The ``run`` command on one rank."""
+def cmd_run(args: argparse.Namespace, state: dict[str, object] | None = None) -> int:
+    """The ``run`` command on one rank.
+
+    ``state`` (``colnet-mpi bench``) may hold ``"after_run"``: a callable given the finished
+    :class:`~colnet_mpi.federation.loop.Federation` on every rank while its communicators are
+    still alive; ``"setup_seconds"`` is set to the time from here to round 1, ``"round_1_at"`` to
+    the wall-clock time at which round 1 starts.
+    """
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD
     rank = world.Get_rank()
-    state: dict[str, object] = {"output": None}
+    state = {} if state is None else state
+    state["output"] = None
     try:
         return _run(args, state)
     except BaseException as err:  # noqa: BLE001 - every rank must take the whole job down
@@ -438,6 +446,8 @@ def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
     if rank != 0:
         state["output"] = output
     federation.stop = StopRequest().install()
+    state["setup_seconds"] = time.perf_counter() - t0
+    state["round_1_at"] = time.time()
     try:
         federation.run(start + 1)
     except Preempted as why:
@@ -457,6 +467,9 @@ def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
         writer.finish()
         # the last line, printed with --quiet too
         _say(f"finished in {time.perf_counter() - t0:.1f}s; results: {output}")
+    after = state.get("after_run")
+    if callable(after):
+        after(federation)
     topology.free()
     return 0
 

@@ -71,6 +71,7 @@ class Transport:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.rejected: list[tuple[int, str]] = []  # (sender rank, reason) refused this round
+        self.last_exchange_numel = 0  # values per neighbour in the last exchange
 
     # -- buffer plumbing -------------------------------------------------------------------------
     def _wire(self, t: torch.Tensor) -> torch.Tensor:
@@ -122,6 +123,7 @@ class Transport:
         ``(rank, reason)``; the job goes on.
         """
         numel = flat.numel() if expected is None else expected
+        self.last_exchange_numel = numel
         if expected is None:
             check_vector(flat, numel, f"rank {self.topology.rank}: own backbone before sending")
         world = self.topology.world

@@ -30,6 +30,13 @@ from colnet_mpi.metrics.reader import (
     settings,
     val_loss_curves,
 )
+from colnet_mpi.metrics.paired import (
+    DEFAULT_REFERENCE,
+    compare,
+    paired_markdown,
+    parse_reference,
+    write_paired_csv,
+)
 from colnet_mpi.metrics.robustness import (
     LOG_SPAN,
     defense_costs,
@@ -99,6 +106,14 @@ def add_parser(sub: Any) -> None:
         default=[],
         metavar="SECTION.KEY",
         help="a config key that should not split runs into settings (repeatable), e.g. data.root",
+    )
+    p.add_argument(
+        "--paired",
+        default="=".join(DEFAULT_REFERENCE),
+        metavar="SECTION.KEY=VALUE",
+        help="reference setting of the paired Wilcoxon signed-rank tests over seeds, against every "
+        "setting that differs from it in that key only (default: federation.scheme=colnet); "
+        "'none' leaves the tests out",
     )
     p.add_argument("--no-figures", action="store_true", help="write the tables only")
     p.set_defaults(func=main)
@@ -321,12 +336,16 @@ def write_report(
     round: int = -1,
     ignore: Iterable[str] = (),
     figures: bool = True,
+    paired: tuple[str, str] | None = DEFAULT_REFERENCE,
 ) -> tuple[str, list[Path], str | None]:
     """Write ``table.md``, ``table.csv`` and (with matplotlib) the figures into ``out``.
 
     Runs are split by dataset (one table each). Datasets whose runs differ in ``attack.kind`` and
     include clean runs also get the robustness section (appended to ``table.md``),
-    ``robustness.csv`` and ``attacks_<dataset>.png``. Returns the markdown text, the files
+    ``robustness.csv`` and ``attacks_<dataset>.png``. Where the runs of a dataset differ in the
+    key of ``paired`` and include its value, ``table.md`` ends with paired Wilcoxon signed-rank
+    tests over seeds of that setting against the others, also in ``paired.csv``
+    (:mod:`colnet_mpi.metrics.paired`). Returns the markdown text, the files
     written and a note when the figures were left out because matplotlib is missing.
     """
     ignore = list(ignore)
@@ -341,10 +360,16 @@ def write_report(
         costs = defense_costs(runs, round=round, ignore=ignore) if attacked else []
     if attacked:
         text += "\n" + robustness_markdown(attacked, costs, runs=runs, round=round)
+    comparisons = compare(runs, reference=paired, round=round, ignore=ignore) if paired else []
+    if comparisons:
+        text += "\n" + paired_markdown(comparisons)
     md, csv_path = out_dir / "table.md", out_dir / "table.csv"
     md.write_text(text)
     write_csv(tables, csv_path)
     written = [md, csv_path]
+    if comparisons:
+        write_paired_csv(comparisons, out_dir / "paired.csv")
+        written.append(out_dir / "paired.csv")
     if attacked:
         write_robustness_csv(attacked, out_dir / "robustness.csv")
         written.append(out_dir / "robustness.csv")
@@ -407,6 +432,13 @@ def _err(msg: str) -> None:
 def main(args: argparse.Namespace) -> int:
     """Run ``colnet-mpi report``."""
     out = Path(args.out) if args.out else default_out(args.paths)
+    paired = None
+    if args.paired.strip().lower() != "none":
+        try:
+            paired = parse_reference(args.paired)
+        except ReportError as err:
+            _err(str(err))
+            return EXIT_BAD_INPUT
     problem = out_dir_problem(out)  # before reading anything: a bad --out fails fast
     if problem:
         _err(f"cannot write the report to {out}: {problem}")
@@ -417,7 +449,12 @@ def main(args: argparse.Namespace) -> int:
             runs = load_runs(args.paths, include_unfinished=args.include_unfinished)
             try:
                 text, written, note = write_report(
-                    runs, out, round=args.round, ignore=args.ignore, figures=not args.no_figures
+                    runs,
+                    out,
+                    round=args.round,
+                    ignore=args.ignore,
+                    figures=not args.no_figures,
+                    paired=paired,
                 )
             except OSError as err:  # a full disk, or --out changed after the check above
                 raise ReportError(f"cannot write the report to {out}: {err}") from err

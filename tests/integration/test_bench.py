@@ -1,0 +1,85 @@
+"""``colnet-mpi bench`` under MPI: every figure is there and agrees with the results file."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from colnet_mpi.bench import BENCH_STAGES, text
+from tests.conftest import ROOT, colnet
+from tests.integration.test_results_safety import run_mpi_env
+
+SMALL = [
+    "training.rounds=2",
+    "model.width=4",
+    "data.samples_per_node=64",
+    "data.test_samples=64",
+    "clustering.max_batches=1",
+]
+
+
+@pytest.mark.mpi
+def test_bench_prints_every_figure_consistent_with_the_run(tmp_path: Path) -> None:
+    out = tmp_path / "bench.h5"
+    args = [a for s in SMALL for a in ("--set", s)]
+    proc = run_mpi_env(
+        6,
+        colnet(
+            "bench", "configs/quickstart.toml", *args, "--out", str(out), "--json", "--repeats", "2"
+        ),
+        dict(os.environ),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    fig = json.loads(proc.stdout)  # stdout is the JSON object alone
+    assert fig["world_size"] == 6 and fig["rounds"] == 2 and fig["rounds_measured"] == 1
+    with h5py.File(out, "r") as f:
+        secs = {s: f[f"round/seconds/{s}"][1] for s in (*BENCH_STAGES, "total")}
+        sent = f["round/bytes_sent"][1]
+    st = fig["stages_seconds_per_round"]
+    for s, v in secs.items():
+        assert st[s]["mean_rank"] == pytest.approx(v.mean())
+        assert st[s]["slowest_rank"] == pytest.approx(v.max())
+    total, train = secs["total"].mean(), secs["local_train"].mean()
+    assert fig["overhead_ratio"] == pytest.approx((total - train) / total)
+    assert 0 < fig["overhead_ratio"] < 1
+    assert fig["bytes_per_node_round"]["sent"] == pytest.approx(sent.mean())
+    # 64 samples per node, 80 % of them for training, 2 local epochs
+    images = fig["train_images_per_second"]
+    assert images["total"] == pytest.approx(np.sum(51 * 2 / secs["local_train"]), rel=0.02)
+    ex = fig["exchange"]
+    assert ex["neighbours"] == 5 and ex["transfer_path"] == "host"
+    assert set(ex["seconds"]) == {"colnet", "raw_p2p", "raw_allgather"}
+    assert all(v > 0 for v in ex["seconds"].values())
+    assert ex["bytes_received_per_rank"] == ex["values_per_neighbour"] * 4 * 5
+    thr = ex["throughput_MB_per_s_per_rank"]["colnet"]
+    assert thr == pytest.approx(ex["bytes_received_per_rank"] / ex["seconds"]["colnet"] / 1e6)
+    rss = fig["peak_rss_bytes"]
+    assert 50e6 < rss["mean_rank"] <= rss["max_rank"] and rss["total"] == pytest.approx(
+        6 * rss["mean_rank"]
+    )
+    assert 0 < fig["startup_seconds"]["mean_rank"] <= fig["startup_seconds"]["slowest_rank"] < 300
+    report = text(fig, "configs/quickstart.toml")
+    for needle in ("overhead (round - local training) / round", "raw Isend/Irecv", "peak RSS"):
+        assert needle in report
+    assert all(s in report for s in BENCH_STAGES)
+
+
+def test_bench_refuses_bad_options() -> None:
+    for bad in (["--repeats", "0"], ["--warmup", "-1"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "colnet_mpi", "bench", "configs/quickstart.toml", *bad],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=120,
+            check=False,
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert bad[0] in proc.stderr and "is not allowed" in proc.stderr
