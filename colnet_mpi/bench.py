@@ -98,6 +98,19 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
+def pss_bytes() -> float:
+    """This process's proportional set size now (Linux): shared pages (the libraries that every
+    rank maps, such as torch's) count once across the processes that share them, so the sum over
+    the ranks of a host is the memory they really take. NaN where ``/proc`` has no figure."""
+    try:
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return math.nan
+
+
 def process_started_at() -> float | None:
     """Wall-clock time at which this process started (Linux ``/proc``), or None elsewhere."""
     try:
@@ -191,11 +204,17 @@ def measure(fed: Federation, state: dict[str, Any], repeats: int) -> dict[str, A
     exchange = time_exchanges(fed, repeats)
     rows = floats_allgather(
         topo.world,
-        [peak_rss_bytes(), fed.node.n_train, startup],
+        [peak_rss_bytes(), fed.node.n_train, startup, pss_bytes()],
         watchdog=topo.watchdog,
         what="every rank's memory and sizes",
     )
-    return {"rss": rows[:, 0], "n_train": rows[:, 1], "startup": rows[:, 2], "exchange": exchange}
+    return {
+        "rss": rows[:, 0],
+        "n_train": rows[:, 1],
+        "startup": rows[:, 2],
+        "pss": rows[:, 3],
+        "exchange": exchange,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +253,7 @@ def figures(path: Path, gathered: dict[str, Any], warmup: int) -> dict[str, Any]
     ex = gathered["exchange"]
     recv = ex["bytes_received_per_rank"]
     throughput = {k: recv / v / 1e6 if v > 0 else math.nan for k, v in ex["seconds"].items()}
-    rss = gathered["rss"]
+    rss, pss = gathered["rss"], gathered["pss"]
     return {
         "config": config.run.name,
         "world_size": world,
@@ -274,6 +293,11 @@ def figures(path: Path, gathered: dict[str, Any], warmup: int) -> dict[str, Any]
             "max_rank": float(np.max(rss)),
             "total": float(np.sum(rss)),
         },
+        "pss_bytes_at_end": {
+            "mean_rank": float(np.mean(pss)),
+            "max_rank": float(np.max(pss)),
+            "total": float(np.sum(pss)),
+        },
     }
 
 
@@ -306,7 +330,7 @@ def text(fig: dict[str, Any], config_path: str) -> str:
         if "raw_allgather" in sec
         else "  raw Allgather        - (not every rank is a neighbour)"
     )
-    rss = fig["peak_rss_bytes"]
+    rss, pss = fig["peak_rss_bytes"], fig["pss_bytes_at_end"]
     lines += [
         "",
         f"overhead (round - local training) / round: {fig['overhead_ratio']:.1%} "
@@ -323,7 +347,9 @@ def text(fig: dict[str, Any], config_path: str) -> str:
         f"start-up (process start to round 1): {fig['startup_seconds']['mean_rank']:.1f} s mean rank, "
         f"{fig['startup_seconds']['slowest_rank']:.1f} s slowest",
         f"peak RSS: {_mb(rss['mean_rank'])} mean rank, {_mb(rss['max_rank'])} largest, "
-        f"{_mb(rss['total'])} all ranks",
+        f"{_mb(rss['total'])} all ranks (shared library pages counted in every rank)",
+        f"PSS at the end: {_mb(pss['mean_rank'])} mean rank, {_mb(pss['max_rank'])} largest, "
+        f"{_mb(pss['total'])} all ranks (shared pages counted once)",
     ]
     return "\n".join(lines)
 

@@ -293,6 +293,8 @@ def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
     timeout = config.federation.timeout if config else "auto"
     topology = Topology(
         kind=config.federation.topology if config else "full",
+        degree=config.federation.degree if config else 4,
+        seed=config.run.seed if config else 0,
         timeout=None if timeout == "auto" else float(timeout),
     )
     world, rank, size = topology.world, topology.rank, topology.size

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from colnet_mpi.comm.graphs import TOPOLOGIES, kregular_problem
 from colnet_mpi.federation.schemes import GROUPERS, INTRA, SCHEMES
 
 if sys.version_info >= (3, 11):
@@ -59,6 +60,8 @@ class RunConfig:
     deterministic: bool = True
     checkpoint_every: int = 1  # save every rank's state every this many rounds; 0 = never
     checkpoint_dir: str = ""  # empty: <results file>.ckpt/ next to the results file
+    # test metrics every this many rounds, and always in the final round (NaN in the others)
+    evaluate_every: int = 1
 
     def __post_init__(self) -> None:
         if not self.name or any(c in self.name for c in "/\\ "):
@@ -69,6 +72,8 @@ class RunConfig:
         _at_most("run.seed", self.seed, 2**63 - 1, "the results file stores it as a 64-bit integer")
         _positive("run.checkpoint_every", self.checkpoint_every, allow_zero=True)
         _at_most("run.checkpoint_every", self.checkpoint_every, MAX_ROUNDS, "a typo guard")
+        _positive("run.evaluate_every", self.evaluate_every)
+        _at_most("run.evaluate_every", self.evaluate_every, MAX_ROUNDS, "a typo guard")
 
     def output_path(self) -> Path:
         """Where the HDF5 results file of this run goes."""
@@ -219,7 +224,10 @@ class FederationConfig:
 
     scheme: str = "colnet"
     grouping: str = "cluster"  # cluster: task-aware clustering; tasks: the true task groups
-    topology: str = "full"  # full: every node is every node's neighbour; ring: i-1 and i+1
+    # full: every node is every node's neighbour; ring: i-1 and i+1; exponential: i +- 2^j;
+    # kregular: a seeded random connected graph with `degree` neighbours per node
+    topology: str = "full"
+    degree: int = 4  # neighbours per node of the kregular topology
     intra_weights: str = "equal"  # equal (the paper) or samples (training-set sizes)
     local_bn: bool = False  # FedBN-style: BatchNorm layers stay local
     cuda_aware: str = "auto"  # auto | yes | no: pass GPU buffers straight to MPI
@@ -239,7 +247,8 @@ class FederationConfig:
             _at_most("federation.timeout", self.timeout, 7 * 86400, "a week; a typo guard")
         _choice("federation.scheme", self.scheme, SCHEMES.names())
         _choice("federation.grouping", self.grouping, GROUPERS.names())
-        _choice("federation.topology", self.topology, ("full", "ring"))
+        _choice("federation.topology", self.topology, TOPOLOGIES)
+        _positive("federation.degree", self.degree)
         _choice("federation.intra_weights", self.intra_weights, ("equal", "samples"))
         _choice("federation.cuda_aware", self.cuda_aware, ("auto", "yes", "no"))
 
@@ -472,6 +481,10 @@ class Config:
                     f"nodes[{i}].name = {node.name!r} is used twice; names must be unique"
                 )
             names.add(node.name)
+        if self.federation.topology == "kregular" and len(self.nodes) > 1:
+            problem = kregular_problem(len(self.nodes), self.federation.degree)
+            if problem:
+                raise ConfigError(problem)
         if isinstance(self.clustering.k, int) and self.clustering.k > len(self.nodes):
             raise ConfigError(
                 f"clustering.k = {self.clustering.k} is not allowed with {len(self.nodes)} nodes; "

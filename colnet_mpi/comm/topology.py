@@ -9,18 +9,10 @@ from collections.abc import Sequence
 import numpy as np
 from mpi4py import MPI
 
+from colnet_mpi.comm.graphs import TOPOLOGIES, neighbours_of
 from colnet_mpi.comm.watchdog import Watchdog
 
-TOPOLOGIES = ("full", "ring")
-
-
-def neighbours_of(rank: int, size: int, kind: str) -> list[int]:
-    """Neighbours of ``rank`` in the overlay graph (sorted world ranks, never ``rank`` itself)."""
-    if kind == "full":
-        return [r for r in range(size) if r != rank]
-    if kind == "ring":
-        return sorted({(rank - 1) % size, (rank + 1) % size} - {rank})
-    raise ValueError(f"topology {kind!r} is not allowed; choose one of: {', '.join(TOPOLOGIES)}")
+__all__ = ["TOPOLOGIES", "Topology", "neighbours_of"]
 
 
 class Topology:
@@ -33,14 +25,22 @@ class Topology:
     """
 
     def __init__(
-        self, parent: MPI.Comm | None = None, *, kind: str = "full", timeout: float | None = None
+        self,
+        parent: MPI.Comm | None = None,
+        *,
+        kind: str = "full",
+        timeout: float | None = None,
+        degree: int = 4,
+        seed: int = 0,
     ) -> None:
         self.world: MPI.Comm = (parent if parent is not None else MPI.COMM_WORLD).Dup()
         self.watchdog = Watchdog(self.world, timeout)
         self.rank: int = self.world.Get_rank()
         self.size: int = self.world.Get_size()
         self.kind = kind
-        self.neighbours: list[int] = neighbours_of(self.rank, self.size, kind)
+        self.neighbours: list[int] = neighbours_of(
+            self.rank, self.size, kind, degree=degree, seed=seed
+        )
         shared = self.world.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_rank: int = shared.Get_rank()
         self.local_size: int = shared.Get_size()

@@ -131,19 +131,40 @@ class Transport:
         sends = [
             world.Isend(self._buf(send), dest=dst, tag=tag) for dst in self.topology.neighbours
         ]
-        received: dict[int, torch.Tensor] = {}
         watchdog = self.topology.watchdog
+        # Match each neighbour's message as soon as it is announced and post its receive at once,
+        # so that every transfer proceeds together (as with pre-posted receives), while a message
+        # of the wrong size is still received whole, into a buffer of its own size, and refused.
+        waiting = list(self.topology.neighbours)
+        incoming: dict[int, tuple[torch.Tensor, MPI.Request, int, int]] = {}
+
+        def matched() -> bool:
+            for src in list(waiting):
+                status = MPI.Status()
+                message = world.Improbe(source=src, tag=tag, status=status)
+                if message is None:
+                    continue
+                count, nbytes = status.Get_count(MPI.FLOAT), max(status.Get_count(MPI.BYTE), 0)
+                buf = self._empty(numel if count == numel else nbytes // 4 + 1)
+                incoming[src] = (buf, message.Irecv(self._buf(buf)), count, nbytes)
+                waiting.remove(src)
+            return not waiting
+
+        watchdog.wait(matched, "its backbone", waiting)
+        # every sender is in its exchange now: poll without pauses while the data moves
+        watchdog.requests(
+            [req for _, req, _, _ in incoming.values()],
+            "the backbones under way",
+            self.topology.neighbours,
+            busy=True,
+        )
+        received: dict[int, torch.Tensor] = {}
         for src in self.topology.neighbours:
-            status = MPI.Status()
-            message = watchdog.probe(world, src, tag, status, "its backbone")
-            count = status.Get_count(MPI.FLOAT)
-            size_ok = count == numel
-            buf = self._empty(numel if size_ok else max(status.Get_count(MPI.BYTE), 0) // 4 + 1)
-            message.Recv(self._buf(buf))
-            self.bytes_received += max(status.Get_count(MPI.BYTE), 0)
+            buf, _, count, nbytes = incoming[src]
+            self.bytes_received += nbytes
             what = f"rank {self.topology.rank}: backbone from rank {src}"
             try:
-                if not size_ok:
+                if count != numel:
                     raise ReceiveError(f"{what} has {count} values, expected {numel}")
                 check_vector(buf, numel, what)
             except ReceiveError as err:

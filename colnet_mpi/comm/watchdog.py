@@ -84,11 +84,15 @@ class Watchdog:
         return max(AUTO_FLOOR, AUTO_FACTOR * max(self.longest_round, elapsed))
 
     # -- waits ---------------------------------------------------------------------------------------
-    def wait(self, done: Callable[[], bool], what: str, peers: Sequence[int] = ()) -> None:
+    def wait(
+        self, done: Callable[[], bool], what: str, peers: Sequence[int] = (), *, busy: bool = False
+    ) -> None:
         """Poll ``done`` until it returns True; past the limit raise :class:`WatchdogTimeout`.
 
         ``what`` says what is awaited and ``peers`` the world ranks it depends on (named in the
-        message). While waiting, census questions from other ranks are answered.
+        message; a list that the caller shrinks as peers answer names only the missing ones).
+        While waiting, census questions from other ranks are answered. ``busy``: never sleep
+        between polls, for transfers already under way (MPI moves data only while it is called).
         """
         if done():
             return
@@ -104,15 +108,22 @@ class Watchdog:
                 now = time.perf_counter()
                 if now - start > limit:
                     raise WatchdogTimeout(self._expired(what, peers, now - start, limit))
-                if now - start > SPIN:
+                if not busy and now - start > SPIN:
                     time.sleep(pause)
                     pause = min(MAX_PAUSE, pause * 2 or 1e-4)
         finally:
             self._waiting = False
 
-    def requests(self, requests: list[MPI.Request], what: str, peers: Sequence[int] = ()) -> None:
-        """Wait for every request in ``requests``."""
-        self.wait(lambda: bool(MPI.Request.Testall(requests)), what, peers)
+    def requests(
+        self,
+        requests: list[MPI.Request],
+        what: str,
+        peers: Sequence[int] = (),
+        *,
+        busy: bool = False,
+    ) -> None:
+        """Wait for every request in ``requests`` (``busy``: see :meth:`wait`)."""
+        self.wait(lambda: bool(MPI.Request.Testall(requests)), what, peers, busy=busy)
 
     def fence(self, comm: MPI.Comm, what: str, members: Sequence[int] = ()) -> None:
         """Wait until every member of ``comm`` reached this point (a polled non-blocking barrier).

@@ -62,7 +62,12 @@ def summary_line(fed: Federation, r: int, rows: dict, ari: float) -> str:
     parts = [f"round {r:>3}/{fed.config.training.rounds}"]
     parts.append(f"{float(np.max(rows['round/seconds/total'])):6.1f}s")
     tasks = dataset_tasks(fed.config.data.dataset)
+    untested = bool(np.all(np.isnan(rows["round/test_loss"])))  # run.evaluate_every
+    if untested:
+        parts.append("(no test this round)")
     for name in dict.fromkeys(nd.task for nd in fed.config.nodes):
+        if untested:
+            break
         idx = [i for i, nd in enumerate(fed.config.nodes) if nd.task == name]
         if tasks[name].kind == "landmarks":
             parts.append(f"{name} loss={np.mean(rows['round/test_loss'][idx]):.3f}")

@@ -27,6 +27,7 @@ MAY_CHANGE: frozenset[str] = frozenset(
         "run.output",
         "run.checkpoint_every",
         "run.checkpoint_dir",
+        "run.evaluate_every",
         "training.rounds",
         "federation.cuda_aware",
         "federation.timeout",

@@ -5,6 +5,7 @@ intra and cross aggregators) and the defenses do the choosing inside.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -14,8 +15,10 @@ import torch
 from colnet_mpi.algorithms.clustering import leader_flags
 from colnet_mpi.comm.buffers import checksum
 from colnet_mpi.federation.context import RoundContext
+from colnet_mpi.metrics.names import METRIC_NAMES
 
 if TYPE_CHECKING:
+    from colnet_mpi.config import Config
     from colnet_mpi.federation.loop import Federation
 
 
@@ -135,12 +138,21 @@ def redistribute(fed: Federation, ctx: RoundContext) -> bool:
     return True
 
 
+def tested(config: Config, r: int) -> bool:
+    """Whether round ``r`` measures test metrics (``run.evaluate_every``; the final round always)."""
+    return r % config.run.evaluate_every == 0 or r == config.training.rounds
+
+
 def evaluate(fed: Federation, ctx: RoundContext) -> bool:
-    """The round's new backbone into the model, then test metrics and the backbone checksum."""
+    """The round's new backbone into the model, then test metrics (in the rounds that measure
+    them; NaN in the others) and the backbone checksum."""
     node, local_bn = fed.node, fed.config.federation.local_bn
     if fed.intra is not None:
         node.flat.unpack(ctx.new, keep_batchnorm=local_bn)
-    ctx.test = node.evaluate(node.test_loader)
+    if tested(fed.config, ctx.r):
+        ctx.test = node.evaluate(node.test_loader)
+    else:
+        ctx.test = {m: math.nan for m in METRIC_NAMES}
     ctx.checksum = checksum(node.flat.shared_part(node.flat.pack(), local_batchnorm=local_bn))
     for src, _reason in fed.transport.rejected:
         ctx.defended.refused[src] = 1

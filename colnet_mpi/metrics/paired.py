@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from colnet_mpi.metrics.reader import (
-    Run,
     ReportError,
+    Run,
     _by_setting,
     group_summary,
     scenarios,
@@ -51,10 +51,12 @@ class Comparison:
 
     @property
     def n(self) -> int:
+        """Number of pairs."""
         return len(self.differences)
 
     @property
     def mean(self) -> float:
+        """Mean difference (positive: the reference is better)."""
         return float(np.mean(self.differences)) if self.differences else math.nan
 
     @property

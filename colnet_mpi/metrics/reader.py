@@ -112,6 +112,17 @@ ADDED_KEYS: dict[str, Any] = {
     "defense.norm_action": "exclude",
     "run.checkpoint_every": 1,
     "run.checkpoint_dir": "",
+    "run.evaluate_every": 1,
+    "federation.timeout": "auto",
+    "federation.degree": 4,
+    # files from before the resemblance signals clustered with the paper's signals
+    "clustering.signals": "paper",
+    "clustering.data_weight": 0.5,
+    "clustering.backbone_weight": 0.5,
+    "clustering.update_weight": 0.0,
+    "clustering.loss_weight": 0.0,
+    "clustering.memory": 0.5,
+    "clustering.sketch": 1024,
 }
 
 

@@ -15,6 +15,13 @@ from typing import Any
 
 import numpy as np
 
+from colnet_mpi.metrics.paired import (
+    DEFAULT_REFERENCE,
+    compare,
+    paired_markdown,
+    parse_reference,
+    write_paired_csv,
+)
 from colnet_mpi.metrics.reader import (
     TEST_METRICS,
     Curve,
@@ -29,13 +36,6 @@ from colnet_mpi.metrics.reader import (
     scenarios,
     settings,
     val_loss_curves,
-)
-from colnet_mpi.metrics.paired import (
-    DEFAULT_REFERENCE,
-    compare,
-    paired_markdown,
-    parse_reference,
-    write_paired_csv,
 )
 from colnet_mpi.metrics.robustness import (
     LOG_SPAN,
@@ -261,18 +261,19 @@ def plot_curves(
         labels = list(dict.fromkeys(c.label for c in curves if c.dataset == dataset))
         for c in mine:
             color = f"C{labels.index(c.label) % 10}"
-            marker = "o" if len(c.x) <= 20 else None
-            ax.plot(
-                c.x, c.mean, color=color, marker=marker, markersize=3, label=f"{c.label} (n={c.n})"
-            )
+            x, mean, std = np.asarray(c.x), np.asarray(c.mean), np.asarray(c.std)
+            kept = ~np.isnan(mean)  # rounds without test metrics (run.evaluate_every) are skipped
+            if kept.any():
+                x, mean, std = x[kept], mean[kept], std[kept]
+            marker = "o" if len(x) <= 20 else None
+            ax.plot(x, mean, color=color, marker=marker, markersize=3, label=f"{c.label} (n={c.n})")
             if c.n >= 2:
-                ax.fill_between(
-                    c.x, c.mean - c.std, c.mean + c.std, color=color, alpha=0.15, linewidth=0
-                )
+                ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
         ax.set_title(f"{group} ({dataset})" if several else group)
         ax.set_xlabel(xlabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         values = np.concatenate([c.mean for c in mine])
+        values = values[~np.isnan(values)] if (~np.isnan(values)).any() else values
         positive = values[np.isfinite(values) & (values > 0)]
         log = positive.size == values.size and positive.max() / positive.min() > LOG_SPAN
         ax.set_ylabel(ylabel(mine[0]) + (" (log scale)" if log else ""))

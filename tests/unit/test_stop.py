@@ -39,3 +39,16 @@ def test_ctrl_c_is_a_stop_request_not_a_keyboard_interrupt() -> None:
     proc = _run("INT", "TERM")
     assert "noted SIGINT SIGINT" in proc.stdout and "KeyboardInterrupt" not in proc.stderr
     assert proc.returncode == 128 + 15
+
+
+def test_evaluate_every_tests_every_kth_round_and_always_the_last() -> None:
+    from colnet_mpi.config import config_from_dict
+    from colnet_mpi.federation.stages import tested
+
+    nodes = [{"task": "attributes", "count": 2}]
+    cfg = config_from_dict(
+        {"run": {"evaluate_every": 3}, "training": {"rounds": 7}, "nodes": nodes}
+    )
+    assert [r for r in range(1, 8) if tested(cfg, r)] == [3, 6, 7]
+    every = config_from_dict({"training": {"rounds": 4}, "nodes": nodes})
+    assert [r for r in range(1, 5) if tested(every, r)] == [1, 2, 3, 4]
