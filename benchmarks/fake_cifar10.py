@@ -51,6 +51,7 @@ def write(root: Path, per_class: int, seed: int = 0) -> Path:
 
 
 def main() -> None:
+    """Parse the command line and write the tree."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("root", type=Path, help="folder to create cifar-10-batches-py/ in")
     p.add_argument("--per-class", type=int, default=20, help="images per class and batch file")

@@ -174,8 +174,8 @@ def _pairs(
         out.append(Comparison(dataset, g, metric, ref_label, other_label, diffs, tuple(seeds)))
         pooled.setdefault(metric, []).extend(diffs)
         pooled_seeds.setdefault(metric, []).extend(seeds)
-    for metric, diffs in pooled.items():
-        if len(diffs) > len(seeds):  # more than one group measured by this metric
+    for metric, together in pooled.items():
+        if len(together) > len(seeds):  # more than one group measured by this metric
             out.append(
                 Comparison(
                     dataset,
@@ -183,7 +183,7 @@ def _pairs(
                     metric,
                     ref_label,
                     other_label,
-                    tuple(diffs),
+                    tuple(together),
                     tuple(pooled_seeds[metric]),
                 )
             )
