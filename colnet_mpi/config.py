@@ -281,6 +281,10 @@ class ClusteringConfig:
     loss_weight: float = 0.0  # agreement of the loss rows (every backbone on each node's data)
     memory: float = 0.5  # weight of earlier rounds' evidence (0 = this round only)
     sketch: int = 1024  # entries of the update sketch sent with a backbone (0 = exact)
+    # 0: the exchange sends each neighbour the whole backbone; m > 0: an m-entry sketch of it
+    # instead (resemblance signals without loss profiles or screening), so the exchange moves
+    # O(m) values per neighbour whatever the model size; the backbone cosine is then estimated
+    backbone_sketch: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not (
@@ -322,6 +326,25 @@ class ClusteringConfig:
             )
         _positive("clustering.sketch", self.sketch, allow_zero=True)
         _at_most("clustering.sketch", self.sketch, 2**24, "floats sent per neighbour; a typo guard")
+        _positive("clustering.backbone_sketch", self.backbone_sketch, allow_zero=True)
+        _at_most(
+            "clustering.backbone_sketch",
+            self.backbone_sketch,
+            2**24,
+            "floats sent per neighbour; a typo guard",
+        )
+        if self.backbone_sketch and self.signals != "resemblance":
+            raise ConfigError(
+                f"clustering.backbone_sketch = {self.backbone_sketch} is not allowed with "
+                f'clustering.signals = "{self.signals}": the paper\'s signals evaluate every '
+                'neighbour\'s whole model; use signals = "resemblance" or backbone_sketch = 0'
+            )
+        if self.backbone_sketch and self.loss_weight > 0:
+            raise ConfigError(
+                f"clustering.backbone_sketch = {self.backbone_sketch} is not allowed with "
+                f"clustering.loss_weight = {self.loss_weight:g}: loss profiles evaluate every "
+                "neighbour's whole model; set one of them to 0"
+            )
         _choice("clustering.cosine", self.cosine, ("centered", "raw"))
         _choice("clustering.record_affinity", self.record_affinity, ("auto", "yes", "no"))
 
@@ -485,6 +508,12 @@ class Config:
             problem = kregular_problem(len(self.nodes), self.federation.degree)
             if problem:
                 raise ConfigError(problem)
+        if self.clustering.backbone_sketch and self.defense.screening:
+            raise ConfigError(
+                f"clustering.backbone_sketch = {self.clustering.backbone_sketch} is not allowed "
+                "with defense.screening = true: screening compares the group-mates' whole "
+                "updates; set backbone_sketch = 0 or screening = false"
+            )
         if isinstance(self.clustering.k, int) and self.clustering.k > len(self.nodes):
             raise ConfigError(
                 f"clustering.k = {self.clustering.k} is not allowed with {len(self.nodes)} nodes; "

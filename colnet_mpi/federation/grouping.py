@@ -81,6 +81,7 @@ class TaskAwareClustering:
         cfg = fed.config.clustering
         self.resemblance = cfg.signals == "resemblance"
         self.sketch: UpdateSketch | None = None
+        self.backbone_sketch: UpdateSketch | None = None
         self.data: torch.Tensor | None = None
         if self.resemblance and cfg.update_weight > 0:
             self.sketch = UpdateSketch(
@@ -89,17 +90,33 @@ class TaskAwareClustering:
                 derive_seed(fed.config.run.seed, 8),
                 fed.node.device,
             )
+        if self.resemblance and cfg.backbone_sketch > 0:
+            self.backbone_sketch = UpdateSketch(
+                fed.node.flat.n_trainable,
+                cfg.backbone_sketch,
+                derive_seed(fed.config.run.seed, 9),
+                fed.node.device,
+            )
         if self.resemblance and cfg.data_weight > 0:
             # built before any training or restored checkpoint: under the shared initial backbone
             self.data = fed.node.data_profile()
 
+    @property
+    def sends_backbone(self) -> bool:
+        """False when the exchange carries a sketch of the backbone instead of the backbone."""
+        return self.backbone_sketch is None
+
     def payload(self, ctx: RoundContext, upload: torch.Tensor) -> torch.Tensor | None:
-        """Resemblance signals: the data profile, then the sketch of this round's update."""
+        """Resemblance signals: the data profile, the sketch of this round's update, then (with
+        ``clustering.backbone_sketch``) the sketch of the backbone that is sent in its place."""
         parts = [] if self.data is None else [self.data]
+        sent = upload if upload.numel() == ctx.start.numel() else ctx.own
         if self.sketch is not None:
             p = self.sketch.n
-            sent = upload if upload.numel() == ctx.start.numel() else ctx.own
             parts.append(self.sketch(sent[:p] - ctx.start[:p]).to(self.fed.node.device))
+        if self.backbone_sketch is not None:
+            p = self.backbone_sketch.n
+            parts.append(self.backbone_sketch(sent[:p]).to(self.fed.node.device))
         return torch.cat(parts) if parts else None
 
     def assign(self, ctx: RoundContext) -> None:
@@ -119,7 +136,8 @@ class TaskAwareClustering:
     def _view(self, ctx: RoundContext) -> list[int]:
         """This rank, then the neighbours it received from that are not quarantined."""
         q = ctx.quarantined
-        return [self.fed.topology.rank, *(j for j in sorted(ctx.received) if not q[j])]
+        heard = set(ctx.received) | set(ctx.payloads)
+        return [self.fed.topology.rank, *(j for j in sorted(heard) if not q[j])]
 
     def _evaluate(self, ctx: RoundContext, vectors: list[torch.Tensor]) -> tuple[list, list]:
         """Loss and Jacobian norm of every backbone in ``vectors`` on this node's data."""
@@ -171,12 +189,17 @@ class TaskAwareClustering:
 
         payloads = [ctx.payload, *(ctx.payloads.get(j) for j in view[1:])] if view else []
         d = 0 if self.data is None else self.data.numel()
+        u = d + (0 if self.sketch is None else self.sketch.dim)
         if self.data is not None:
             add(cfg.data_weight, [q[:d] for q in payloads if q is not None])
         if self.sketch is not None:
-            add(cfg.update_weight, [q[d:] for q in payloads if q is not None])
-        vectors = [ctx.view_own, *(ctx.received[j] for j in view[1:])] if view else []
-        if cfg.backbone_weight > 0:
+            add(cfg.update_weight, [q[d:u] for q in payloads if q is not None])
+        vectors: list[torch.Tensor] = []
+        if self.backbone_sketch is None and view:
+            vectors = [ctx.view_own, *(ctx.received[j] for j in view[1:])]
+        if cfg.backbone_weight > 0 and self.backbone_sketch is not None:
+            add(cfg.backbone_weight, [q[u:] for q in payloads if q is not None])
+        elif cfg.backbone_weight > 0:
             p = fed.node.flat.n_trainable
             add(cfg.backbone_weight, [v[:p] for v in vectors])
         recorded = channels[-1] if cfg.backbone_weight > 0 else channels[0]  # clustering/cosine

@@ -65,6 +65,14 @@ def exchange(fed: Federation, ctx: RoundContext) -> bool:
     if ctx.payload is None:
         ctx.received = fed.transport.exchange(upload, expected=expected)
         return True
+    if not getattr(fed.grouper, "sends_backbone", True):
+        # clustering.backbone_sketch: the payload (with a sketch of the backbone) travels alone
+        mine = ctx.payload.to(upload.device)
+        ctx.payloads = fed.transport.exchange(
+            mine, expected=None if expected is None else mine.numel()
+        )
+        ctx.received = {}
+        return True
     # one buffer per neighbour: the backbone, then what the grouper sends with it
     n, extra = ctx.own.numel(), ctx.payload.numel()
     both = torch.cat([upload.reshape(-1), ctx.payload.to(upload.device)])

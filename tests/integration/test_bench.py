@@ -25,6 +25,7 @@ SMALL = [
     "run.evaluate_every=2",  # round 1 untested, round 2 (the final one) tested
     "federation.topology=kregular",  # a sparse graph: 3 neighbours per node, partial views
     "federation.degree=3",
+    "clustering.backbone_sketch=256",  # the exchange carries a sketch, not the backbone
 ]
 
 
@@ -66,6 +67,8 @@ def test_bench_prints_every_figure_consistent_with_the_run(tmp_path: Path) -> No
     }  # no Allgather: not every rank is a neighbour
     assert all(v > 0 for v in ex["seconds"].values())
     assert ex["bytes_received_per_rank"] == ex["values_per_neighbour"] * 4 * 3
+    # data profile + 256-entry sketch, far fewer values than the backbone they stand for
+    assert 256 < ex["values_per_neighbour"] < ex["backbone_values"] / 4
     thr = ex["throughput_MB_per_s_per_rank"]["colnet"]
     assert thr == pytest.approx(ex["bytes_received_per_rank"] / ex["seconds"]["colnet"] / 1e6)
     rss = fig["peak_rss_bytes"]

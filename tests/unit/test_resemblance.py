@@ -159,3 +159,39 @@ def test_auto_k_does_not_split_off_a_node_that_resembles_no_one() -> None:
     np.fill_diagonal(s, 1.0)
     k, labels = choose_k(s, 5, cluster)
     assert k == 2 and adjusted_rand([0, 0, 0, 1, 1, 1], labels) == 1.0
+
+
+def test_backbone_sketch_estimates_centred_cosines_within_its_error() -> None:
+    """Sketching is linear, so centring the sketches is sketching the centred backbones: the
+    centred cosine of m-entry sketches of six 200k-value backbones in two planted groups stays
+    within a few 1/sqrt(m) of the exact one, and gives the same partition."""
+    rng = np.random.default_rng(5)
+    n, p, m = 6, 200_000, 4096
+    start = rng.normal(size=p)
+    groups = rng.normal(size=(2, p)) * 0.05
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    x = torch.tensor(start + groups[labels] + 0.05 * rng.normal(size=(n, p)), dtype=torch.float32)
+    sk = UpdateSketch(p, m, seed=9)
+    sketched = torch.stack([sk(row) for row in x])
+    exact, approx = cosine_matrix(x), cosine_matrix(sketched)
+    assert np.abs(exact - approx).max() < 4 / np.sqrt(m)
+    centred = torch.stack([sk(row) for row in x - x.mean(0)])
+    torch.testing.assert_close(centred, sketched - sketched.mean(0), rtol=0, atol=1e-3)
+    assert adjusted_rand(labels, cluster(affinity_from_evidence(approx), 2)) == 1.0
+
+
+def test_backbone_sketch_needs_signals_that_use_no_whole_model() -> None:
+    from colnet_mpi.config import ConfigError, config_from_dict
+
+    nodes = [{"task": "attributes", "count": 2}, {"task": "landmarks", "count": 2}]
+    ok = config_from_dict({"clustering": {"backbone_sketch": 512}, "nodes": nodes})
+    assert ok.clustering.backbone_sketch == 512
+    for clustering, extra, needle in [
+        ({"signals": "paper"}, {}, 'signals = "paper"'),
+        ({"loss_weight": 0.2}, {}, "loss_weight = 0.2"),
+        ({}, {"defense": {"screening": True}}, "defense.screening"),
+        ({"backbone_sketch": -1}, {}, "backbone_sketch"),
+    ]:
+        raw = {"clustering": {"backbone_sketch": 512, **clustering}, "nodes": nodes, **extra}
+        with pytest.raises(ConfigError, match=needle):
+            config_from_dict(raw)
