@@ -98,17 +98,21 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def pss_bytes() -> float:
-    """This process's proportional set size now (Linux): shared pages (the libraries that every
-    rank maps, such as torch's) count once across the processes that share them, so the sum over
-    the ranks of a host is the memory they really take. NaN where ``/proc`` has no figure."""
+def memory_now() -> tuple[float, float]:
+    """This process's (PSS, USS) now in bytes (Linux; NaN elsewhere). PSS, the proportional set
+    size, counts shared pages (the libraries that every rank maps, such as torch's) once across
+    the processes that share them, so the sum over the ranks of a host is the memory they really
+    take; USS, the unique set size, is what this rank alone holds (private pages)."""
+    fields: dict[str, float] = {}
     try:
         for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return float(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return math.nan
+            key, _, rest = line.partition(":")
+            if key in ("Pss", "Private_Clean", "Private_Dirty"):
+                fields[key] = float(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return math.nan, math.nan
+    uss = fields.get("Private_Clean", math.nan) + fields.get("Private_Dirty", math.nan)
+    return fields.get("Pss", math.nan), uss
 
 
 def process_started_at() -> float | None:
@@ -205,7 +209,7 @@ def measure(fed: Federation, state: dict[str, Any], repeats: int) -> dict[str, A
     exchange = time_exchanges(fed, repeats)
     rows = floats_allgather(
         topo.world,
-        [peak_rss_bytes(), fed.node.n_train, startup, pss_bytes()],
+        [peak_rss_bytes(), fed.node.n_train, startup, *memory_now()],
         watchdog=topo.watchdog,
         what="every rank's memory and sizes",
     )
@@ -214,6 +218,7 @@ def measure(fed: Federation, state: dict[str, Any], repeats: int) -> dict[str, A
         "n_train": rows[:, 1],
         "startup": rows[:, 2],
         "pss": rows[:, 3],
+        "uss": rows[:, 4],
         "exchange": exchange,
     }
 
@@ -254,7 +259,7 @@ def figures(path: Path, gathered: dict[str, Any], warmup: int) -> dict[str, Any]
     ex = gathered["exchange"]
     recv = ex["bytes_received_per_rank"]
     throughput = {k: recv / v / 1e6 if v > 0 else math.nan for k, v in ex["seconds"].items()}
-    rss, pss = gathered["rss"], gathered["pss"]
+    rss, pss, uss = gathered["rss"], gathered["pss"], gathered["uss"]
     return {
         "config": config.run.name,
         "world_size": world,
@@ -299,6 +304,11 @@ def figures(path: Path, gathered: dict[str, Any], warmup: int) -> dict[str, Any]
             "max_rank": float(np.max(pss)),
             "total": float(np.sum(pss)),
         },
+        "uss_bytes_at_end": {
+            "mean_rank": float(np.mean(uss)),
+            "max_rank": float(np.max(uss)),
+            "total": float(np.sum(uss)),
+        },
     }
 
 
@@ -331,7 +341,7 @@ def text(fig: dict[str, Any], config_path: str) -> str:
         if "raw_allgather" in sec
         else "  raw Allgather        - (not every rank is a neighbour)"
     )
-    rss, pss = fig["peak_rss_bytes"], fig["pss_bytes_at_end"]
+    rss, pss, uss = fig["peak_rss_bytes"], fig["pss_bytes_at_end"], fig["uss_bytes_at_end"]
     lines += [
         "",
         f"overhead (round - local training) / round: {fig['overhead_ratio']:.1%} "
@@ -352,6 +362,8 @@ def text(fig: dict[str, Any], config_path: str) -> str:
         f"{_mb(rss['total'])} all ranks (shared library pages counted in every rank)",
         f"PSS at the end: {_mb(pss['mean_rank'])} mean rank, {_mb(pss['max_rank'])} largest, "
         f"{_mb(pss['total'])} all ranks (shared pages counted once)",
+        f"USS at the end: {_mb(uss['mean_rank'])} mean rank, {_mb(uss['max_rank'])} largest "
+        "(what a rank alone holds)",
     ]
     return "\n".join(lines)
 

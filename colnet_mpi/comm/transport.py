@@ -13,6 +13,9 @@ from mpi4py import MPI
 from colnet_mpi.comm.topology import Topology
 
 TRANSFER_PATHS = ("host", "cuda-aware", "host-staged")
+#: Seconds the exchange polls for its neighbours' messages without pausing before it backs off
+#: to short sleeps (the neighbours usually arrive within this; a slow trainer takes longer).
+EXCHANGE_SPIN = 0.05
 
 
 class ReceiveError(RuntimeError):
@@ -46,6 +49,10 @@ def check_vector(vec: torch.Tensor, expected: int, what: str) -> None:
     """Refuse a model vector of the wrong size or with non-finite values, naming where it came from."""
     if vec.numel() != expected:
         raise ReceiveError(f"{what}: got {vec.numel()} values, expected {expected}")
+    # One pass without a temporary: a NaN or an infinity makes the sum NaN or infinite, so a
+    # finite sum proves every value finite (a sum that overflows takes the exact test below).
+    if bool(torch.isfinite(vec.sum())):
+        return
     if not bool(torch.isfinite(vec).all()):
         bad = int((~torch.isfinite(vec)).sum())
         raise ReceiveError(f"{what}: {bad} of {expected} values are NaN or infinite")
@@ -72,6 +79,10 @@ class Transport:
         self.bytes_received = 0
         self.rejected: list[tuple[int, str]] = []  # (sender rank, reason) refused this round
         self.last_exchange_numel = 0  # values per neighbour in the last exchange
+        # receive buffers of the exchange, kept from round to round per sender: fresh ones would
+        # be paged in by the kernel on every round (slower than the transfer itself on CPU);
+        # what the exchange returns is only valid until the next exchange
+        self._inbox: dict[int, torch.Tensor] = {}
 
     # -- buffer plumbing -------------------------------------------------------------------------
     def _wire(self, t: torch.Tensor) -> torch.Tensor:
@@ -145,12 +156,18 @@ class Transport:
                 if message is None:
                     continue
                 count, nbytes = status.Get_count(MPI.FLOAT), max(status.Get_count(MPI.BYTE), 0)
-                buf = self._empty(numel if count == numel else nbytes // 4 + 1)
+                if count == numel:
+                    kept = self._inbox.get(src)
+                    if kept is None or kept.numel() != numel:
+                        kept = self._inbox[src] = self._empty(numel)
+                    buf = kept
+                else:
+                    buf = self._empty(nbytes // 4 + 1)
                 incoming[src] = (buf, message.Irecv(self._buf(buf)), count, nbytes)
                 waiting.remove(src)
             return not waiting
 
-        watchdog.wait(matched, "its backbone", waiting)
+        watchdog.wait(matched, "its backbone", waiting, spin=EXCHANGE_SPIN)
         # every sender is in its exchange now: poll without pauses while the data moves
         watchdog.requests(
             [req for _, req, _, _ in incoming.values()],

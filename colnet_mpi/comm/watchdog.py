@@ -85,14 +85,21 @@ class Watchdog:
 
     # -- waits ---------------------------------------------------------------------------------------
     def wait(
-        self, done: Callable[[], bool], what: str, peers: Sequence[int] = (), *, busy: bool = False
+        self,
+        done: Callable[[], bool],
+        what: str,
+        peers: Sequence[int] = (),
+        *,
+        busy: bool = False,
+        spin: float = SPIN,
     ) -> None:
         """Poll ``done`` until it returns True; past the limit raise :class:`WatchdogTimeout`.
 
         ``what`` says what is awaited and ``peers`` the world ranks it depends on (named in the
         message; a list that the caller shrinks as peers answer names only the missing ones).
         While waiting, census questions from other ranks are answered. ``busy``: never sleep
-        between polls, for transfers already under way (MPI moves data only while it is called).
+        between polls, for transfers already under way (MPI moves data only while it is called);
+        ``spin``: seconds of polling without pauses before the sleeps begin.
         """
         if done():
             return
@@ -108,7 +115,7 @@ class Watchdog:
                 now = time.perf_counter()
                 if now - start > limit:
                     raise WatchdogTimeout(self._expired(what, peers, now - start, limit))
-                if not busy and now - start > SPIN:
+                if not busy and now - start > spin:
                     time.sleep(pause)
                     pause = min(MAX_PAUSE, pause * 2 or 1e-4)
         finally:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import functools
 import math
 import re
 import sys
@@ -106,24 +108,26 @@ def _attr(value: Any) -> Any:
     return value
 
 
-#: Config keys added after results files were already being written, with the value that files
-#: without them ran with, so that old and new files group together in a report.
-ADDED_KEYS: dict[str, Any] = {
-    "defense.norm_action": "exclude",
-    "run.checkpoint_every": 1,
-    "run.checkpoint_dir": "",
-    "run.evaluate_every": 1,
-    "federation.timeout": "auto",
-    "federation.degree": 4,
+#: Config keys whose default changed after results files were already being written, with the
+#: value that files without the key ran with. Every other key a file lacks ran with today's
+#: default (:func:`config_defaults`), so old and new files group together in a report.
+CHANGED_DEFAULTS: dict[str, Any] = {
     # files from before the resemblance signals clustered with the paper's signals
     "clustering.signals": "paper",
-    "clustering.data_weight": 0.5,
-    "clustering.backbone_weight": 0.5,
-    "clustering.update_weight": 0.0,
-    "clustering.loss_weight": 0.0,
-    "clustering.memory": 0.5,
-    "clustering.sketch": 1024,
 }
+
+
+@functools.lru_cache(maxsize=1)
+def config_defaults() -> dict[str, Any]:
+    """Every config key (``section.key``, nodes left out) with its default value."""
+    from colnet_mpi.config import Config
+
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(Config):
+        if f.name == "nodes" or f.default_factory is dataclasses.MISSING:
+            continue
+        out.update(flatten_config({f.name: dataclasses.asdict(f.default_factory())}))
+    return out
 
 
 class _Marker(enum.Enum):
@@ -234,9 +238,9 @@ class Run:
 
     @cached_property
     def flat_config(self) -> dict[str, Any]:
-        """The resolved config as ``{"section.key": value}`` (keys of :data:`ADDED_KEYS` that
-        the file predates filled in)."""
-        return {**ADDED_KEYS, **flatten_config(self.raw_config)}
+        """The resolved config as ``{"section.key": value}`` (keys that the file predates filled
+        in: :data:`CHANGED_DEFAULTS`, else today's default)."""
+        return {**config_defaults(), **CHANGED_DEFAULTS, **flatten_config(self.raw_config)}
 
     @cached_property
     def setting_config(self) -> dict[str, Any]:

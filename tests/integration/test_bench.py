@@ -77,6 +77,8 @@ def test_bench_prints_every_figure_consistent_with_the_run(tmp_path: Path) -> No
     )
     pss = fig["pss_bytes_at_end"]
     assert 10e6 < pss["mean_rank"] <= pss["max_rank"] <= rss["max_rank"]
+    uss = fig["uss_bytes_at_end"]
+    assert 10e6 < uss["mean_rank"] <= pss["mean_rank"]  # private pages are part of the PSS
     assert 0 < fig["startup_seconds"]["mean_rank"] <= fig["startup_seconds"]["slowest_rank"] < 300
     report = text(fig, "configs/quickstart.toml")
     for needle in (

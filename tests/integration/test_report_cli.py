@@ -69,7 +69,8 @@ def test_report_on_a_real_sweep(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = results / "report"
-    table = [line for line in proc.stdout.splitlines() if line.startswith("|")]
+    tables = proc.stdout.split("# Paired comparisons")[0]
+    table = [line for line in tables.splitlines() if line.startswith("|")]
     body = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
     assert [(b[0], b[1], b[2]) for b in body] == [
         ("low_digits", "scheme=colnet", "2"),
@@ -90,3 +91,15 @@ def test_report_on_a_real_sweep(tmp_path: Path) -> None:
     assert all(0.0 <= float(r["f1_micro_mean"]) <= 1.0 for r in rows)
     for png in ("val_loss.png", "test_metrics.png"):
         assert (out / png).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    # colnet against none, paired by seed: two pairs per group, pooled over the two groups
+    with (out / "paired.csv").open() as fh:
+        paired = list(csv.DictReader(fh))
+    assert [(r["group"], r["pairs"], r["seeds"]) for r in paired] == [
+        ("low_digits", "2", "0;1"),
+        ("high_digits", "2", "0;1"),
+        ("all groups", "4", "0;1;0;1"),
+    ]
+    by = {(r["group"], r["federation.scheme"]): float(r["f1_micro_mean"]) for r in rows}
+    for r in paired[:2]:
+        gap = by[(r["group"], "colnet")] - by[(r["group"], "none")]
+        assert float(r["mean_difference"]) == pytest.approx(gap, abs=1e-9)

@@ -251,15 +251,17 @@ def test_report_files(sweep, tmp_path: Path) -> None:
     text, written, note = write_report(runs, tmp_path / "rep")
     names = sorted(p.name for p in written)
     if note is None:
-        assert names == ["table.csv", "table.md", "test_metrics.png", "val_loss.png"]
+        # colnet and none differ in the scheme only: the paired tests come with the tables
+        assert names == ["paired.csv", "table.csv", "table.md", "test_metrics.png", "val_loss.png"]
         for png in ("val_loss.png", "test_metrics.png"):
             data = (tmp_path / "rep" / png).read_bytes()
             assert data.startswith(PNG_MAGIC) and len(data) > 1000
     else:
-        assert names == ["table.csv", "table.md"] and "colnet-mpi[plot]" in note
+        assert names == ["paired.csv", "table.csv", "table.md"] and "colnet-mpi[plot]" in note
     assert (tmp_path / "rep" / "table.md").read_text() == text
 
-    table = [line for line in text.splitlines() if line.startswith("|")]
+    tables = text.split("# Paired comparisons")[0]  # the paired tests follow (test_paired.py)
+    table = [line for line in tables.splitlines() if line.startswith("|")]
     assert table[0] == "| Task group | Setting | n | Loss | Precision | Recall | F1 |"
     body = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
     assert [(b[0], b[1], b[2]) for b in body] == [
@@ -454,7 +456,7 @@ def test_missing_matplotlib_still_writes_tables(sweep, tmp_path: Path, monkeypat
     assert cli_main(["report", str(folder), "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert "pip install 'colnet-mpi[plot]'" in err
-    assert sorted(p.name for p in out.iterdir()) == ["table.csv", "table.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["paired.csv", "table.csv", "table.md"]
 
 
 def test_public_names_and_metric_names() -> None:
