@@ -42,6 +42,8 @@ BENCH_STAGES = (
     "redistribute",
     "evaluate",
 )
+#: What the bench prints below the stages: the rest of the round (waiting for the slowest trainer).
+OTHER_NOTE = "other = round - stages: chiefly faster ranks waiting for the slowest trainer"
 
 
 def add_parser(sub: Any) -> None:
@@ -251,7 +253,10 @@ def figures(path: Path, gathered: dict[str, Any], warmup: int) -> dict[str, Any]
     rounds = secs["total"].shape[0]
     skip = min(max(warmup, 0), rounds - 1)
     keep = slice(skip, rounds)
-    stages = {s: _stats(secs[s][keep]) for s in (*BENCH_STAGES, "total")}
+    # what no stage timer holds: mostly the agreement on stop signals right after local
+    # training, where the faster ranks wait for the slowest trainer
+    secs["other"] = secs["total"] - sum(secs[s] for s in BENCH_STAGES)
+    stages = {s: _stats(secs[s][keep]) for s in (*BENCH_STAGES, "other", "total")}
     total, train = stages["total"]["mean_rank"], stages["local_train"]["mean_rank"]
     epochs = config.training.local_epochs
     per_rank_train = secs["local_train"][keep].mean(axis=0)
@@ -327,11 +332,12 @@ def text(fig: dict[str, Any], config_path: str) -> str:
         "",
         f"{'stage':<14}{'mean rank s':>13}{'slowest rank s':>16}{'share':>8}",
     ]
-    for s in (*BENCH_STAGES, "total"):
+    for s in (*BENCH_STAGES, "other", "total"):
         share = st[s]["mean_rank"] / total if total > 0 else math.nan
         lines.append(
             f"{s:<14}{st[s]['mean_rank']:>13.3f}{st[s]['slowest_rank']:>16.3f}{share:>8.1%}"
         )
+    lines.append(f"({OTHER_NOTE})")
     img = fig["train_images_per_second"]
     b = fig["bytes_per_node_round"]
     ex = fig["exchange"]

@@ -52,6 +52,8 @@ def test_bench_prints_every_figure_consistent_with_the_run(tmp_path: Path) -> No
     for s, v in secs.items():
         assert st[s]["mean_rank"] == pytest.approx(v.mean())
         assert st[s]["slowest_rank"] == pytest.approx(v.max())
+    other = secs["total"] - sum(secs[s] for s in BENCH_STAGES)
+    assert st["other"]["mean_rank"] == pytest.approx(other.mean())
     total, train = secs["total"].mean(), secs["local_train"].mean()
     assert fig["overhead_ratio"] == pytest.approx((total - train) / total)
     assert 0 < fig["overhead_ratio"] < 1
