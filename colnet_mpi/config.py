@@ -234,8 +234,36 @@ class FederationConfig:
     # seconds any MPI wait may last before the job is aborted naming the silent rank; "auto":
     # derived from the round times seen so far (see comm/watchdog.py)
     timeout: float | str = "auto"
+    # sync: lock-step rounds (collectives over the world each round); async: every node runs
+    # its own rounds against the newest versions it holds of its peers (see federation/asynchronous.py)
+    mode: str = "sync"
+    # async: a node's round r uses peers' versions from round r - max_staleness or newer,
+    # waiting for them otherwise; -1 = unbounded (never wait for a version)
+    max_staleness: int = 1
+    # async: a group-mate's backbone that is s rounds stale weighs staleness_decay ** s
+    staleness_decay: float = 0.5
+    # async: seconds of wall time after which a node starts no new round (0 = none);
+    # training.rounds still caps every node's rounds
+    time_budget: float = 0.0
 
     def __post_init__(self) -> None:
+        _choice("federation.mode", self.mode, ("sync", "async"))
+        if isinstance(self.max_staleness, bool) or self.max_staleness < -1:
+            raise ConfigError(
+                f"federation.max_staleness = {self.max_staleness!r} is not allowed; use an "
+                "integer >= 0 (rounds), or -1 for unbounded"
+            )
+        if not 0.0 < self.staleness_decay <= 1.0:
+            raise ConfigError(
+                f"federation.staleness_decay = {self.staleness_decay!r} is not allowed; "
+                "use a number in (0, 1]"
+            )
+        _positive("federation.time_budget", self.time_budget, allow_zero=True)
+        if self.mode == "sync" and self.time_budget:
+            raise ConfigError(
+                f"federation.time_budget = {self.time_budget!r} needs federation.mode = "
+                '"async" (synchronous rounds stop after training.rounds)'
+            )
         if isinstance(self.timeout, str):
             _choice("federation.timeout", self.timeout, ("auto",))
         else:
@@ -285,8 +313,11 @@ class ClusteringConfig:
     # instead (resemblance signals without loss profiles or screening), so the exchange moves
     # O(m) values per neighbour whatever the model size; the backbone cosine is then estimated
     backbone_sketch: int = 0
+    # the last round that clusters (0: every round); later rounds keep its partition
+    until: int = 0
 
     def __post_init__(self) -> None:
+        _positive("clustering.until", self.until, allow_zero=True)
         if isinstance(self.k, bool) or not (
             (isinstance(self.k, int) and self.k >= 1) or self.k == "auto"
         ):
@@ -469,6 +500,9 @@ class NodeConfig:
 
     name: str
     task: str
+    # a simulation aid for studying stragglers on one machine: this node's local training
+    # takes `slowdown` times as long (it sleeps after each epoch); 1 = as fast as it runs
+    slowdown: float = 1.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -514,6 +548,8 @@ class Config:
                 "with defense.screening = true: screening compares the group-mates' whole "
                 "updates; set backbone_sketch = 0 or screening = false"
             )
+        if self.federation.mode == "async":
+            _async_problems(self)
         if isinstance(self.clustering.k, int) and self.clustering.k > len(self.nodes):
             raise ConfigError(
                 f"clustering.k = {self.clustering.k} is not allowed with {len(self.nodes)} nodes; "
@@ -618,6 +654,42 @@ def _build(cls: type, table: Mapping[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def _async_problems(config: Config) -> None:
+    """Refuse the options that asynchronous mode does not support, naming each."""
+    f, c, d = config.federation, config.clustering, config.defense
+    checks = [
+        (f.scheme == "fedper", f"federation.scheme = {f.scheme!r}", "use colnet, intra or none"),
+        (d.screening, "defense.screening = true", "screening needs lock-step groups"),
+        (d.verify_leader, "defense.verify_leader = true", "verification needs lock-step groups"),
+        (
+            d.aggregation != "mean",
+            f"defense.aggregation = {d.aggregation!r}",
+            "asynchronous groups mix with the staleness-weighted mean",
+        ),
+        (
+            config.attack.kind != "none",
+            f"attack.kind = {config.attack.kind!r}",
+            "attacks are planned per synchronous round",
+        ),
+        (
+            c.loss_weight > 0,
+            f"clustering.loss_weight = {c.loss_weight}",
+            "loss profiles need an all-gather in every round",
+        ),
+        (
+            c.backbone_sketch > 0,
+            f"clustering.backbone_sketch = {c.backbone_sketch}",
+            "the group-mates mix the backbones they receive",
+        ),
+    ]
+    for bad, what, why in checks:
+        if bad:
+            raise ConfigError(
+                f'{what} is not allowed with federation.mode = "async" ({why}); use '
+                'federation.mode = "sync" or leave the key at its default'
+            )
+
+
 def _expand_nodes(entries: Any) -> tuple[NodeConfig, ...]:
     if not isinstance(entries, list):
         raise ConfigError(
@@ -628,10 +700,21 @@ def _expand_nodes(entries: Any) -> tuple[NodeConfig, ...]:
     for i, entry in enumerate(entries):
         if not isinstance(entry, Mapping):
             raise ConfigError(f"nodes[{i}] must be a table with keys task, name, count")
-        unknown = set(entry) - {"task", "name", "count"}
+        unknown = set(entry) - {"task", "name", "count", "slowdown"}
         if unknown:
             raise ConfigError(
-                f"unknown key 'nodes[{i}].{sorted(unknown)[0]}'; allowed keys: count, name, task"
+                f"unknown key 'nodes[{i}].{sorted(unknown)[0]}'; allowed keys: count, name, "
+                "slowdown, task"
+            )
+        slowdown = entry.get("slowdown", 1.0)
+        if (
+            isinstance(slowdown, bool)
+            or not isinstance(slowdown, (int, float))
+            or not 1.0 <= slowdown <= 1000.0
+        ):
+            raise ConfigError(
+                f"nodes[{i}].slowdown = {slowdown!r} is not allowed; use a number in [1, 1000] "
+                "(1: no slowdown)"
             )
         task = entry.get("task")
         if not isinstance(task, str):
@@ -652,7 +735,9 @@ def _expand_nodes(entries: Any) -> tuple[NodeConfig, ...]:
         for _ in range(count):
             idx = per_task.get(task, 0)
             per_task[task] = idx + 1
-            nodes.append(NodeConfig(name=name or f"{task}-{idx}", task=task))
+            nodes.append(
+                NodeConfig(name=name or f"{task}-{idx}", task=task, slowdown=float(slowdown))
+            )
     return tuple(nodes)
 
 
@@ -780,6 +865,8 @@ def to_toml(config: Config) -> str:
         lines.append("[[nodes]]")
         lines.append(f"name = {_toml_value(node.name)}")
         lines.append(f"task = {_toml_value(node.task)}")
+        if node.slowdown != 1.0:  # only when set: older files compare equal on --resume
+            lines.append(f"slowdown = {_toml_value(node.slowdown)}")
         lines.append("")
     return "\n".join(lines)
 

@@ -17,6 +17,7 @@ import numpy as np
 
 #: Datasets that measure time and so differ between any two runs.
 TIMED_PREFIX = "round/seconds/"
+TIMED = ("round/clock",)
 READABLE = ("round/test_loss", "round/backbone_checksum", "round/group")
 
 
@@ -25,7 +26,8 @@ def dataset_digests(path: str | Path) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
 
     def visit(name: str, obj: Any) -> None:
-        if isinstance(obj, h5py.Dataset) and not name.startswith(TIMED_PREFIX):
+        timed = name.startswith(TIMED_PREFIX) or name in TIMED
+        if isinstance(obj, h5py.Dataset) and not timed:
             arr = np.ascontiguousarray(obj[()])
             if arr.dtype == object:  # variable-length strings
                 raw = "\0".join(v.decode() if isinstance(v, bytes) else str(v) for v in arr.ravel())
@@ -46,13 +48,19 @@ def fingerprint(path: str | Path) -> dict[str, Any]:
     return {"datasets": dataset_digests(path), "values": readable}
 
 
-def differences(expected: dict[str, Any], actual: dict[str, Any]) -> list[str]:
-    """Human-readable list of what differs between two fingerprints (empty: identical)."""
+def differences(
+    expected: dict[str, Any], actual: dict[str, Any], added: tuple[str, ...] = ()
+) -> list[str]:
+    """Human-readable list of what differs between two fingerprints (empty: identical).
+
+    ``added``: datasets the results file gained after ``expected`` was recorded (not compared)."""
     out = []
     exp, act = expected["datasets"], actual["datasets"]
     for name in sorted(set(exp) | set(act)):
         if name not in act:
             out.append(f"{name}: missing")
+        elif name not in exp and name in added:
+            continue
         elif name not in exp:
             out.append(f"{name}: not in the reference")
         elif exp[name] != act[name]:

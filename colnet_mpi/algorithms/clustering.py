@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import zlib
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ __all__ = [
     "eigengap_k",
     "fuse_affinity",
     "leader_flags",
+    "partition_stamp",
     "leader_position",
     "spectral_labels",
 ]
@@ -305,6 +307,13 @@ def leader_position(round_index: int, group_size: int) -> int:
     """
     r = _check_int("round_index", round_index, 1, "an integer >= 1 (rounds are 1-based)")
     return (r - 1) % _check_int("group_size", group_size, 1)
+
+
+def partition_stamp(groups: np.ndarray) -> int:
+    """A 24-bit CRC of a partition's canonical labels (exact in float32, so that it can travel
+    in a model message's header): equal partitions, however labelled, get equal stamps."""
+    labels = canonical_labels(np.asarray(groups)).astype(np.int64)
+    return zlib.crc32(labels.tobytes()) & 0xFFFFFF
 
 
 def leader_flags(groups: np.ndarray, round_index: int) -> np.ndarray:

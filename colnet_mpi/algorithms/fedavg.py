@@ -7,7 +7,13 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["group_delta", "mean_from_sum", "weighted_average", "with_weight"]
+__all__ = [
+    "group_delta",
+    "mean_from_sum",
+    "staleness_weights",
+    "weighted_average",
+    "with_weight",
+]
 
 
 def weighted_average(vectors: torch.Tensor, weights: Sequence[float] | None = None) -> torch.Tensor:
@@ -40,6 +46,21 @@ def weighted_average(vectors: torch.Tensor, weights: Sequence[float] | None = No
         raise ValueError(f"weights must have a positive sum, got sum {total!r} for {w}")
     coef = torch.tensor([x / total for x in w], dtype=vectors.dtype, device=vectors.device)
     return coef @ vectors
+
+
+def staleness_weights(
+    weights: Sequence[float], staleness: Sequence[int], decay: float
+) -> list[float]:
+    """Mixing weights of versions that are ``staleness`` rounds old: ``weight * decay ** s``.
+
+    A version from a peer that is ahead (``s < 0``) counts as fresh (``s = 0``); ``decay``
+    is in (0, 1] (1: staleness does not matter).
+    """
+    if len(weights) != len(staleness):
+        raise ValueError(f"{len(weights)} weights for {len(staleness)} staleness values")
+    if not 0.0 < decay <= 1.0:
+        raise ValueError(f"decay must be in (0, 1], got {decay!r}")
+    return [float(w) * decay ** max(0, int(s)) for w, s in zip(weights, staleness, strict=True)]
 
 
 def with_weight(vector: torch.Tensor, weight: float) -> torch.Tensor:

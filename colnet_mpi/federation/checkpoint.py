@@ -217,6 +217,16 @@ class Checkpointer:
             if p.name.endswith(".tmp") or (m is not None and int(m.group(2)) != keep):
                 p.unlink(missing_ok=True)
 
+    def prune_before(self, r: int) -> None:
+        """Remove this rank's files of rounds before ``r`` (asynchronous mode: the newest round
+        every rank has saved, which the results file names)."""
+        if not self.directory.is_dir():
+            return
+        for p in self.directory.glob(f"rank{self.rank:05d}.round*.ckpt"):
+            m = _NAME.search(p.name)
+            if m is not None and int(m.group(2)) < r:
+                p.unlink(missing_ok=True)
+
 
 # -- a federation's checkpoints (collective) ----------------------------------------------------
 def backbone_checksum(fed: Federation) -> int:

@@ -87,8 +87,12 @@ class RoundContext:
     verify: bool = False
     cross_ran: bool = False
     hca: dict[str, float | int] = field(default_factory=dict)  # record fields of the solve
+    # asynchronous mode: r minus the round of each peer's backbone used, of the leader result
+    staleness: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    leader_staleness: float = float("nan")
     # evaluation
     test: dict[str, float] = field(default_factory=dict)
+    clock: float = float("nan")  # seconds since the first round of this process began
     checksum: int = 0
     defended: Defended = field(default_factory=lambda: Defended(0))
 
@@ -98,3 +102,4 @@ class RoundContext:
         self.quarantined = np.zeros(self.n, dtype=bool)
         self.groups = np.arange(self.n, dtype=np.int64)
         self.leaders = np.ones(self.n, dtype=bool)
+        self.staleness = np.full(self.n, np.nan)

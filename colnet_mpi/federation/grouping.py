@@ -125,13 +125,36 @@ class TaskAwareClustering:
         Quarantined nodes are left out of every view and of the consensus; they get group -1.
         A quarantined node proposes nothing but still joins the collectives.
         """
+        self.propose(ctx)
+        assert ctx.proposal is not None
+        topo = self.fed.topology
+        proposals = ints_allgather(
+            topo.world, ctx.proposal, watchdog=topo.watchdog, what="every rank's grouping proposal"
+        )
+        self.settle(ctx, proposals)
+
+    def propose(self, ctx: RoundContext) -> None:
+        """This node's proposal (``ctx.proposal``, ``ctx.k``) and diagnostics from its view.
+
+        Without ``clustering.loss_weight`` no collective runs here (asynchronous mode agrees on
+        the proposals itself)."""
         if self.resemblance:
             self._assign_resemblance(ctx)
         else:
             self._assign_paper(ctx)
+
+    def settle(self, ctx: RoundContext, proposals: np.ndarray) -> None:
+        """The agreed partition from every rank's proposal ``(n, n)``: ``ctx.groups``, the same
+        on every rank that passes the same proposals and quarantine."""
+        cfg = self.fed.config.clustering
+        active = np.flatnonzero(~ctx.quarantined)
+        want = min(cfg.k, active.size) if isinstance(cfg.k, int) else None
+        groups = np.full(ctx.n, -1, dtype=np.int64)
+        groups[active] = consensus_partition(proposals[np.ix_(active, active)], want)
         forced = forced_groups(ctx.r)
         if forced is not None:
-            ctx.groups = np.where(ctx.quarantined, -1, canonical_labels(forced))
+            groups = np.where(ctx.quarantined, -1, canonical_labels(forced))
+        ctx.groups = groups
 
     def _view(self, ctx: RoundContext) -> list[int]:
         """This rank, then the neighbours it received from that are not quarantined."""
@@ -148,19 +171,9 @@ class TaskAwareClustering:
         losses, jacobians = zip(*(fed.node.signals(v, gen) for v in vectors), strict=False)
         return list(losses), list(jacobians)
 
-    def _agree(self, ctx: RoundContext, proposal: np.ndarray, k: int, record: tuple) -> None:
-        """All-gather the proposals; every rank derives the same partition."""
-        fed, topo = self.fed, self.fed.topology
-        cfg = fed.config.clustering
-        proposals = ints_allgather(
-            topo.world, proposal, watchdog=topo.watchdog, what="every rank's grouping proposal"
-        )
-        active = np.flatnonzero(~ctx.quarantined)
-        want = min(cfg.k, active.size) if isinstance(cfg.k, int) else None
-        groups = np.full(topo.size, -1, dtype=np.int64)
-        groups[active] = consensus_partition(proposals[np.ix_(active, active)], want)
+    def _proposed(self, ctx: RoundContext, proposal: np.ndarray, k: int, record: tuple) -> None:
         ctx.proposal, ctx.affinity, ctx.signals = proposal, record[0], record[1]
-        ctx.groups, ctx.k = groups, int(k)
+        ctx.k = int(k)
 
     def _propose(self, ctx: RoundContext, affinity: np.ndarray) -> tuple[int, np.ndarray]:
         """``(K, spectral labels of affinity)``: K from the config, or by the eigengap."""
@@ -235,7 +248,7 @@ class TaskAwareClustering:
             proposal[view] = labels
             world_aff[0][ix] = affinity_from_evidence(evidence)
             world_aff[1][ix] = recorded[ix]
-        self._agree(ctx, proposal, k, (world_aff, signals))
+        self._proposed(ctx, proposal, k, (world_aff, signals))
 
     def _assign_paper(self, ctx: RoundContext) -> None:
         fed = self.fed
@@ -272,4 +285,4 @@ class TaskAwareClustering:
             world_aff[1][np.ix_(view, view)] = cos
             signals[0, view] = losses
             signals[1, view] = jacobians
-        self._agree(ctx, proposal, k, (world_aff, signals))
+        self._proposed(ctx, proposal, k, (world_aff, signals))

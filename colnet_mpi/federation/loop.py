@@ -70,6 +70,7 @@ class Federation:
         self.stop: StopRequest | None = None  # set by the caller to honour stop signals
         self.saved_round = 0  # the last round whose checkpoint is complete (0: none)
         self.checkpoint_seconds = 0.0  # time this rank spent in checkpoint steps
+        self.clock0 = time.perf_counter()  # reset when the rounds begin (round/clock)
         self.attack = AttackPlan(
             config.attack,
             topology.rank,
@@ -101,6 +102,7 @@ class Federation:
                 if sig:
                     raise Preempted(f"{sig} in round {r}")
         ctx.seconds["total"] = time.perf_counter() - t_round
+        ctx.clock = time.perf_counter() - self.clock0
         watchdog.round_finished(ctx.seconds["total"])
         self.state.finish_round(r, ctx.groups)
         return ctx
@@ -129,6 +131,12 @@ class Federation:
         the next point all ranks reach (round start, end of local training) with
         :class:`Preempted`, after the last finished round is checkpointed.
         """
+        self.clock0 = time.perf_counter()
+        if self.config.federation.mode == "async":
+            from colnet_mpi.federation.asynchronous import AsyncRounds
+
+            AsyncRounds(self).run(start_round)
+            return
         world, watchdog = self.topology.world, self.topology.watchdog
         rounds, every = self.config.training.rounds, self.config.run.checkpoint_every
         self.saved_round = start_round - 1

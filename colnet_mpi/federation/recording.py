@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from colnet_mpi.algorithms.clustering import adjusted_rand
+from colnet_mpi.algorithms.clustering import adjusted_rand, partition_stamp
 from colnet_mpi.data import dataset_tasks
 from colnet_mpi.federation.context import RoundContext
 from colnet_mpi.metrics.names import METRIC_NAMES
@@ -28,6 +28,10 @@ def round_values(fed: Federation, ctx: RoundContext) -> dict[str, Any]:
         "round/bytes_sent": tr.bytes_sent,
         "round/bytes_received": tr.bytes_received,
         **{f"round/seconds/{s}": v for s, v in ctx.seconds.items()},
+        "round/clock": ctx.clock,
+        "round/partition_stamp": partition_stamp(ctx.groups),
+        "async/staleness": ctx.staleness,
+        "async/leader_staleness": ctx.leader_staleness,
         **ctx.hca,
         "clustering/k": ctx.k,
         "attack/active": int(fed.attack.active(ctx.r)),

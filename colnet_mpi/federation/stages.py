@@ -6,13 +6,14 @@ intra and cross aggregators) and the defenses do the choosing inside.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from colnet_mpi.algorithms.clustering import leader_flags
+from colnet_mpi.algorithms.clustering import canonical_labels, leader_flags
 from colnet_mpi.comm.buffers import checksum
 from colnet_mpi.federation.context import RoundContext
 from colnet_mpi.metrics.names import METRIC_NAMES
@@ -42,7 +43,12 @@ def train(fed: Federation, ctx: RoundContext) -> bool:
     node, attack, r = fed.node, fed.attack, ctx.r
     t = fed.config.training
 
+    slowdown = fed.config.nodes[fed.topology.rank].slowdown
+
     def progress(epoch: int, train_loss: float, val_loss: float, seconds: float) -> None:
+        if slowdown > 1.0:  # nodes[].slowdown: a simulated straggler
+            time.sleep((slowdown - 1.0) * seconds)
+            seconds *= slowdown
         if seconds >= EPOCH_LINE_SECONDS:
             fed.log(epoch_line(r, t.rounds, epoch, t.local_epochs, (train_loss, val_loss), seconds))
 
@@ -89,10 +95,27 @@ def group(fed: Federation, ctx: RoundContext) -> bool:
     ctx.view_own = ctx.own
     if fed.config.defense.screening:
         fed.defense.prescreen(ctx)
-    fed.grouper.assign(ctx)
+    if frozen(fed.config, ctx.r, fed.state.round):
+        keep_partition(fed, ctx)
+    else:
+        fed.grouper.assign(ctx)
     ctx.leaders = leader_flags(ctx.groups, ctx.r)
     fed.topology.set_groups(ctx.groups, ctx.leaders)
     return True
+
+
+def frozen(config: Config, r: int, finished: int) -> bool:
+    """Whether round ``r`` keeps the last partition (``clustering.until``) instead of clustering;
+    never before a round has finished on this rank."""
+    until = config.clustering.until
+    return bool(until) and r > until and finished > 0
+
+
+def keep_partition(fed: Federation, ctx: RoundContext) -> None:
+    """The last finished round's partition (quarantined nodes: -1) as this round's."""
+    groups = canonical_labels(fed.state.home_groups)
+    ctx.groups = np.where(ctx.quarantined, -1, groups)
+    ctx.k = int(np.unique(groups).size)
 
 
 def intra(fed: Federation, ctx: RoundContext) -> bool:

@@ -89,6 +89,12 @@ def test_hook(where: str, r: int, rank: int) -> None:
             os.kill(os.getpid(), sig)
 
 
+def corrupt_hook(r: int, rank: int) -> bool:
+    """Test hook: ``COLNET_TEST_CORRUPT=<round>:<rank>`` makes that rank send a backbone with a
+    NaN in that round of asynchronous mode (its receivers must refuse it and go on)."""
+    return os.environ.get("COLNET_TEST_CORRUPT", "") == f"{r}:{rank}"
+
+
 def forced_groups(r: int) -> np.ndarray | None:
     """Test hook: ``COLNET_TEST_FORCE_GROUPS=<round>:<g0>,<g1>,…`` replaces the agreed partition
     of that round (every rank must see the same value), e.g. to check that clustering recovers

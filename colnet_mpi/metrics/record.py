@@ -168,6 +168,35 @@ FIELDS: tuple[Field, ...] = (
         for s in STAGES
     ),
     Field(
+        "round/clock",
+        "f8",
+        unit="s",
+        description="wall-clock seconds from the start of this process's first round to the "
+        "end of this node's round (asynchronous nodes end a round at different times)",
+    ),
+    Field(
+        "round/partition_stamp",
+        "i8",
+        default=-1,
+        description="24-bit CRC of the partition this node used in the round (canonical "
+        "labels): equal on every node that used the same partition",
+    ),
+    Field(
+        "async/staleness",
+        "f8",
+        "n",
+        unit="1",
+        description="asynchronous mode: this round minus the round of each peer's backbone the "
+        "node used (negative: the peer was ahead); NaN where not used and in synchronous mode",
+    ),
+    Field(
+        "async/leader_staleness",
+        "f8",
+        unit="1",
+        description="asynchronous mode: this round minus the round of the leader result the "
+        "node applied; NaN where none was applied and in synchronous mode",
+    ),
+    Field(
         "hca/weights",
         "f8",
         unit="1",

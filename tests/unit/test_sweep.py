@@ -102,10 +102,10 @@ PROVIDED = {
         ],
     ),
     "embedded_baselines": (
-        24,
+        40,
         [
             (c, {"run.seed": s, "federation.scheme": scheme})
-            for s in (0, 1, 2)
+            for s in (0, 1, 2, 3, 4)
             for c in ("configs/digits_label_het.toml", "configs/faces_task_het.toml")
             for scheme in SCHEMES
         ],

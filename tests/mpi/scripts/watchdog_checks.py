@@ -84,7 +84,7 @@ def stopped_rank_is_named(comm: MPI.Comm) -> None:
             f"rank {comm.Get_rank()} gave up after {time.perf_counter() - t0:.1f}s: {err}",
             flush=True,
         )
-        time.sleep(0.3)
+        time.sleep(2.0)  # the other waiting rank gives up too (its grace is 1 s), even when loaded
         comm.Abort(3)
     print("not reached", flush=True)
     sys.exit(1)

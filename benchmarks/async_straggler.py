@@ -1,0 +1,182 @@
+"""Synchronous against asynchronous rounds on the quickstart, with and without a straggler.
+
+For each seed it runs (6 ranks, ``mpiexec``) the quickstart with ``clustering.until = 2`` in
+both modes:
+
+* ``slow``: node 0 (an attributes node) 3x slower (``[[nodes]] slowdown = 3``): synchronous for
+  ``training.rounds`` rounds, then asynchronous with S = 1, 2 and unbounded, each with up to
+  ``--async-rounds`` rounds per node and a time budget equal to the synchronous run's wall time;
+* ``even``: no slow node, synchronous against asynchronous S = 1, the same rounds.
+
+and prints, per run: wall time (the last node's last round), the time at which the mean test
+metric of every task group first reaches the synchronous run's final value (attributes: F1
+micro at least as high; landmarks: loss at most as high), each group's metric at 0.6x the
+synchronous wall time, the staleness used (distribution) and the bytes sent per node-round.
+
+    python benchmarks/async_straggler.py --seeds 0 1 2 --out results/async_runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = (ROOT / "configs" / "quickstart.toml").read_text()
+GROUPS = {"attributes": ("round/test_f1_micro", 1), "landmarks": ("round/test_loss", -1)}
+
+
+def config(folder: Path, slow: bool) -> Path:
+    """The quickstart with node 0 three times slower (``slow``) or not."""
+    head = QUICK[: QUICK.index("[[nodes]]")]
+    nodes = [("attributes", 3.0 if slow else 1.0), ("attributes", 1.0), ("attributes", 1.0)]
+    nodes += [("landmarks", 1.0)] * 3
+    text = "".join(f'[[nodes]]\ntask = "{t}"\nslowdown = {s}\n\n' for t, s in nodes)
+    path = folder / f"quickstart_{'slow' if slow else 'even'}.toml"
+    path.write_text(head + text)
+    return path
+
+
+def run(cfg: Path, out: Path, sets: list[str]) -> float:
+    """One run (skipped when its file is already complete); returns the launch's seconds."""
+    if out.is_file():
+        with h5py.File(out) as f:
+            if f.attrs.get("status") == "finished":
+                return float("nan")
+    args = [a for s in sets for a in ("--set", s)]
+    cmd = ["mpiexec", "-n", "6", sys.executable, "-m", "colnet_mpi", "run", str(cfg)]
+    cmd += ["--out", str(out), "--overwrite", "--quiet", *args]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return time.perf_counter() - t0
+
+
+def load(path: Path) -> dict:
+    """The datasets this benchmark reads from a results file."""
+    names = ("round/clock", "round/bytes_sent", "async/staleness", *(m for m, _ in GROUPS.values()))
+    with h5py.File(path) as f:
+        d = {k: np.asarray(f[k][()]) for k in names}
+        d["task"] = [t.decode() if isinstance(t, bytes) else str(t) for t in f["nodes/task"][()]]
+    return d
+
+
+def group_curve(d: dict) -> list[tuple[float, dict[str, float]]]:
+    """(time, {group: mean metric of its nodes' latest evaluation}) after every node-round."""
+    events = []
+    rounds, n = d["round/clock"].shape
+    for r in range(rounds):
+        for i in range(n):
+            if not np.isnan(d["round/clock"][r, i]):
+                events.append((float(d["round/clock"][r, i]), r, i))
+    latest: dict[int, dict[str, float]] = {}
+    out = []
+    for t, r, i in sorted(events):
+        latest[i] = {m: float(d[m][r, i]) for m, _ in GROUPS.values()}
+        values = {}
+        for g, (m, _) in GROUPS.items():
+            members = [j for j in range(n) if d["task"][j] == g]
+            if all(j in latest for j in members):
+                values[g] = float(np.mean([latest[j][m] for j in members]))
+        out.append((t, values))
+    return out
+
+
+def wall(d: dict) -> float:
+    """Seconds until the last node finished its last round."""
+    return float(np.nanmax(d["round/clock"]))
+
+
+def time_to(curve: list, target: dict[str, float]) -> float:
+    """First time every group's metric is at least as good as ``target`` (NaN: never)."""
+    for t, values in curve:
+        if len(values) == len(GROUPS) and all(
+            values[g] * sign >= target[g] * sign - 1e-12 for g, (_, sign) in GROUPS.items()
+        ):
+            return t
+    return float("nan")
+
+
+def at(curve: list, t: float) -> dict[str, float]:
+    """Every group's metric at time ``t``."""
+    last: dict[str, float] = {}
+    for s, values in curve:
+        if s > t:
+            break
+        last = values
+    return last
+
+
+def histogram(values: np.ndarray) -> dict[str, int]:
+    """{staleness: count}."""
+    keys, counts = np.unique(values, return_counts=True)
+    return {str(int(k)): int(c) for k, c in zip(keys, counts, strict=True)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the seeds' runs (finished ones are kept) and print one JSON line per run."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--out", default="results/async_runs")
+    p.add_argument("--async-rounds", type=int, default=15)
+    args = p.parse_args(argv)
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    common = ["clustering.until=2"]
+    rows = []
+    for seed in args.seeds:
+        for scenario in ("slow", "even"):
+            cfg = config(folder, scenario == "slow")
+            base = [*common, f"run.seed={seed}"]
+            sync = folder / f"{scenario}_sync_s{seed}.h5"
+            run(cfg, sync, base)
+            ref = load(sync)
+            curve = group_curve(ref)
+            target = curve[-1][1]
+            budget = wall(ref)
+            variants = [("sync", sync, ref)]
+            stalenesses = ["1", "2", "-1"] if scenario == "slow" else ["1"]
+            for s in stalenesses:
+                out = folder / f"{scenario}_async{s}_s{seed}.h5"
+                sets = [*base, "federation.mode=async", f"federation.max_staleness={s}"]
+                if scenario == "slow":
+                    sets += [f"training.rounds={args.async_rounds}"]
+                    sets += [f"federation.time_budget={budget:.1f}"]
+                run(cfg, out, sets)
+                variants.append((f"async S={'inf' if s == '-1' else s}", out, load(out)))
+            for name, _, d in variants:
+                c = group_curve(d)
+                st = d["async/staleness"]
+                finite = st[~np.isnan(st)]
+                rounds_done = (~np.isnan(d["round/clock"])).sum(axis=0).tolist()
+                sent = np.where(np.isnan(d["round/clock"]), np.nan, d["round/bytes_sent"])
+                rows.append(
+                    {
+                        "seed": seed,
+                        "scenario": scenario,
+                        "run": name,
+                        "wall_s": wall(d),
+                        "to_target_s": time_to(c, target),
+                        "to_target_ratio": time_to(c, target) / budget,
+                        "target": target,
+                        "at_0.6": at(c, 0.6 * budget),
+                        "final": c[-1][1],
+                        "rounds_per_node": rounds_done,
+                        "staleness_hist": histogram(finite),
+                        "bytes_per_node_round": float(np.nanmean(sent)),
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
+    (folder / "summary.json").write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

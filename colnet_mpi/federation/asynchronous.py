@@ -1,0 +1,614 @@
+"""Asynchronous rounds (``federation.mode = "async"``): every node runs its own round counter.
+
+No collective or barrier over the world runs per round. A node's round ``r``:
+
+1. trains locally (``stages.train``) and posts its backbone, versioned ``r``, to its neighbours
+   (non-blocking; only the newest version per sender is kept by the receivers);
+2. in the rounds that cluster, waits until it holds every neighbour's version ``>= r - S``
+   (``federation.max_staleness``; -1: never waits), proposes a partition from those versions and
+   starts the agreement of epoch ``r``: a non-blocking all-gather of every node's proposal;
+3. takes the partition of round ``r``: the agreed result of epoch ``r - L`` (``L = 0`` when
+   ``S = 0``, else 1; round 1 and ``clustering.until`` as in :meth:`AsyncRounds.epoch_for`),
+   identical on every rank for the same ``r``;
+4. waits for its group-mates' versions ``>= r - S`` and mixes them with its own:
+   weights ``w_j * staleness_decay ** (r - v_j)``;
+5. if it leads its group in round ``r`` (the same rotation as synchronous mode), posts the group
+   delta (mixed minus its start) to every node outside its group, waits for the other groups'
+   deltas ``>= r - S``, runs HCA on the newest delta of each group and posts the update to its
+   group; members apply the newest leader update they hold (waiting for one ``>= r - S``), once;
+6. evaluates, sends its record to the writer rank (point-to-point), and saves its checkpoint at
+   its own round boundary every ``run.checkpoint_every`` rounds.
+
+Stopping: after ``training.rounds`` or once ``federation.time_budget`` seconds have passed, a
+node posts that it is done and keeps serving messages (and the agreements the others will still
+start) until every rank is done. Waits count a done peer as present.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from colnet_mpi.algorithms.clustering import adjusted_rand, leader_flags, partition_stamp
+from colnet_mpi.algorithms.fedavg import group_delta, staleness_weights, weighted_average
+from colnet_mpi.algorithms.hca import apply_update, hca_update
+from colnet_mpi.comm import mailbox as mb
+from colnet_mpi.comm.mailbox import Agreement, Mailbox
+from colnet_mpi.comm.transport import ReceiveError, check_vector
+from colnet_mpi.federation import stages
+from colnet_mpi.federation.checkpoint import backbone_checksum
+from colnet_mpi.federation.context import RoundContext
+from colnet_mpi.federation.grouping import TaskAwareClustering
+from colnet_mpi.federation.recording import round_values, summary_line
+from colnet_mpi.federation.stop import Preempted, corrupt_hook, test_hook
+
+if TYPE_CHECKING:
+    from colnet_mpi.federation.loop import Federation
+
+#: Header of every model message (float32): version (the sender's round), partition stamp,
+#: flag (RESULT: 1 = an update follows, 0 = none this round), the sender's FedAvg weight.
+HEADER = 4
+
+
+def epoch_for(r: int, lag: int, start: int, until: int) -> int | None:
+    """The agreement epoch whose partition round ``r`` uses; None: keep the last one.
+
+    Epoch ``e`` is started by every rank in its round ``e`` (from ``start``, the first round of
+    this process, to ``until``; 0: no end). From a fresh start, rounds ``1 .. lag`` use epoch 1
+    (the first partition is agreed in lock-step) and later rounds epoch ``r - lag``; after a
+    resume, rounds whose epoch would come before ``start`` keep the restored partition; after
+    ``until``, rounds use epoch ``until``.
+    """
+    e = r - lag
+    if e < start:
+        if start > 1:
+            return None
+        e = 1
+    if until and e > until:
+        e = until
+    return e if e >= start else None
+
+
+class AsyncRounds:
+    """The asynchronous round loop of one rank (see the module text)."""
+
+    def __init__(self, fed: Federation) -> None:
+        self.fed = fed
+        cfg = fed.config
+        topo = fed.topology
+        self.n, self.rank = topo.size, topo.rank
+        self.rounds = cfg.training.rounds
+        self.S = cfg.federation.max_staleness  # -1: unbounded
+        self.lag = 0 if self.S == 0 else 1
+        self.until = cfg.clustering.until
+        self.mail = Mailbox(topo, fed.transport)
+        self.agreement = Agreement(topo)
+        # newest version held per sender: (round, backbone, grouper payload, weight)
+        self.held: dict[int, tuple[int, torch.Tensor, torch.Tensor | None, float]] = {}
+        self.deltas: dict[
+            int, tuple[int, int, torch.Tensor]
+        ] = {}  # sender -> (round, stamp, delta)
+        self.results: dict[
+            int, tuple[int, int, int, torch.Tensor]
+        ] = {}  # (round, stamp, flag, update)
+        self.applied = (0, -1)  # (round, sender) of the last leader update applied
+        self.done: dict[int, int] = {}  # rank -> its last round
+        # rank -> the round of this node in which a message of it was last refused: a refused
+        # buffer stands for that peer's contribution, and the round goes on without it
+        self.refused_in: dict[int, int] = {}
+        self.current = 0  # this node's round
+        self.stop_asked = ""
+        self.marked = 0  # the newest checkpoint round the writer rank recorded for all ranks
+        # writer rank: records waiting for their row, and finished checkpoints per round
+        self.records: dict[int, dict[int, np.ndarray]] = {}
+        self.next_row = 1
+        self.saved: dict[int, dict[int, int]] = {}
+        self.done_saved: dict[int, int] = {}  # rank -> the last round it saved (DONE message)
+        self.saved_by: dict[int, int] = {}  # rank -> the newest checkpoint note received
+        self.numel = fed.node.flat.pack().numel()
+        self.payload_numel = -1  # learnt from the own payload in round 1
+        self.start_round = 1
+        self.last_round = 0
+        grouper = fed.grouper
+        self.clusterer = grouper if isinstance(grouper, TaskAwareClustering) else None
+        self._clustering = self.clusterer is not None
+
+    # -- schedule ------------------------------------------------------------------------------
+    def clusters(self, r: int) -> bool:
+        """Whether round ``r`` starts an agreement epoch (a clustering grouper, until reached)."""
+        return self._clustering and (not self.until or r <= self.until)
+
+    def epoch_for(self, r: int) -> int | None:
+        """The epoch whose partition round ``r`` uses (see :func:`epoch_for`)."""
+        return epoch_for(r, self.lag, self.start_round, self.until)
+
+    @property
+    def last_epoch(self) -> int:
+        """The last epoch any rank can start."""
+        return min(self.until, self.rounds) if self.until else self.rounds
+
+    # -- messages ------------------------------------------------------------------------------
+    def _refuse(self, src: int, err: ReceiveError) -> None:
+        self.fed.transport.rejected.append((src, str(err)))
+
+    def _model(self, src: int, data: torch.Tensor, length: int, what: str) -> torch.Tensor | None:
+        try:
+            check_vector(data, HEADER + length, f"rank {self.rank}: {what} from rank {src}")
+        except ReceiveError as err:
+            self._refuse(src, err)
+            self.refused_in[src] = self.current
+            return None
+        return data
+
+    def handle(self, src: int, kind: int, data: Any) -> None:
+        """One arrived message (called from :meth:`serve`)."""
+        p = self.fed.node.flat.n_trainable
+        if kind == mb.BACKBONE:
+            data = self._model(src, data, self.numel + max(self.payload_numel, 0), "backbone")
+            if data is None:
+                return
+            v = int(data[0])
+            if src not in self.held or v > self.held[src][0]:
+                b = data[HEADER : HEADER + self.numel]
+                extra = data[HEADER + self.numel :] if self.payload_numel > 0 else None
+                self.held[src] = (v, b, extra, float(data[3]))
+        elif kind == mb.DELTA:
+            data = self._model(src, data, p, "group delta")
+            if data is not None and (src not in self.deltas or int(data[0]) > self.deltas[src][0]):
+                self.deltas[src] = (int(data[0]), int(data[1]), data[HEADER:])
+        elif kind == mb.RESULT:
+            data = self._model(src, data, p, "leader update")
+            if data is not None and (
+                src not in self.results or int(data[0]) > self.results[src][0]
+            ):
+                self.results[src] = (int(data[0]), int(data[1]), int(data[2]), data[HEADER:])
+        elif kind == mb.DONE:
+            self.done[src] = int(data[0])
+            self.done_saved[src] = int(data[1])
+        elif kind == mb.STOP:
+            self.stop_asked = self.stop_asked or "a stop signal on another rank"
+        elif kind == mb.MARKED:
+            self.marked = max(self.marked, int(data[0]))
+            if self.fed.checkpoints is not None:
+                self.fed.checkpoints.prune_before(self.marked)
+        elif kind == mb.RECORD and self.rank == 0:
+            self.records.setdefault(int(data[0]), {})[src] = data[1:]
+        elif kind == mb.CHECKPOINT and self.rank == 0:
+            self._saved(src, int(data[0]), int(data[1]))
+
+    def serve(self) -> None:
+        """Take in what has arrived; on the writer rank, write the rows that are complete."""
+        self.mail.poll(self.handle)
+        if self.rank == 0:
+            self._write_rows()
+
+    def wait(self, ready: Any, what: str, peers: list[int]) -> None:
+        """Serve messages until ``ready()`` (bounded by the watchdog)."""
+
+        def check() -> bool:
+            self.serve()
+            return bool(ready())
+
+        self.fed.topology.watchdog.wait(check, what, peers)
+
+    def fresh(self, j: int, r: int) -> bool:
+        """Whether a version of peer ``j`` may be used in round ``r`` (staleness at most S)."""
+        if j not in self.held:
+            return False
+        return self.S < 0 or r - self.held[j][0] <= self.S
+
+    def present(self, j: int, r: int) -> bool:
+        """Whether round ``r`` may go on without waiting more for peer ``j`` (a fresh version,
+        a refused one, or the peer is done)."""
+        if self.S < 0 or self.fresh(j, r) or j in self.done:
+            return True
+        return self.refused_in.get(j, -1) >= r - self.S
+
+    # -- the round -----------------------------------------------------------------------------
+    def round(self, r: int) -> RoundContext:
+        """Round ``r`` of this node (see the module text)."""
+        fed, topo = self.fed, self.fed.topology
+        watchdog = topo.watchdog
+        ctx = RoundContext(r, self.n)
+        self.current = r
+        fed.transport.reset_counters()
+        t_round = time.perf_counter()
+
+        def stage(name: str) -> float:
+            watchdog.at(r, name)
+            test_hook(f"stage.{name}", r, self.rank)
+            return time.perf_counter()
+
+        t = stage("local_train")
+        stages.train(fed, ctx)
+        ctx.seconds["local_train"] = time.perf_counter() - t
+        self.serve()
+        groups = self._exchange_and_group(ctx)
+        t = stage("intra")
+        self._mix(ctx, groups)
+        ctx.seconds["intra"] = time.perf_counter() - t
+        t = stage("cross")
+        if self._cross(ctx):
+            ctx.seconds["cross"] = time.perf_counter() - t
+        t = stage("evaluate")
+        stages.evaluate(fed, ctx)
+        ctx.seconds["evaluate"] = time.perf_counter() - t
+        ctx.seconds["total"] = time.perf_counter() - t_round
+        ctx.clock = time.perf_counter() - fed.clock0
+        watchdog.round_finished(ctx.seconds["total"])
+        fed.state.finish_round(r, ctx.groups)
+        return ctx
+
+    def _exchange_and_group(self, ctx: RoundContext) -> np.ndarray:
+        """Post the backbone, propose (in clustering rounds), take the round's partition."""
+        fed, r = self.fed, ctx.r
+        watchdog = fed.topology.watchdog
+        t = time.perf_counter()
+        watchdog.at(r, "exchange")
+        neighbours = fed.topology.neighbours
+        if fed.grouper is not None:
+            ctx.payload = fed.grouper.payload(ctx, ctx.own)
+            extra = [] if ctx.payload is None else [ctx.payload.to(ctx.own.device).reshape(-1)]
+            self.payload_numel = 0 if ctx.payload is None else ctx.payload.numel()
+            head = ctx.own.new_tensor([r, 0, 0, fed.weight()])
+            live = [j for j in neighbours if j not in self.done]
+            body = torch.cat([head, ctx.own, *extra])
+            if corrupt_hook(r, self.rank):
+                body[HEADER] = float("nan")
+            self.mail.post(live, mb.BACKBONE, body, latest=True)
+        if self.clusters(r):
+            self.wait(
+                lambda: all(self.present(j, r) for j in neighbours),
+                f"its neighbours' backbones of round {r - max(self.S, 0)} or newer",
+                neighbours,
+            )
+        ctx.seconds["exchange"] = time.perf_counter() - t
+        t = time.perf_counter()
+        watchdog.at(r, "clustering")
+        if self.clusters(r):
+            assert self.clusterer is not None
+            self._view(ctx, neighbours)
+            ctx.view_own = ctx.own
+            self.clusterer.propose(ctx)
+            assert ctx.proposal is not None
+            self.agreement.start(r, np.concatenate([ctx.proposal, [0]]))
+        groups = self._partition(ctx)
+        ctx.groups = groups
+        ctx.leaders = leader_flags(groups, r)
+        ctx.seconds["clustering"] = time.perf_counter() - t
+        return groups
+
+    def _view(self, ctx: RoundContext, peers: list[int]) -> None:
+        """The held versions of ``peers`` that round ``ctx.r`` may use, as the context's
+        received backbones and payloads; their staleness goes to the record."""
+        ctx.received, ctx.payloads = {}, {}
+        for j in peers:
+            if self.fresh(j, ctx.r):
+                v, b, extra, _ = self.held[j]
+                ctx.received[j] = b
+                if extra is not None:
+                    ctx.payloads[j] = extra
+                ctx.staleness[j] = ctx.r - v
+
+    def _partition(self, ctx: RoundContext) -> np.ndarray:
+        """Round ``r``'s partition: fixed groups, the agreed epoch, or the last one kept."""
+        fed, r = self.fed, ctx.r
+        if fed.grouper is None:
+            ctx.k = 0
+            return np.arange(self.n, dtype=np.int64)
+        if self.clusterer is None:
+            fed.grouper.assign(ctx)  # the true task groups: no collective
+            return ctx.groups
+        e = self.epoch_for(r)
+        if e is None:
+            stages.keep_partition(fed, ctx)
+            return ctx.groups
+        self.wait(
+            lambda: self.agreement.ready(e),
+            f"every rank's grouping proposal of round {e}",
+            [j for j in range(self.n) if j != self.rank],
+        )
+        table = self.agreement.results[e]
+        proposals, stopped = table[:, :-1], table[:, -1].astype(bool)
+        quarantined = ctx.quarantined
+        ctx.quarantined = stopped
+        keep_k, keep_proposal = ctx.k, ctx.proposal
+        self.clusterer.settle(ctx, proposals)
+        ctx.quarantined = quarantined
+        if keep_proposal is not None:
+            ctx.k, ctx.proposal = keep_k, keep_proposal
+        else:
+            ctx.k = int(np.unique(ctx.groups[ctx.groups >= 0]).size)
+        return ctx.groups
+
+    def _mix(self, ctx: RoundContext, groups: np.ndarray) -> None:
+        """Staleness-weighted mean of the group-mates' newest versions and the own backbone."""
+        fed, r = self.fed, ctx.r
+        ctx.new = ctx.own
+        mates = [int(j) for j in np.flatnonzero(groups == groups[self.rank]) if j != self.rank]
+        mates = [j for j in mates if j in fed.topology.neighbours]
+        if fed.intra is not None and mates and groups[self.rank] >= 0:
+            self.wait(
+                lambda: all(self.present(j, r) for j in mates),
+                f"its group-mates' backbones of round {r - max(self.S, 0)} or newer",
+                mates,
+            )
+            used = [j for j in mates if self.fresh(j, r)]
+            if used:
+                rows = [ctx.own, *(self.held[j][1] for j in used)]
+                age = [0, *(r - self.held[j][0] for j in used)]
+                base = [fed.weight(), *(self.held[j][3] for j in used)]
+                for j in used:
+                    ctx.staleness[j] = r - self.held[j][0]
+                w = staleness_weights(base, age, fed.config.federation.staleness_decay)
+                mixed = weighted_average(torch.stack(rows).double(), w)
+                ctx.new = mixed.to(ctx.own.dtype)
+        ctx.intra_new = ctx.new
+
+    def _cross(self, ctx: RoundContext) -> bool:
+        """Leaders: HCA over the newest group deltas; members: the newest leader update."""
+        fed, r = self.fed, ctx.r
+        groups = ctx.groups
+        labels = np.unique(groups[groups >= 0])
+        ctx.n_groups = int(labels.size)
+        mine = int(groups[self.rank])
+        if not fed.cross.active or ctx.n_groups < 2 or mine < 0:
+            return False
+        ctx.cross_ran = True
+        p = fed.node.flat.n_trainable
+        stamp = partition_stamp(groups)
+        others = [int(j) for j in np.flatnonzero((groups >= 0) & (groups != mine))]
+        members = [int(j) for j in np.flatnonzero(groups == mine) if j != self.rank]
+        if ctx.leaders[self.rank]:
+            delta = group_delta(ctx.intra_new, ctx.start, p)
+            head = delta.new_tensor([r, stamp, 1, 0])
+            self.mail.post(
+                [j for j in others if j not in self.done], mb.DELTA, torch.cat([head, delta])
+            )
+            need = [int(h) for h in labels if h != mine]
+
+            def newest(h: int) -> tuple[int, int] | None:
+                """(round, sender) of the newest delta of group h under this partition."""
+                found = [
+                    (self.deltas[j][0], j)
+                    for j in map(int, np.flatnonzero(groups == h))
+                    if j in self.deltas and self.deltas[j][1] == stamp
+                ]
+                return max(found) if found else None
+
+            def delta_ready(h: int) -> bool:
+                got = newest(h)
+                if got is not None and (self.S < 0 or r - got[0] <= self.S):
+                    return True
+                return all(int(j) in self.done for j in np.flatnonzero(groups == h))
+
+            self.wait(lambda: all(delta_ready(h) for h in need), "the other groups' deltas", others)
+            rows: list[torch.Tensor] = []
+            row = 0
+            for h in labels:
+                if h == mine:
+                    row = len(rows)
+                    rows.append(delta)
+                    continue
+                got = newest(int(h))
+                if got is not None and (self.S < 0 or r - got[0] <= self.S):
+                    rows.append(self.deltas[got[1]][2])
+            update = None
+            if len(rows) > 1:
+                ctx.row = row
+                ctx.deltas = torch.stack(rows)
+                update = self._hca(ctx)
+            flag = 0.0 if update is None else 1.0
+            body = update if update is not None else torch.zeros_like(delta)
+            self.mail.post(
+                [j for j in members if j not in self.done],
+                mb.RESULT,
+                torch.cat([body.new_tensor([r, stamp, flag, 0]), body]),
+            )
+            self.applied = (r, self.rank)
+            ctx.leader_staleness = 0.0
+            return True
+        leader = int(np.flatnonzero(ctx.leaders & (groups == mine))[0])
+
+        def held_result() -> tuple[int, int] | None:
+            found = [
+                (self.results[j][0], j)
+                for j in members
+                if j in self.results and self.results[j][1] == stamp
+            ]
+            return max(found) if found else None
+
+        def ready() -> bool:
+            got = held_result()
+            if got is not None and (self.S < 0 or r - got[0] <= self.S):
+                return True
+            return self.S < 0 or leader in self.done
+
+        self.wait(ready, f"the update of its leader (rank {leader})", [leader])
+        got = held_result()
+        if got is not None and (self.S < 0 or r - got[0] <= self.S) and got > self.applied:
+            v, _, flag, update = self.results[got[1]]
+            if flag:
+                ctx.new = apply_update(ctx.intra_new, update, fed.config.hca.psi, p)
+            ctx.leader_staleness = float(r - v)
+            self.applied = got
+        return True
+
+    def _hca(self, ctx: RoundContext) -> torch.Tensor | None:
+        """HCA over ``ctx.deltas``: the update (None when it cannot run); the new backbone in
+        ``ctx.new`` and the solver's figures in ``ctx.hca``."""
+        fed = self.fed
+        cfg = fed.config.hca
+        assert ctx.deltas is not None
+        res = hca_update(ctx.deltas.double(), alpha=cfg.alpha)
+        update = res.update.to(ctx.intra_new.dtype)
+        ctx.new = apply_update(ctx.intra_new, update, cfg.psi, fed.node.flat.n_trainable)
+        if not res.solver_ok:
+            fed.log(f"round {ctx.r}: HCA solver failed ({res.message}); used uniform weights")
+        ctx.hca = {
+            "hca/weights": float(res.weights[ctx.row]),
+            "hca/mean_delta_norm": res.mean_delta_norm,
+            "hca/update_norm": res.update_norm,
+            "hca/solver_ok": int(res.solver_ok),
+        }
+        return update
+
+    # -- records and checkpoints --------------------------------------------------------------
+    def record(self, ctx: RoundContext) -> None:
+        """This node-round's record to the writer rank (point-to-point)."""
+        packed = self.fed.spec.pack(round_values(self.fed, ctx))
+        if self.rank == 0:
+            self.records.setdefault(ctx.r, {})[0] = packed
+        else:
+            self.mail.post([0], mb.RECORD, np.concatenate([[ctx.r], packed]))
+
+    def _write_rows(self) -> None:
+        """Writer rank: append every complete row in order (a node done before a round leaves
+        that round's entries at their defaults)."""
+        fed = self.fed
+        while self.next_row <= self.rounds:
+            r = self.next_row
+            if len(self.done) == self.n and r > max(self.done.values()):
+                return  # every node is done before this round: no row
+            got = self.records.get(r, {})
+            missing = [j for j in range(self.n) if j not in got]
+            if any(j not in self.done or self.done[j] >= r for j in missing):
+                return
+            blank = fed.spec.pack({})
+            gathered = np.stack([got.get(j, blank) for j in range(self.n)])
+            e = fed.config.training.local_epochs
+            groups = fed.spec.unpack(gathered)["round/group"].astype(np.int64)
+            present = groups >= 0
+            ari = float("nan")
+            if fed.grouper is not None and present.any():
+                ari = adjusted_rand(fed.true_labels[present], groups[present])
+            rows = fed.spec.rows(gathered, {"epoch/round": np.full(e, r), "clustering/ari": ari})
+            if fed.writer is not None:
+                fed.writer.append(rows)
+            fed.log(summary_line(fed, r, rows, ari))
+            self.records.pop(r, None)
+            self.next_row = r + 1
+            self._mark_checkpoints()
+        self._mark_checkpoints()
+
+    def save(self, r: int) -> None:
+        """This node's checkpoint of round ``r``; the writer rank is told its size."""
+        fed = self.fed
+        assert fed.checkpoints is not None
+        t0 = time.perf_counter()
+        fed.checkpoints.save(r, fed.state_dict(), {"backbone_checksum": backbone_checksum(fed)})
+        fed.saved_round = r
+        message = np.array([r, fed.checkpoints.last_bytes], dtype=np.int64)
+        if self.rank == 0:
+            self._saved(0, r, int(message[1]))
+        else:
+            self.mail.post([0], mb.CHECKPOINT, message)
+        fed.checkpoint_seconds += time.perf_counter() - t0
+
+    def _saved(self, rank: int, r: int, nbytes: int) -> None:
+        self.saved.setdefault(r, {})[rank] = nbytes
+        self.saved_by[rank] = max(self.saved_by.get(rank, 0), r)
+
+    def _mark_checkpoints(self) -> None:
+        """Writer rank: name in the file the newest round that every rank has saved and whose
+        row is written; tell every rank, so that each removes its older files."""
+        fed = self.fed
+        complete = [
+            r for r, ranks in self.saved.items() if len(ranks) == self.n and r < self.next_row
+        ]
+        if not complete or max(complete) <= self.marked:
+            return
+        r = max(complete)
+        if fed.writer is not None and fed.checkpoints is not None:
+            directory = str(fed.checkpoints.directory.resolve())
+            fed.writer.mark_checkpoint(r, directory, sum(self.saved[r].values()))
+        self.marked = r
+        for old in [k for k in self.saved if k <= r]:
+            del self.saved[old]
+        others = [j for j in range(1, self.n)]
+        self.mail.post(others, mb.MARKED, np.array([r], dtype=np.int64))
+        if fed.checkpoints is not None:
+            fed.checkpoints.prune_before(r)
+
+    # -- the run -------------------------------------------------------------------------------
+    def _stop_reason(self, r: int) -> str:
+        fed = self.fed
+        budget = fed.config.federation.time_budget
+        if fed.stop is not None and fed.stop.received and not self.stop_asked:
+            self.stop_asked = fed.stop.received
+            self.mail.post(
+                [j for j in range(self.n) if j != self.rank], mb.STOP, np.zeros(1, np.int64)
+            )
+        if self.stop_asked:
+            return "stop"
+        if budget and time.perf_counter() - fed.clock0 >= budget:
+            return "budget"
+        return ""
+
+    def run(self, start_round: int = 1) -> None:
+        """This node's rounds from ``start_round``, then the closing handshake."""
+        fed = self.fed
+        self.start_round = start_round
+        self.next_row = start_round
+        every = fed.config.run.checkpoint_every
+        fed.saved_round = start_round - 1
+        self.marked = start_round - 1
+        why = ""
+        last = start_round - 1
+        try:
+            for r in range(start_round, self.rounds + 1):
+                why = self._stop_reason(r)
+                if why:
+                    break
+                ctx = self.round(r)
+                last = r
+                fed.topology.watchdog.at(r, "record")
+                self.record(ctx)
+                if fed.checkpoints is not None and every and (r % every == 0 or r == self.rounds):
+                    fed.topology.watchdog.at(r, "checkpoint")
+                    self.save(r)
+                self.serve()
+            self.last_round = last
+            self._finish(last, why)
+        finally:
+            self.mail.free()
+            self.agreement.free()
+        if why == "stop":
+            raise Preempted(f"{self.stop_asked} after round {last}")
+        if why == "budget":
+            fed.log(f"rank {self.rank}: time budget reached after round {last}")
+
+    def _finish(self, last: int, why: str) -> None:
+        """Tell every rank this one is done, join the epochs the others will still start, and
+        serve until every rank is done and (writer rank) every row is written."""
+        fed, topo = self.fed, self.fed.topology
+        if why == "stop" and fed.checkpoints is not None and fed.saved_round < last:
+            self.save(last)
+        self.done[self.rank] = last
+        self.done_saved[self.rank] = fed.saved_round
+        others = [j for j in range(self.n) if j != self.rank]
+        self.mail.post(others, mb.DONE, np.array([last, fed.saved_round], dtype=np.int64))
+        if self._clustering:
+            stopped = np.concatenate([np.full(self.n, -1, dtype=np.int64), [1]])
+            for e in range(max(last + 1, self.start_round), self.last_epoch + 1):
+                if not self.agreement.started(e):
+                    self.agreement.start(e, stopped)
+        topo.watchdog.at(last, "finishing")
+
+        def finished() -> bool:
+            if len(self.done) < self.n or self.agreement.pending():
+                return False
+            if self.rank == 0:
+                if self.next_row <= max(self.done.values()):
+                    return False  # rows still to write
+                if any(self.saved_by.get(j, 0) < s for j, s in self.done_saved.items()):
+                    return False  # checkpoint notes still to come
+                self._mark_checkpoints()
+            if self.mail.sending():
+                return False
+            return self.mail.closing()
+
+        self.wait(finished, "every rank to finish its rounds", others)

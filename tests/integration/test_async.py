@@ -1,0 +1,164 @@
+"""Tier 3: asynchronous mode under mpiexec. Nodes slowed down at random (seeded) finish without
+a hang, every node-round is recorded exactly once, every rank used the same partition in the
+same round, no version older than max_staleness was used, a NaN backbone is refused, S = 0
+groups and leads like synchronous mode, a time budget lets fast nodes do more rounds, and a run
+killed mid-way continues with --resume to a file with every record present."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from colnet_mpi.algorithms.clustering import partition_stamp
+from tests.conftest import ROOT, colnet, run_mpi
+
+QUICK = (ROOT / "configs" / "quickstart.toml").read_text()
+SMALL = [
+    "data.samples_per_node=48", "data.test_samples=32", "model.width=4",
+    "clustering.max_batches=1", "training.local_epochs=1", "federation.mode=async",
+]  # fmt: skip
+
+
+def config(tmp: Path, slowdowns: list[float]) -> Path:
+    """The quickstart with one [[nodes]] entry per node (half attributes, half landmarks)."""
+    head = QUICK[: QUICK.index("[[nodes]]")]
+    half = len(slowdowns) // 2
+    nodes = "".join(
+        f'[[nodes]]\ntask = "{"attributes" if i < half else "landmarks"}"\nslowdown = {s}\n\n'
+        for i, s in enumerate(slowdowns)
+    )
+    path = tmp / "async.toml"
+    path.write_text(head + nodes)
+    return path
+
+
+def launch(cfg: Path, out: Path, *sets: str, env: dict[str, str] | None = None, extra: tuple = ()):
+    args = [a for s in [*SMALL, *sets] for a in ("--set", s)] + list(extra)
+    saved = dict(os.environ)
+    os.environ.update(env or {})
+    try:
+        n = cfg.read_text().count("[[nodes]]")
+        return run_mpi(n, colnet("run", str(cfg), "--out", str(out), *args), timeout=300)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def read(path: Path) -> dict[str, np.ndarray]:
+    with h5py.File(path) as f:
+        out = {k: np.asarray(f[k][()]) for k in (
+            "round/group", "round/leader", "round/clock", "round/partition_stamp",
+            "round/test_loss", "async/staleness", "async/leader_staleness", "defense/refused",
+            "epoch/val_loss",
+        )}  # fmt: skip
+        out["status"] = np.asarray(f.attrs["status"])
+        out["checkpoint_round"] = np.asarray(f.attrs.get("checkpoint_round", 0))
+    return out
+
+
+def check_records(d: dict[str, np.ndarray], rounds: np.ndarray, staleness: int) -> None:
+    """Node i recorded exactly rounds 1..rounds[i]; partitions agree; staleness bounded."""
+    n = d["round/group"].shape[1]
+    for i in range(n):
+        did = ~np.isnan(d["round/clock"][:, i])
+        assert did.tolist() == [r < rounds[i] for r in range(did.size)], (i, did)
+        assert np.all(np.diff(d["round/clock"][did, i]) > 0)  # one record per round, in order
+        assert np.all(np.isfinite(d["round/test_loss"][did, i]))
+    for r in range(d["round/group"].shape[0]):
+        ran = ~np.isnan(d["round/clock"][r])
+        stamps = set(d["round/partition_stamp"][r, ran].tolist())
+        assert len(stamps) == 1, (r, stamps)  # every node of round r used the same partition
+        if ran.all():  # ... the one the nodes recorded
+            assert stamps == {partition_stamp(d["round/group"][r])}, (r, stamps)
+    if staleness >= 0:
+        assert np.nanmax(d["async/staleness"]) <= staleness
+        assert np.nanmax(d["async/leader_staleness"], initial=0) <= staleness
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+@pytest.mark.parametrize(("n", "staleness"), [(2, 0), (4, 1), (6, 2)])
+def test_random_slowdowns_no_hang_every_record_once(tmp_path: Path, n: int, staleness: int):
+    rng = random.Random(n)
+    slow = [round(rng.uniform(1.0, 3.0), 2) for _ in range(n)]
+    out = tmp_path / "a.h5"
+    corrupt = {"COLNET_TEST_CORRUPT": "2:1"} if n == 4 else {}
+    proc = launch(
+        config(tmp_path, slow),
+        out,
+        "training.rounds=4",
+        f"federation.max_staleness={staleness}",
+        env=corrupt,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    d = read(out)
+    assert str(d["status"]) == "finished" and int(d["checkpoint_round"]) == 4
+    check_records(d, np.full(n, 4), staleness)
+    assert (d["round/group"] >= 0).all()
+    if corrupt:  # rank 1's round-2 backbone had a NaN: its neighbours refused it, none used it
+        refused = d["defense/refused"][:, :, 1]  # (round, receiver) refused sender 1
+        assert refused[:, [0, 2, 3]].sum() >= 1 and refused[:, 1].sum() == 0, refused
+        used_round = np.arange(1, 5)[:, None] - d["async/staleness"][:, :, 1]
+        assert not np.any(used_round == 2), used_round
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_staleness_zero_groups_and_leads_like_sync(tmp_path: Path):
+    cfg = config(tmp_path, [1.0] * 4)
+    a, s = tmp_path / "async.h5", tmp_path / "sync.h5"
+    p1 = launch(cfg, a, "training.rounds=3", "federation.max_staleness=0")
+    p2 = launch(cfg, s, "training.rounds=3", "federation.mode=sync")
+    assert p1.returncode == 0 and p2.returncode == 0, p1.stderr + p2.stderr
+    da, ds = read(a), read(s)
+    assert np.array_equal(da["round/group"], ds["round/group"])
+    assert np.array_equal(da["round/leader"], ds["round/leader"])
+    assert np.nanmax(np.abs(da["async/staleness"])) == 0
+    assert np.isnan(ds["async/staleness"]).all()
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_time_budget_lets_fast_nodes_do_more_rounds(tmp_path: Path):
+    """One node 8x slower, unbounded staleness, clustering in round 1 only, a 6 s budget."""
+    out = tmp_path / "b.h5"
+    proc = launch(
+        config(tmp_path, [8.0, 1.0, 1.0, 1.0]),
+        out,
+        "training.rounds=40",
+        "federation.max_staleness=-1",
+        "clustering.until=1",
+        "federation.time_budget=6",
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    d = read(out)
+    done = (~np.isnan(d["round/clock"])).sum(axis=0)
+    assert done[0] < done[1:].min() and done.max() < 40, done
+    check_records(d, done, -1)
+    assert "time budget reached" in proc.stdout
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_kill_one_rank_then_resume_keeps_every_record(tmp_path: Path):
+    cfg = config(tmp_path, [1.0, 1.5, 1.0, 2.0])
+    out = tmp_path / "k.h5"
+    sets = ["training.rounds=5", "federation.max_staleness=1"]
+    proc = launch(cfg, out, *sets, env={"COLNET_TEST_KILL": "stage.cross:3:2"})
+    assert proc.returncode != 0
+    with h5py.File(out) as f:
+        saved = int(f.attrs["checkpoint_round"])
+    assert 1 <= saved <= 2
+    proc = launch(cfg, out, *sets, extra=("--resume",))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"resuming after round {saved}" in proc.stdout
+    d = read(out)
+    assert str(d["status"]) == "finished" and d["epoch/val_loss"].shape[0] == 5
+    check_records(d, np.full(4, 5), 1)
+    ckpt = sorted(p.name for p in Path(f"{out}.ckpt").iterdir())
+    assert ckpt == [f"rank{r:05d}.round000005.ckpt" for r in range(4)], ckpt

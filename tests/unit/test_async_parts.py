@@ -1,0 +1,115 @@
+"""Unit tests for asynchronous mode's pure parts and its config keys: the agreement schedule,
+staleness weights, partition stamps, and the refusals of what it does not support."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from colnet_mpi.algorithms.clustering import partition_stamp
+from colnet_mpi.algorithms.fedavg import staleness_weights
+from colnet_mpi.config import ConfigError, apply_overrides, config_from_dict, to_toml
+from colnet_mpi.federation.asynchronous import epoch_for
+
+NODES = [{"task": "attributes", "count": 2}, {"task": "landmarks", "count": 2, "slowdown": 3}]
+
+
+def make(**sections: dict) -> object:
+    return config_from_dict({"data": {"dataset": "synthetic_faces"}, **sections, "nodes": NODES})
+
+
+def test_schedule_fresh_start_lag_one():
+    # round 1 waits for epoch 1 (lock-step first partition); later rounds use the epoch before
+    assert [epoch_for(r, 1, 1, 0) for r in range(1, 6)] == [1, 1, 2, 3, 4]
+
+
+def test_schedule_lag_zero_is_synchronous():
+    assert [epoch_for(r, 0, 1, 0) for r in range(1, 5)] == [1, 2, 3, 4]
+
+
+def test_schedule_until_freezes_the_last_epoch():
+    assert [epoch_for(r, 1, 1, 2) for r in range(1, 7)] == [1, 1, 2, 2, 2, 2]
+    assert [epoch_for(r, 0, 1, 1) for r in range(1, 4)] == [1, 1, 1]
+
+
+def test_schedule_after_resume_keeps_the_restored_partition_until_a_new_epoch():
+    # resumed at round 4 (start): round 4 would use epoch 3, which this process never ran
+    assert [epoch_for(r, 1, 4, 0) for r in range(4, 8)] == [None, 4, 5, 6]
+    # resumed after clustering stopped: never a new epoch
+    assert [epoch_for(r, 1, 4, 2) for r in range(4, 7)] == [None, None, None]
+    assert [epoch_for(r, 0, 4, 0) for r in range(4, 6)] == [4, 5]
+
+
+def test_staleness_weights_discount_old_versions_only():
+    assert staleness_weights([1.0, 1.0, 2.0], [0, 2, -1], 0.5) == [1.0, 0.25, 2.0]
+    assert staleness_weights([3.0], [5], 1.0) == [3.0]
+    with pytest.raises(ValueError, match="decay"):
+        staleness_weights([1.0], [0], 0.0)
+    with pytest.raises(ValueError, match="weights"):
+        staleness_weights([1.0, 1.0], [0], 0.5)
+
+
+def test_partition_stamp_ignores_labels_and_fits_float32():
+    a = partition_stamp(np.array([0, 0, 1, 1, 2]))
+    assert a == partition_stamp(np.array([5, 5, 3, 3, 0]))
+    assert a != partition_stamp(np.array([0, 1, 0, 1, 2]))
+    assert a != partition_stamp(np.array([0, 0, 1, 1, -1]))
+    assert 0 <= a < 2**24 and float(np.float32(a)) == a
+
+
+def test_async_keys_default_and_round_trip():
+    c = make(federation={"mode": "async", "max_staleness": -1, "time_budget": 30})
+    assert c.federation.mode == "async" and c.nodes[2].slowdown == 3.0
+    back = config_from_dict(__import__("tomllib").loads(to_toml(c)))
+    assert back == c
+    # a node without a slowdown writes none (results files of older runs compare equal)
+    assert to_toml(c).count("slowdown") == 2
+
+
+@pytest.mark.parametrize(
+    ("federation", "fragment"),
+    [
+        ({"mode": "lockstep"}, "federation.mode = 'lockstep'"),
+        ({"mode": "async", "max_staleness": -2}, "federation.max_staleness = -2"),
+        ({"mode": "async", "staleness_decay": 0.0}, "federation.staleness_decay = 0.0"),
+        ({"mode": "async", "staleness_decay": 1.5}, "federation.staleness_decay = 1.5"),
+        ({"mode": "async", "time_budget": -1.0}, "federation.time_budget"),
+        ({"time_budget": 10.0}, 'needs federation.mode = "async"'),
+        ({"mode": "async", "scheme": "fedper"}, "federation.scheme = 'fedper' is not allowed"),
+    ],
+)
+def test_bad_async_federation_keys_are_named(federation, fragment):
+    with pytest.raises(ConfigError) as info:
+        make(federation=federation)
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "fragment"),
+    [
+        ("defense", {"screening": True}, "defense.screening = true"),
+        ("defense", {"aggregation": "median"}, "defense.aggregation = 'median'"),
+        ("clustering", {"loss_weight": 0.3}, "clustering.loss_weight = 0.3"),
+        ("clustering", {"backbone_sketch": 64}, "clustering.backbone_sketch = 64"),
+    ],
+)
+def test_what_async_does_not_support_is_refused(section, values, fragment):
+    with pytest.raises(ConfigError) as info:
+        make(federation={"mode": "async"}, **{section: values})
+    assert fragment in str(info.value) and 'federation.mode = "async"' in str(info.value)
+
+
+@pytest.mark.parametrize("bad", [0.5, 0, "fast", True, 5000])
+def test_bad_slowdown_is_named(bad):
+    nodes = [{"task": "attributes", "slowdown": bad}, {"task": "landmarks"}]
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"data": {"dataset": "synthetic_faces"}, "nodes": nodes})
+    assert f"nodes[0].slowdown = {bad!r}" in str(info.value)
+
+
+def test_until_is_checked_and_overridable():
+    raw = {"data": {"dataset": "synthetic_faces"}, "nodes": NODES}
+    raw = apply_overrides(raw, ["clustering.until=3", "federation.mode=async"])
+    assert config_from_dict(raw).clustering.until == 3
+    with pytest.raises(ConfigError, match="clustering.until"):
+        make(clustering={"until": -1})
