@@ -94,11 +94,14 @@ def wall(d: dict) -> float:
     return float(np.nanmax(d["round/clock"]))
 
 
-def time_to(curve: list, target: dict[str, float]) -> float:
-    """First time every group's metric is at least as good as ``target`` (NaN: never)."""
+def time_to(
+    curve: list, target: dict[str, float], groups: tuple[str, ...] = tuple(GROUPS)
+) -> float:
+    """First time the metric of every group in ``groups`` is at least as good as ``target``
+    (NaN: never)."""
     for t, values in curve:
-        if len(values) == len(GROUPS) and all(
-            values[g] * sign >= target[g] * sign - 1e-12 for g, (_, sign) in GROUPS.items()
+        if all(g in values for g in groups) and all(
+            values[g] * GROUPS[g][1] >= target[g] * GROUPS[g][1] - 1e-12 for g in groups
         ):
             return t
     return float("nan")
@@ -114,6 +117,56 @@ def at(curve: list, t: float) -> dict[str, float]:
     return last
 
 
+def _ms(values: list[float], digits: int = 2) -> str:
+    """``mean ± std`` of the finite values, with how many of them there are when some are not."""
+    finite = [v for v in values if v == v]
+    if not finite:
+        return "never"
+    text = f"{np.mean(finite):.{digits}f} ± {np.std(finite):.{digits}f}"
+    return text if len(finite) == len(values) else f"{text} ({len(finite)} of {len(values)})"
+
+
+def tables(rows: list[dict]) -> str:
+    """Markdown tables over seeds: times, metrics, rounds, staleness and bytes per run."""
+    out = []
+    head = (
+        "| scenario | run | wall s | to target / sync wall | attributes | landmarks "
+        "| F1 attributes @0.6 | loss landmarks @0.6 | F1 attributes final | loss landmarks final "
+        "| rounds per node |"
+    )
+    out += [head, "|" + "---|" * 11]
+    keys = dict.fromkeys((r["scenario"], r["run"]) for r in rows)
+    for scenario, name in keys:
+        rs = [r for r in rows if r["scenario"] == scenario and r["run"] == name]
+        rounds = np.mean([r["rounds_per_node"] for r in rs], axis=0)
+        out.append(
+            f"| {scenario} | {name} | {_ms([r['wall_s'] for r in rs], 1)} "
+            f"| {_ms([r['to_target_ratio'] for r in rs])} "
+            f"| {_ms([r['group_ratio']['attributes'] for r in rs])} "
+            f"| {_ms([r['group_ratio']['landmarks'] for r in rs])} "
+            f"| {_ms([r['at_0.6'].get('attributes', float('nan')) for r in rs], 3)} "
+            f"| {_ms([r['at_0.6'].get('landmarks', float('nan')) for r in rs], 2)} "
+            f"| {_ms([r['final']['attributes'] for r in rs], 3)} "
+            f"| {_ms([r['final']['landmarks'] for r in rs], 2)} "
+            f"| {' '.join(f'{x:.1f}' for x in rounds)} |"
+        )
+    out += [
+        "",
+        "| scenario | run | staleness used: count (pooled over seeds) | bytes sent per node-round |",
+    ]
+    out += ["|---|---|---|---|"]
+    for scenario, name in keys:
+        rs = [r for r in rows if r["scenario"] == scenario and r["run"] == name]
+        pooled: dict[int, int] = {}
+        for r in rs:
+            for k, v in r["staleness_hist"].items():
+                pooled[int(k)] = pooled.get(int(k), 0) + v
+        hist = ", ".join(f"{k}: {pooled[k]}" for k in sorted(pooled)) or "—"
+        sent = np.mean([r["bytes_per_node_round"] for r in rs])
+        out.append(f"| {scenario} | {name} | {hist} | {sent / 1e6:.2f} MB |")
+    return "\n".join(out)
+
+
 def histogram(values: np.ndarray) -> dict[str, int]:
     """{staleness: count}."""
     keys, counts = np.unique(values, return_counts=True)
@@ -126,8 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default="results/async_runs")
     p.add_argument("--async-rounds", type=int, default=15)
+    p.add_argument("--table", action="store_true", help="print the tables of summary.json only")
     args = p.parse_args(argv)
     folder = Path(args.out)
+    if args.table:
+        print(tables(json.loads((folder / "summary.json").read_text())))
+        return 0
     folder.mkdir(parents=True, exist_ok=True)
     common = ["clustering.until=2"]
     rows = []
@@ -165,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                         "wall_s": wall(d),
                         "to_target_s": time_to(c, target),
                         "to_target_ratio": time_to(c, target) / budget,
+                        "group_ratio": {g: time_to(c, target, (g,)) / budget for g in GROUPS},
                         "target": target,
                         "at_0.6": at(c, 0.6 * budget),
                         "final": c[-1][1],

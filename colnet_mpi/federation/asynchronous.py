@@ -194,18 +194,25 @@ class AsyncRounds:
 
         self.fed.topology.watchdog.wait(check, what, peers)
 
+    def recent(self, version: int, r: int) -> bool:
+        """Whether a version of round ``version`` may be used in round ``r``: staleness at most
+        S (unbounded: any version)."""
+        return self.S < 0 or r - version <= self.S
+
+    def _wanted(self, r: int) -> str:
+        return "(a first version)" if self.S < 0 else f"of round {r - self.S} or newer"
+
     def fresh(self, j: int, r: int) -> bool:
-        """Whether a version of peer ``j`` may be used in round ``r`` (staleness at most S)."""
-        if j not in self.held:
-            return False
-        return self.S < 0 or r - self.held[j][0] <= self.S
+        """Whether the version held of peer ``j`` may be used in round ``r``."""
+        return j in self.held and self.recent(self.held[j][0], r)
 
     def present(self, j: int, r: int) -> bool:
-        """Whether round ``r`` may go on without waiting more for peer ``j`` (a fresh version,
-        a refused one, or the peer is done)."""
-        if self.S < 0 or self.fresh(j, r) or j in self.done:
+        """Whether round ``r`` may go on without waiting more for peer ``j``: a version it may
+        use (with unbounded staleness: any version at all), a refused one of the same age, or
+        the peer is done."""
+        if self.fresh(j, r) or j in self.done:
             return True
-        return self.refused_in.get(j, -1) >= r - self.S
+        return j in self.refused_in and self.recent(self.refused_in[j], r)
 
     # -- the round -----------------------------------------------------------------------------
     def round(self, r: int) -> RoundContext:
@@ -262,7 +269,7 @@ class AsyncRounds:
         if self.clusters(r):
             self.wait(
                 lambda: all(self.present(j, r) for j in neighbours),
-                f"its neighbours' backbones of round {r - max(self.S, 0)} or newer",
+                f"its neighbours' backbones {self._wanted(r)}",
                 neighbours,
             )
         ctx.seconds["exchange"] = time.perf_counter() - t
@@ -333,7 +340,7 @@ class AsyncRounds:
         if fed.intra is not None and mates and groups[self.rank] >= 0:
             self.wait(
                 lambda: all(self.present(j, r) for j in mates),
-                f"its group-mates' backbones of round {r - max(self.S, 0)} or newer",
+                f"its group-mates' backbones {self._wanted(r)}",
                 mates,
             )
             used = [j for j in mates if self.fresh(j, r)]
@@ -381,7 +388,7 @@ class AsyncRounds:
 
             def delta_ready(h: int) -> bool:
                 got = newest(h)
-                if got is not None and (self.S < 0 or r - got[0] <= self.S):
+                if got is not None and self.recent(got[0], r):
                     return True
                 return all(int(j) in self.done for j in np.flatnonzero(groups == h))
 
@@ -394,7 +401,7 @@ class AsyncRounds:
                     rows.append(delta)
                     continue
                 got = newest(int(h))
-                if got is not None and (self.S < 0 or r - got[0] <= self.S):
+                if got is not None and self.recent(got[0], r):
                     rows.append(self.deltas[got[1]][2])
             update = None
             if len(rows) > 1:
@@ -423,13 +430,11 @@ class AsyncRounds:
 
         def ready() -> bool:
             got = held_result()
-            if got is not None and (self.S < 0 or r - got[0] <= self.S):
-                return True
-            return self.S < 0 or leader in self.done
+            return (got is not None and self.recent(got[0], r)) or leader in self.done
 
         self.wait(ready, f"the update of its leader (rank {leader})", [leader])
         got = held_result()
-        if got is not None and (self.S < 0 or r - got[0] <= self.S) and got > self.applied:
+        if got is not None and self.recent(got[0], r) and got > self.applied:
             v, _, flag, update = self.results[got[1]]
             if flag:
                 ctx.new = apply_update(ctx.intra_new, update, fed.config.hca.psi, p)

@@ -44,11 +44,17 @@ def train(fed: Federation, ctx: RoundContext) -> bool:
     t = fed.config.training
 
     slowdown = fed.config.nodes[fed.topology.rank].slowdown
+    on_cpu = node.device.type == "cpu"
+    cpu_mark = [time.process_time()]
 
     def progress(epoch: int, train_loss: float, val_loss: float, seconds: float) -> None:
         if slowdown > 1.0:  # nodes[].slowdown: a simulated straggler
-            time.sleep((slowdown - 1.0) * seconds)
-            seconds *= slowdown
+            # on CPU, stretch by the epoch's CPU time: ranks sharing the cores (which lengthen
+            # the wall time) must not make the simulated hardware slower still
+            work = time.process_time() - cpu_mark[0] if on_cpu else seconds
+            time.sleep((slowdown - 1.0) * work)
+            seconds += (slowdown - 1.0) * work
+            cpu_mark[0] = time.process_time()
         if seconds >= EPOCH_LINE_SECONDS:
             fed.log(epoch_line(r, t.rounds, epoch, t.local_epochs, (train_loss, val_loss), seconds))
 

@@ -126,9 +126,10 @@ def test_signal_on_one_rank_stops_all_at_round_boundary(
 
 @pytest.mark.mpi
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("sig", ["SIGTERM"])
 def test_signal_mid_round_loses_only_that_round(tmp_path: Path, sig: str) -> None:
-    """SIGTERM (scancel, SLURM preemption) or Ctrl-C to every rank during local training."""
+    """SIGTERM (scancel, SLURM preemption) to every rank during local training. Ctrl-C (SIGINT)
+    takes the same handler (``tests/unit/test_stop.py`` checks that it is noted, not raised)."""
     out = tmp_path / "term.h5"
     proc = launch(out, env={"COLNET_TEST_SIGNAL": f"stage.local_train:4:*:{sig}"})
     assert proc.returncode == EXIT_PREEMPTED, proc.stdout + proc.stderr
