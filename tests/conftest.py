@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -48,6 +49,24 @@ def run_mpi(
 def colnet(*args: str) -> list[str]:
     """Command line of the real CLI, run by this interpreter."""
     return [sys.executable, "-m", "colnet_mpi", *args]
+
+
+#: Runs ``colnet-mpi`` with each argument list of ``argv[1]`` (JSON) in turn, in one process per
+#: rank; stops at the first non-zero exit code.
+_BATCH = (
+    "import json, sys\n"
+    "from colnet_mpi import cli\n"
+    "for args in json.loads(sys.argv[1]):\n"
+    "    code = cli.main(args)\n"
+    "    if code:\n"
+    "        sys.exit(code)\n"
+)
+
+
+def colnet_batch(*runs: list[str]) -> list[str]:
+    """One command that makes several ``colnet-mpi`` calls one after the other in the same
+    processes (MPI and torch start once): each run is the argument list after ``colnet-mpi``."""
+    return [sys.executable, "-c", _BATCH, json.dumps([list(r) for r in runs])]
 
 
 def write_crash_script(script: Path) -> Path:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from colnet_mpi.metrics.writer import STAGES, TEST_METRICS
-from tests.conftest import ROOT, colnet, run_mpi, write_crash_script
+from tests.conftest import ROOT, colnet, colnet_batch, run_mpi, write_crash_script
 
 QUICK = str(ROOT / "configs" / "quickstart.toml")
 # the quickstart, shrunk so that a CI run takes seconds
@@ -141,29 +141,27 @@ SKIPPED = {
 }
 
 
+@pytest.fixture(scope="module")
+def baseline_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The three baseline schemes, 2 rounds each, in one 6-rank launch."""
+    folder = tmp_path_factory.mktemp("baselines")
+    runs = [
+        ["run", QUICK, "--out", str(folder / f"{scheme}.h5"), *SMALL, "--set", "training.rounds=2",
+         "--set", f"federation.scheme={scheme}"]
+        for scheme in sorted(SKIPPED)
+    ]  # fmt: skip
+    proc = run_mpi(6, colnet_batch(*runs), timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return folder
+
+
 @pytest.mark.mpi
 @pytest.mark.slow
 @pytest.mark.parametrize("scheme", sorted(SKIPPED))
-def test_baseline_scheme_same_layout(six_rank_run, tmp_path: Path, scheme: str) -> None:
+def test_baseline_scheme_same_layout(six_rank_run, baseline_runs: Path, scheme: str) -> None:
     """none/intra/fedper write the colnet file's layout; stages they skip are 0 s and 0 bytes."""
     colnet_out, _ = six_rank_run
-    out = tmp_path / f"{scheme}.h5"
-    proc = run_mpi(
-        6,
-        colnet(
-            "run",
-            QUICK,
-            "--out",
-            str(out),
-            *SMALL,
-            "--set",
-            "training.rounds=2",
-            "--set",
-            f"federation.scheme={scheme}",
-        ),  # fmt: skip
-        timeout=400,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = baseline_runs / f"{scheme}.h5"
     with h5py.File(colnet_out) as ref, h5py.File(out) as f:
         assert _layout(f) == _layout(ref)
         assert f.attrs["scheme"] == scheme and f.attrs["status"] == "finished"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, colnet, run_mpi
+from tests.conftest import ROOT, colnet, colnet_batch, run_mpi
 
 # digits_label_het.toml with 2 + 2 nodes (its 3 + 3 cannot be changed with --set), scaled down
 TINY = """
@@ -43,26 +43,17 @@ def test_report_on_a_real_sweep(tmp_path: Path) -> None:
     config = tmp_path / "tiny.toml"
     config.write_text(TINY)
     results = tmp_path / "results" / "tiny_sweep"
-    index = 0
+    runs = []
     for scheme in ("colnet", "none"):
         for seed in (0, 1):
-            name = f"tiny_sweep_{index}"
-            argv = colnet(
-                "run",
-                str(config),
-                "--quiet",
-                "--set",
-                f"federation.scheme={scheme}",
-                "--set",
-                f"run.seed={seed}",
-                "--set",
-                f"run.name={name}",
-                "--out",
-                str(results / f"{name}.h5"),
-            )
-            proc = run_mpi(4, argv, timeout=120)
-            assert proc.returncode == 0, proc.stdout + proc.stderr
-            index += 1
+            name = f"tiny_sweep_{len(runs)}"
+            runs.append(
+                ["run", str(config), "--quiet", "--set", f"federation.scheme={scheme}",
+                 "--set", f"run.seed={seed}", "--set", f"run.name={name}",
+                 "--out", str(results / f"{name}.h5")]
+            )  # fmt: skip
+    proc = run_mpi(4, colnet_batch(*runs), timeout=300)  # the four runs in one launch
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
     proc = subprocess.run(
         colnet("report", str(results)), capture_output=True, text=True, timeout=120, cwd=ROOT
