@@ -109,7 +109,9 @@ class AsyncRounds:
         self.done_saved: dict[int, int] = {}  # rank -> the last round it saved (DONE message)
         self.saved_by: dict[int, int] = {}  # rank -> the newest checkpoint note received
         self.numel = fed.node.flat.pack().numel()
-        self.payload_numel = -1  # learnt from the own payload in round 1
+        # what the grouper sends with each backbone (fixed, so that the first arrivals can be
+        # checked before this node has built its own)
+        self.payload_numel = int(getattr(fed.grouper, "payload_size", 0))
         self.start_round = 1
         self.last_round = 0
         grouper = fed.grouper
@@ -147,7 +149,7 @@ class AsyncRounds:
         """One arrived message (called from :meth:`serve`)."""
         p = self.fed.node.flat.n_trainable
         if kind == mb.BACKBONE:
-            data = self._model(src, data, self.numel + max(self.payload_numel, 0), "backbone")
+            data = self._model(src, data, self.numel + self.payload_numel, "backbone")
             if data is None:
                 return
             v = int(data[0])
@@ -259,7 +261,7 @@ class AsyncRounds:
         if fed.grouper is not None:
             ctx.payload = fed.grouper.payload(ctx, ctx.own)
             extra = [] if ctx.payload is None else [ctx.payload.to(ctx.own.device).reshape(-1)]
-            self.payload_numel = 0 if ctx.payload is None else ctx.payload.numel()
+            assert (0 if ctx.payload is None else ctx.payload.numel()) == self.payload_numel
             head = ctx.own.new_tensor([r, 0, 0, fed.weight()])
             live = [j for j in neighbours if j not in self.done]
             body = torch.cat([head, ctx.own, *extra])

@@ -102,6 +102,14 @@ class TaskAwareClustering:
             self.data = fed.node.data_profile()
 
     @property
+    def payload_size(self) -> int:
+        """Values :meth:`payload` sends (the same on every rank)."""
+        parts = [self.data, self.sketch, self.backbone_sketch]
+        sizes = [self.data.numel() if self.data is not None else 0]
+        sizes += [s.dim for s in parts[1:] if isinstance(s, UpdateSketch)]
+        return int(sum(sizes))
+
+    @property
     def sends_backbone(self) -> bool:
         """False when the exchange carries a sketch of the backbone instead of the backbone."""
         return self.backbone_sketch is None

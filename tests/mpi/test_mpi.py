@@ -20,6 +20,14 @@ def test_comm_layer(ranks: int) -> None:
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_async_mailbox_and_agreements(ranks: int) -> None:
+    proc = run_mpi(ranks, [sys.executable, str(SCRIPTS / "mailbox_checks.py")], timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count(f"ok on {ranks} ranks") == 2, proc.stdout
+
+
+@pytest.mark.mpi
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks", [2, 4, 6])
 def test_full_round(ranks: int) -> None:
