@@ -107,11 +107,13 @@ def test_random_slowdowns_no_hang_every_record_once(tmp_path: Path, n: int, stal
     slow = [round(rng.uniform(1.0, 3.0), 2) for _ in range(n)]
     out = tmp_path / "a.h5"
     corrupt = {"COLNET_TEST_CORRUPT": "2:1"} if n == 4 else {}
+    ring = ["federation.topology=ring"] if n == 6 else []  # mixing and views from neighbours only
     proc = launch(
         config(tmp_path, slow),
         out,
         "training.rounds=4",
         f"federation.max_staleness={staleness}",
+        *ring,
         env=corrupt,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
