@@ -128,8 +128,9 @@ class Transport:
         """Send ``flat`` to every neighbour and receive theirs; bad buffers are refused, not used.
 
         Every rank uses the same buffer layout, so a peer's vector must have exactly ``expected``
-        values (default: as many as ``flat``) and only finite ones. Each incoming message is probed
-        first, so a wrongly sized one is received whole (no truncation error) and then refused.
+        values (default: as many as ``flat``) and only finite ones. Receives are posted before the
+        sends, one value longer than expected, so a wrongly sized message is counted (or ends in a
+        truncation error) and refused, never used.
         Refused senders are left out of the result and listed in ``self.rejected`` as
         ``(rank, reason)``; the job goes on.
         """
@@ -138,56 +139,59 @@ class Transport:
         if expected is None:
             check_vector(flat, numel, f"rank {self.topology.rank}: own backbone before sending")
         world = self.topology.world
+        neighbours = self.topology.neighbours
+        # Receives are posted before anything is sent, into buffers kept per sender with one
+        # value to spare: a message of the right size lands directly, a longer one by one value
+        # is counted and refused, a longer one still ends its receive with a truncation error
+        # (refused too; the job goes on), a shorter one is counted and refused.
+        incoming: dict[int, tuple[torch.Tensor, MPI.Request, MPI.Status]] = {}
+        for src in neighbours:
+            buf = self._inbox.get(src)
+            if buf is None or buf.numel() != numel + 1:
+                buf = self._inbox[src] = self._empty(numel + 1)
+            incoming[src] = (buf, world.Irecv(self._buf(buf), source=src, tag=tag), MPI.Status())
         send = self._wire(flat)
-        sends = [
-            world.Isend(self._buf(send), dest=dst, tag=tag) for dst in self.topology.neighbours
-        ]
+        sends = [world.Isend(self._buf(send), dest=dst, tag=tag) for dst in neighbours]
         watchdog = self.topology.watchdog
-        # Match each neighbour's message as soon as it is announced and post its receive at once,
-        # so that every transfer proceeds together (as with pre-posted receives), while a message
-        # of the wrong size is still received whole, into a buffer of its own size, and refused.
-        waiting = list(self.topology.neighbours)
-        incoming: dict[int, tuple[torch.Tensor, MPI.Request, int, int]] = {}
+        waiting = list(neighbours)
+        outcome: dict[int, tuple[int, int, str]] = {}  # src -> (values, bytes, error)
 
-        def matched() -> bool:
+        def arrived() -> bool:
             for src in list(waiting):
-                status = MPI.Status()
-                message = world.Improbe(source=src, tag=tag, status=status)
-                if message is None:
-                    continue
-                count, nbytes = status.Get_count(MPI.FLOAT), max(status.Get_count(MPI.BYTE), 0)
-                if count == numel:
-                    kept = self._inbox.get(src)
-                    if kept is None or kept.numel() != numel:
-                        kept = self._inbox[src] = self._empty(numel)
-                    buf = kept
-                else:
-                    buf = self._empty(nbytes // 4 + 1)
-                incoming[src] = (buf, message.Irecv(self._buf(buf)), count, nbytes)
+                _, request, status = incoming[src]
+                try:
+                    if not request.Test(status):
+                        continue
+                    count = status.Get_count(MPI.FLOAT)
+                    outcome[src] = (count, max(status.Get_count(MPI.BYTE), 0), "")
+                except MPI.Exception as err:  # longer than the buffer: truncated
+                    outcome[src] = (-1, 0, err.Get_error_string().splitlines()[0])
                 waiting.remove(src)
             return not waiting
 
-        watchdog.wait(matched, "its backbone", waiting, spin=EXCHANGE_SPIN)
-        # every sender is in its exchange now: poll without pauses while the data moves
-        watchdog.requests(
-            [req for _, req, _, _ in incoming.values()],
-            "the backbones under way",
-            self.topology.neighbours,
-            busy=True,
+        # the slowest trainer may still be training: poll, then back off to short sleeps; once a
+        # first backbone is in, the others are under way too: poll without pauses
+        watchdog.wait(
+            lambda: arrived() or bool(outcome), "its backbone", waiting, spin=EXCHANGE_SPIN
         )
+        watchdog.wait(arrived, "the backbones under way", waiting, busy=True)
         received: dict[int, torch.Tensor] = {}
-        for src in self.topology.neighbours:
-            buf, _, count, nbytes = incoming[src]
+        for src in neighbours:
+            buf = incoming[src][0]
+            count, nbytes, error = outcome[src]
             self.bytes_received += nbytes
             what = f"rank {self.topology.rank}: backbone from rank {src}"
             try:
+                if error:
+                    raise ReceiveError(f"{what} is longer than {numel} values ({error})")
                 if count != numel:
                     raise ReceiveError(f"{what} has {count} values, expected {numel}")
-                check_vector(buf, numel, what)
+                vec = buf[:numel]
+                check_vector(vec, numel, what)
             except ReceiveError as err:
                 self.rejected.append((src, str(err)))
                 continue
-            received[src] = self._back(buf)
+            received[src] = self._back(vec)
         watchdog.requests(sends, "its neighbours to take its backbone", self.topology.neighbours)
         self.bytes_sent += len(sends) * send.numel() * send.element_size()
         return received

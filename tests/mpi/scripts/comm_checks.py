@@ -90,10 +90,11 @@ def check_group_mean_and_leaders(comm: MPI.Comm) -> None:
 
 
 def check_receive_refuses_bad_buffers(comm: MPI.Comm) -> None:
-    """Rank 1 sends rank 0 a short, a long, a NaN and an Inf buffer through the real exchange:
+    """Rank 1 sends rank 0 a short, a long, a one-value-longer, a NaN and an Inf buffer through
+    the real exchange:
     rank 0 refuses it (names rank 1), keeps every other peer's buffer and the job goes on."""
     rank, size = comm.Get_rank(), comm.Get_size()
-    for bad in ("short", "long", "nan", "inf"):
+    for bad in ("short", "long", "one_more", "nan", "inf"):
         with Topology(comm, kind="full") as topo:
             tr = Transport(topo, torch.device("cpu"))
             tr.reset_counters()
@@ -101,8 +102,10 @@ def check_receive_refuses_bad_buffers(comm: MPI.Comm) -> None:
                 payload = vector_of(1).clone()
                 if bad == "short":
                     payload = payload[: P // 2].clone()
-                elif bad == "long":
+                elif bad == "long":  # beyond the receive buffer: a truncation error
                     payload = torch.cat([payload, payload[:3]])
+                elif bad == "one_more":  # fits the spare value: counted
+                    payload = torch.cat([payload, payload[:1]])
                 else:
                     payload[7] = float(bad)
                 got = tr.exchange(payload, expected=P)  # a faulty sender: everyone gets it
