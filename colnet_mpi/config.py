@@ -238,7 +238,7 @@ class FederationConfig:
     # its own rounds against the newest versions it holds of its peers (see federation/asynchronous.py)
     mode: str = "sync"
     # async: a node's round r uses peers' versions from round r - max_staleness or newer,
-    # waiting for them otherwise; -1 = unbounded (never wait for a version)
+    # waiting for them otherwise; -1 = unbounded (any version: waits only for a first one)
     max_staleness: int = 1
     # async: a group-mate's backbone that is s rounds stale weighs staleness_decay ** s
     staleness_decay: float = 0.5

@@ -28,8 +28,8 @@ __all__ = [
     "eigengap_k",
     "fuse_affinity",
     "leader_flags",
-    "partition_stamp",
     "leader_position",
+    "partition_stamp",
     "spectral_labels",
 ]
 

@@ -5,8 +5,9 @@ No collective or barrier over the world runs per round. A node's round ``r``:
 1. trains locally (``stages.train``) and posts its backbone, versioned ``r``, to its neighbours
    (non-blocking; only the newest version per sender is kept by the receivers);
 2. in the rounds that cluster, waits until it holds every neighbour's version ``>= r - S``
-   (``federation.max_staleness``; -1: never waits), proposes a partition from those versions and
-   starts the agreement of epoch ``r``: a non-blocking all-gather of every node's proposal;
+   (``federation.max_staleness``; -1: any version, so only until a first one is in), proposes
+   a partition from those versions and starts the agreement of epoch ``r``: a non-blocking
+   all-gather of every node's proposal;
 3. takes the partition of round ``r``: the agreed result of epoch ``r - L`` (``L = 0`` when
    ``S = 0``, else 1; round 1 and ``clustering.until`` as in :meth:`AsyncRounds.epoch_for`),
    identical on every rank for the same ``r``;
@@ -42,7 +43,7 @@ from colnet_mpi.federation import stages
 from colnet_mpi.federation.checkpoint import backbone_checksum
 from colnet_mpi.federation.context import RoundContext
 from colnet_mpi.federation.grouping import TaskAwareClustering
-from colnet_mpi.federation.recording import round_values, summary_line
+from colnet_mpi.federation.recording import append_row, round_values
 from colnet_mpi.federation.stop import Preempted, corrupt_hook, test_hook
 
 if TYPE_CHECKING:
@@ -88,12 +89,10 @@ class AsyncRounds:
         self.agreement = Agreement(topo)
         # newest version held per sender: (round, backbone, grouper payload, weight)
         self.held: dict[int, tuple[int, torch.Tensor, torch.Tensor | None, float]] = {}
-        self.deltas: dict[
-            int, tuple[int, int, torch.Tensor]
-        ] = {}  # sender -> (round, stamp, delta)
-        self.results: dict[
-            int, tuple[int, int, int, torch.Tensor]
-        ] = {}  # (round, stamp, flag, update)
+        # newest group delta and leader update held per sender: (round, stamp, delta) and
+        # (round, stamp, flag, update)
+        self.deltas: dict[int, tuple[int, int, torch.Tensor]] = {}
+        self.results: dict[int, tuple[int, int, int, torch.Tensor]] = {}
         self.applied = (0, -1)  # (round, sender) of the last leader update applied
         self.done: dict[int, int] = {}  # rank -> its last round
         # rank -> the round of this node in which a message of it was last refused: a refused
@@ -113,15 +112,13 @@ class AsyncRounds:
         # checked before this node has built its own)
         self.payload_numel = int(getattr(fed.grouper, "payload_size", 0))
         self.start_round = 1
-        self.last_round = 0
-        grouper = fed.grouper
+        grouper = fed.grouper  # agreements only for a clustering grouper (fixed groups need none)
         self.clusterer = grouper if isinstance(grouper, TaskAwareClustering) else None
-        self._clustering = self.clusterer is not None
 
     # -- schedule ------------------------------------------------------------------------------
     def clusters(self, r: int) -> bool:
         """Whether round ``r`` starts an agreement epoch (a clustering grouper, until reached)."""
-        return self._clustering and (not self.until or r <= self.until)
+        return self.clusterer is not None and (not self.until or r <= self.until)
 
     def epoch_for(self, r: int) -> int | None:
         """The epoch whose partition round ``r`` uses (see :func:`epoch_for`)."""
@@ -133,14 +130,11 @@ class AsyncRounds:
         return min(self.until, self.rounds) if self.until else self.rounds
 
     # -- messages ------------------------------------------------------------------------------
-    def _refuse(self, src: int, err: ReceiveError) -> None:
-        self.fed.transport.rejected.append((src, str(err)))
-
     def _model(self, src: int, data: torch.Tensor, length: int, what: str) -> torch.Tensor | None:
         try:
             check_vector(data, HEADER + length, f"rank {self.rank}: {what} from rank {src}")
         except ReceiveError as err:
-            self._refuse(src, err)
+            self.fed.transport.rejected.append((src, str(err)))
             self.refused_in[src] = self.current
             return None
         return data
@@ -324,12 +318,9 @@ class AsyncRounds:
         proposals, stopped = table[:, :-1], table[:, -1].astype(bool)
         quarantined = ctx.quarantined
         ctx.quarantined = stopped
-        keep_k, keep_proposal = ctx.k, ctx.proposal
-        self.clusterer.settle(ctx, proposals)
+        self.clusterer.settle(ctx, proposals)  # sets ctx.groups only
         ctx.quarantined = quarantined
-        if keep_proposal is not None:
-            ctx.k, ctx.proposal = keep_k, keep_proposal
-        else:
+        if ctx.proposal is None:  # this round proposed nothing: K of the partition used
             ctx.k = int(np.unique(ctx.groups[ctx.groups >= 0]).size)
         return ctx.groups
 
@@ -479,26 +470,21 @@ class AsyncRounds:
         while self.next_row <= self.rounds:
             r = self.next_row
             if len(self.done) == self.n and r > max(self.done.values()):
-                return  # every node is done before this round: no row
+                break  # every node is done before this round: no row
             got = self.records.get(r, {})
             missing = [j for j in range(self.n) if j not in got]
             if any(j not in self.done or self.done[j] >= r for j in missing):
-                return
+                break
             blank = fed.spec.pack({})
             gathered = np.stack([got.get(j, blank) for j in range(self.n)])
-            e = fed.config.training.local_epochs
             groups = fed.spec.unpack(gathered)["round/group"].astype(np.int64)
             present = groups >= 0
             ari = float("nan")
             if fed.grouper is not None and present.any():
                 ari = adjusted_rand(fed.true_labels[present], groups[present])
-            rows = fed.spec.rows(gathered, {"epoch/round": np.full(e, r), "clustering/ari": ari})
-            if fed.writer is not None:
-                fed.writer.append(rows)
-            fed.log(summary_line(fed, r, rows, ari))
+            append_row(fed, r, gathered, ari)
             self.records.pop(r, None)
             self.next_row = r + 1
-            self._mark_checkpoints()
         self._mark_checkpoints()
 
     def save(self, r: int) -> None:
@@ -578,7 +564,6 @@ class AsyncRounds:
                     fed.topology.watchdog.at(r, "checkpoint")
                     self.save(r)
                 self.serve()
-            self.last_round = last
             self._finish(last, why)
         finally:
             self.mail.free()
@@ -598,7 +583,7 @@ class AsyncRounds:
         self.done_saved[self.rank] = fed.saved_round
         others = [j for j in range(self.n) if j != self.rank]
         self.mail.post(others, mb.DONE, np.array([last, fed.saved_round], dtype=np.int64))
-        if self._clustering:
+        if self.clusterer is not None:
             stopped = np.concatenate([np.full(self.n, -1, dtype=np.int64), [1]])
             for e in range(max(last + 1, self.start_round), self.last_epoch + 1):
                 if not self.agreement.started(e):

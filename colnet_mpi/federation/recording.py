@@ -51,14 +51,21 @@ def record_round(fed: Federation, ctx: RoundContext) -> dict[str, np.ndarray] | 
     gathered = fed.transport.gather_records(fed.spec.pack(round_values(fed, ctx)), root=0)
     if gathered is None:
         return None
-    e = fed.config.training.local_epochs
     grouped = fed.grouper is not None
     ari = adjusted_rand(fed.true_labels, ctx.groups) if grouped else float("nan")
-    rows = fed.spec.rows(gathered, {"epoch/round": np.full(e, ctx.r), "clustering/ari": ari})
+    rows = append_row(fed, ctx.r, gathered, ari)
+    return {k: np.asarray(v) for k, v in rows.items()}
+
+
+def append_row(fed: Federation, r: int, gathered: np.ndarray, ari: float) -> dict[str, Any]:
+    """Writer rank: round ``r``'s row from every rank's packed record ``(n, width)``, appended to
+    the results file and summarised in the job log."""
+    e = fed.config.training.local_epochs
+    rows = fed.spec.rows(gathered, {"epoch/round": np.full(e, r), "clustering/ari": ari})
     if fed.writer is not None:
         fed.writer.append(rows)
-    fed.log(summary_line(fed, ctx.r, rows, ari))
-    return {k: np.asarray(v) for k, v in rows.items()}
+    fed.log(summary_line(fed, r, rows, ari))
+    return rows
 
 
 def summary_line(fed: Federation, r: int, rows: dict, ari: float) -> str:

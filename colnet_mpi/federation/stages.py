@@ -45,16 +45,17 @@ def train(fed: Federation, ctx: RoundContext) -> bool:
 
     slowdown = fed.config.nodes[fed.topology.rank].slowdown
     on_cpu = node.device.type == "cpu"
-    cpu_mark = [time.process_time()]
+    cpu_mark = time.process_time()
 
     def progress(epoch: int, train_loss: float, val_loss: float, seconds: float) -> None:
+        nonlocal cpu_mark
         if slowdown > 1.0:  # nodes[].slowdown: a simulated straggler
             # on CPU, stretch by the epoch's CPU time: ranks sharing the cores (which lengthen
             # the wall time) must not make the simulated hardware slower still
-            work = time.process_time() - cpu_mark[0] if on_cpu else seconds
+            work = time.process_time() - cpu_mark if on_cpu else seconds
             time.sleep((slowdown - 1.0) * work)
             seconds += (slowdown - 1.0) * work
-            cpu_mark[0] = time.process_time()
+            cpu_mark = time.process_time()
         if seconds >= EPOCH_LINE_SECONDS:
             fed.log(epoch_line(r, t.rounds, epoch, t.local_epochs, (train_loss, val_loss), seconds))
 
