@@ -117,6 +117,16 @@ def memory_now() -> tuple[float, float]:
     return fields.get("Pss", math.nan), uss
 
 
+#: Optional libraries of some size that a run loads only when its config needs them; the bench
+#: names those a run did load (each costs tens of MB per rank and start-up time).
+OPTIONAL_LIBRARIES = ("sklearn", "PIL", "matplotlib", "pandas", "torchvision")
+
+
+def loaded_optional_libraries() -> list[str]:
+    """The names in :data:`OPTIONAL_LIBRARIES` this process has imported."""
+    return [name for name in OPTIONAL_LIBRARIES if name in sys.modules]
+
+
 def process_started_at() -> float | None:
     """Wall-clock time at which this process started (Linux ``/proc``), or None elsewhere."""
     try:
@@ -211,7 +221,13 @@ def measure(fed: Federation, state: dict[str, Any], repeats: int) -> dict[str, A
     exchange = time_exchanges(fed, repeats)
     rows = floats_allgather(
         topo.world,
-        [peak_rss_bytes(), fed.node.n_train, startup, *memory_now()],
+        [
+            peak_rss_bytes(),
+            fed.node.n_train,
+            startup,
+            *memory_now(),
+            float(state.get("uss_after_imports", math.nan)),
+        ],
         watchdog=topo.watchdog,
         what="every rank's memory and sizes",
     )
@@ -221,7 +237,9 @@ def measure(fed: Federation, state: dict[str, Any], repeats: int) -> dict[str, A
         "startup": rows[:, 2],
         "pss": rows[:, 3],
         "uss": rows[:, 4],
+        "uss_after_imports": rows[:, 5],
         "exchange": exchange,
+        "optional_libraries": loaded_optional_libraries(),
     }
 
 
@@ -314,6 +332,12 @@ def figures(path: Path, gathered: dict[str, Any], warmup: int) -> dict[str, Any]
             "max_rank": float(np.max(uss)),
             "total": float(np.sum(uss)),
         },
+        # before the config is read: the interpreter, torch, MPI and this package
+        "uss_bytes_after_imports": {
+            "mean_rank": float(np.mean(gathered["uss_after_imports"])),
+            "max_rank": float(np.max(gathered["uss_after_imports"])),
+        },
+        "optional_libraries_loaded": list(gathered["optional_libraries"]),
     }
 
 
@@ -370,6 +394,9 @@ def text(fig: dict[str, Any], config_path: str) -> str:
         f"{_mb(pss['total'])} all ranks (shared pages counted once)",
         f"USS at the end: {_mb(uss['mean_rank'])} mean rank, {_mb(uss['max_rank'])} largest "
         "(what a rank alone holds)",
+        f"USS after imports (interpreter, torch, MPI): "
+        f"{_mb(fig['uss_bytes_after_imports']['mean_rank'])} mean rank; optional libraries "
+        f"loaded: {', '.join(fig['optional_libraries_loaded']) or 'none'}",
     ]
     return "\n".join(lines)
 
@@ -387,6 +414,7 @@ def main(args: argparse.Namespace) -> int:
 
     world = MPI.COMM_WORLD
     rank = world.Get_rank()
+    state: dict[str, Any] = {"uss_after_imports": memory_now()[1]}
     if args.repeats < 1 or args.warmup < 0:
         if rank == 0:
             bad = f"--repeats {args.repeats}" if args.repeats < 1 else f"--warmup {args.warmup}"
@@ -405,7 +433,6 @@ def main(args: argparse.Namespace) -> int:
             chosen = str(Path(scratch) / "bench.h5")
         out = bcast_text(world, chosen)
     gathered: dict[str, Any] = {}
-    state: dict[str, Any] = {}
 
     def after_run(fed: Federation) -> None:
         gathered.update(measure(fed, state, args.repeats))

@@ -9,15 +9,17 @@ co-association consensus that every rank computes identically.
 from __future__ import annotations
 
 import math
-import warnings
 import zlib
 
 import numpy as np
 import torch
 from scipy.cluster.hierarchy import cut_tree, linkage
+from scipy.linalg import eigh, qr, svd
+from scipy.sparse.csgraph import laplacian
+from scipy.sparse.linalg import eigsh
 from scipy.spatial.distance import squareform
-from sklearn.cluster import SpectralClustering
-from sklearn.metrics import adjusted_rand_score
+
+from colnet_mpi.metrics.partition import adjusted_rand
 
 __all__ = [
     "adjusted_rand",
@@ -30,6 +32,8 @@ __all__ = [
     "leader_flags",
     "leader_position",
     "partition_stamp",
+    "qr_assignment",
+    "spectral_embedding",
     "spectral_labels",
 ]
 
@@ -193,12 +197,58 @@ def canonical_labels(labels: np.ndarray) -> np.ndarray:
     return out
 
 
+def spectral_embedding(affinity: np.ndarray, k: int, *, seed: int) -> np.ndarray:
+    """The ``k`` smallest eigenvectors of the normalised Laplacian, scaled back by the degrees.
+
+    ``L = I - D^-1/2 S D^-1/2`` (``scipy.sparse.csgraph.laplacian(normed=True)``, unit diagonal);
+    its ``k`` eigenvectors of smallest eigenvalue come from ARPACK in shift-invert mode around
+    ``-1e-5`` with tolerance 0 and a start vector drawn uniformly from [-1, 1] by
+    ``numpy.random.RandomState(seed)``; should ARPACK fail, from a dense ``scipy.linalg.eigh``.
+    Each eigenvector is divided by ``sqrt(D)`` and its sign fixed so that its entry of largest
+    magnitude is positive. Returns shape (n, k). This is the embedding scikit-learn's
+    ``SpectralClustering(affinity="precomputed")`` computes with its default ARPACK solver; the
+    unit tests check that the labels agree, so runs keep their results without importing
+    scikit-learn (about 50 MB per rank and a second of start-up).
+    """
+    a = np.asarray(affinity, dtype=np.float64)
+    n = a.shape[0]
+    lap, root_deg = laplacian(a, normed=True, return_diag=True)
+    lap = np.array(lap, dtype=np.float64)
+    lap.flat[:: n + 1] = 1.0
+    start = np.random.RandomState(seed).uniform(-1.0, 1.0, n)
+    try:
+        _, vectors = eigsh(lap, k=k, sigma=-1e-5, which="LM", tol=0, v0=start)
+    except RuntimeError:  # ARPACK did not converge: the dense solver cannot fail that way
+        _, vectors = eigh(lap, check_finite=False)
+    emb = vectors.T[:k] / root_deg
+    biggest = np.argmax(np.abs(emb), axis=1)
+    emb *= np.sign(emb[np.arange(emb.shape[0]), biggest])[:, None]
+    return np.ascontiguousarray(emb.T)
+
+
+def qr_assignment(embedding: np.ndarray) -> np.ndarray:
+    """Discrete labels from a spectral embedding by column-pivoted QR (Damle, Minden and Ying).
+
+    The pivots of a QR factorisation of the embedding's transpose pick ``k`` representative rows;
+    the orthogonal polar factor of those rows rotates the embedding, and each index takes the
+    column of largest magnitude. Deterministic, no k-means restarts.
+    """
+    emb = np.asarray(embedding, dtype=np.float64)
+    k = emb.shape[1]
+    _, _, pivots = qr(emb.T, pivoting=True)
+    left, _, right_h = svd(emb[pivots[:k], :].T)
+    rotated = np.abs(emb @ (left @ right_h.conj()))
+    return rotated.argmax(axis=1)
+
+
 def spectral_labels(affinity: np.ndarray, k: int, *, seed: int) -> np.ndarray:
     """Cluster a precomputed affinity matrix into ``k`` groups with normalised spectral clustering.
 
-    Uses scikit-learn's ``SpectralClustering(affinity="precomputed", assign_labels="cluster_qr")``
-    seeded with ``seed``. ``k`` is clipped to ``n``; ``k == 1`` gives all zeros and ``k == n``
-    gives every index its own cluster. Returns canonical labels (see :func:`canonical_labels`).
+    :func:`spectral_embedding` into ``k`` dimensions, then :func:`qr_assignment` (the same
+    labels as scikit-learn's ``SpectralClustering(affinity="precomputed",
+    assign_labels="cluster_qr", random_state=seed)``). ``k`` is clipped to ``n``; ``k == 1``
+    gives all zeros and ``k == n`` gives every index its own cluster. Returns canonical labels
+    (see :func:`canonical_labels`).
     """
     a = _affinity(affinity)
     n = a.shape[0]
@@ -207,16 +257,7 @@ def spectral_labels(affinity: np.ndarray, k: int, *, seed: int) -> np.ndarray:
         return np.zeros(n, dtype=np.int64)
     if n <= k:
         return np.arange(n, dtype=np.int64)
-    model = SpectralClustering(
-        n_clusters=k,
-        affinity="precomputed",
-        assign_labels="cluster_qr",
-        random_state=int(seed),
-    )
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*not fully connected.*", category=UserWarning)
-        labels = model.fit_predict(a)
-    return canonical_labels(np.asarray(labels))
+    return canonical_labels(qr_assignment(spectral_embedding(a, k, seed=int(seed))))
 
 
 def _proposals(proposals: np.ndarray) -> np.ndarray:
@@ -293,11 +334,6 @@ def consensus_partition(proposals: np.ndarray, k: int | None) -> np.ndarray:
     by_row = z.copy()
     by_row[:, 2] = np.arange(n - 1, dtype=np.float64)
     return canonical_labels(cut_tree(by_row, n_clusters=k_eff)[:, 0])
-
-
-def adjusted_rand(labels_true: np.ndarray, labels_pred: np.ndarray) -> float:
-    """Adjusted Rand index between two labelings (scikit-learn's ``adjusted_rand_score``)."""
-    return float(adjusted_rand_score(np.asarray(labels_true), np.asarray(labels_pred)))
 
 
 def leader_position(round_index: int, group_size: int) -> int:

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .augment import augment_face
 from .base import (
@@ -276,6 +275,8 @@ def check_images(image_dir: Path, needed: list[str], listed: int) -> None:
 
 def load_image(path: Path, size: int) -> torch.Tensor:
     """Decode one JPEG as float ``[3, H, W]`` in [0, 1]: native 218x178, or resized to size x size."""
+    from PIL import Image  # only CelebA runs decode images: others need not load Pillow
+
     try:
         with Image.open(path) as opened:
             rgb = opened.convert("RGB")

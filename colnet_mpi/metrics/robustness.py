@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import adjusted_rand_score
 
 from colnet_mpi.federation.schemes import SCHEMES
+from colnet_mpi.metrics.partition import adjusted_rand
 from colnet_mpi.metrics.reader import (
     Run,
     Stat,
@@ -245,7 +245,7 @@ def _run_stats(run: Run, round: int, benign: np.ndarray) -> dict[str, float]:
     if clustered and "round/group" in run.data and benign.any():
         truth = np.asarray(run.true_groups)[benign]
         agreed = np.asarray(run["round/group"][i])[benign]
-        out["ari_benign"] = float(adjusted_rand_score(truth, agreed))
+        out["ari_benign"] = adjusted_rand(truth, agreed)
     caught = _caught(run, upto)
     if caught is not None:
         active = _active(run, upto)

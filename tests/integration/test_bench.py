@@ -81,6 +81,10 @@ def test_bench_prints_every_figure_consistent_with_the_run(tmp_path: Path) -> No
     assert 10e6 < pss["mean_rank"] <= pss["max_rank"] <= rss["max_rank"]
     uss = fig["uss_bytes_at_end"]
     assert 10e6 < uss["mean_rank"] <= pss["mean_rank"]  # private pages are part of the PSS
+    early = fig["uss_bytes_after_imports"]
+    assert 10e6 < early["mean_rank"] <= early["max_rank"] < uss["max_rank"]
+    # the faces run needs neither scikit-learn (own spectral clustering and ARI) nor Pillow
+    assert fig["optional_libraries_loaded"] == []
     assert 0 < fig["startup_seconds"]["mean_rank"] <= fig["startup_seconds"]["slowest_rank"] < 300
     report = text(fig, "configs/quickstart.toml")
     for needle in (
@@ -88,6 +92,8 @@ def test_bench_prints_every_figure_consistent_with_the_run(tmp_path: Path) -> No
         "raw Isend/Irecv",
         "peak RSS",
         "PSS",
+        "USS after imports",
+        "optional libraries loaded: none",
     ):
         assert needle in report
     assert all(s in report for s in BENCH_STAGES)

@@ -399,3 +399,67 @@ def test_consensus_output_independent_of_label_names():
     renamed = np.where(proposals >= 0, 1 - proposals, -1)
     for k in (None, 2, 3):
         assert same_partition(consensus_partition(proposals, k), consensus_partition(renamed, k))
+
+
+# ------------------------------------------- the spectral step without scikit-learn at run time
+def _random_affinities(seed, cases):
+    """Random, block-structured, disconnected (ties) and coarsely rounded symmetric affinities."""
+    rng = np.random.default_rng(seed)
+    for trial in range(cases):
+        n = int(rng.integers(3, 30))
+        k = int(rng.integers(2, min(n - 1, 6) + 1))
+        kind = trial % 4
+        if kind == 0:
+            a = rng.random((n, n))
+        elif kind == 1:
+            g = rng.integers(0, k, n)
+            a = 0.9 * (g[:, None] == g[None, :]) + 0.2 * rng.random((n, n))
+        elif kind == 2:
+            g = rng.integers(0, k, n)
+            a = (g[:, None] == g[None, :]).astype(np.float64)
+        else:
+            a = np.round(rng.random((n, n)), 1)
+        yield 0.5 * (a + a.T), k, int(rng.integers(0, 10_000))
+
+
+def test_spectral_labels_equal_scikit_learns_spectral_clustering():
+    import warnings
+
+    from sklearn.cluster import SpectralClustering
+
+    for a, k, seed in _random_affinities(7, 120):
+        model = SpectralClustering(
+            n_clusters=k, affinity="precomputed", assign_labels="cluster_qr", random_state=seed
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs = canonical_labels(model.fit_predict(a))
+        np.testing.assert_array_equal(spectral_labels(a, k, seed=seed), theirs)
+
+
+def test_spectral_falls_back_to_dense_solver_when_arpack_fails(monkeypatch):
+    from colnet_mpi.algorithms import clustering
+
+    truth = np.repeat(np.arange(3), 4)
+    a = 0.9 * (truth[:, None] == truth[None, :]) + 0.05
+    expected = spectral_labels(a, 3, seed=1)
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("ARPACK error -1: No convergence")
+
+    monkeypatch.setattr(clustering, "eigsh", failing)
+    np.testing.assert_array_equal(spectral_labels(a, 3, seed=1), expected)
+    np.testing.assert_array_equal(expected, truth)
+
+
+def test_adjusted_rand_equals_scikit_learn_to_the_last_bit():
+    from sklearn.metrics import adjusted_rand_score
+
+    rng = np.random.default_rng(3)
+    for trial in range(400):
+        n = int(rng.integers(0, 50))
+        t = rng.integers(0, int(rng.integers(1, 7)), n)
+        p = t.copy() if trial % 5 == 0 else rng.integers(-1, int(rng.integers(1, 7)), n)
+        assert adjusted_rand(t, p) == adjusted_rand_score(t, p)
+    with pytest.raises(ValueError, match="equal length"):
+        adjusted_rand(np.zeros(3), np.zeros(4))
