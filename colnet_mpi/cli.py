@@ -135,8 +135,10 @@ def cmd_run(args: argparse.Namespace, state: dict[str, object] | None = None) ->
 
     ``state`` (``colnet-mpi bench``) may hold ``"after_run"``: a callable given the finished
     :class:`~colnet_mpi.federation.loop.Federation` on every rank while its communicators are
-    still alive; ``"setup_seconds"`` is set to the time from here to round 1, ``"round_1_at"`` to
-    the wall-clock time at which round 1 starts.
+    still alive, and ``"memory_now"``: a callable returning (PSS, USS) in bytes, whose USS after
+    the imports and before the data is kept as ``"uss_after_imports"``; ``"setup_seconds"`` is
+    set to the time from here to round 1, ``"round_1_at"`` to the wall-clock time at which
+    round 1 starts.
     """
     from mpi4py import MPI
 
@@ -278,6 +280,22 @@ def _lock_problem(output: Path) -> str | None:
     )
 
 
+def use_deterministic_algorithms() -> None:
+    """``torch.use_deterministic_algorithms(True, warn_only=True)`` without importing torch's
+    compiler: the public function also sets the flag of ``torch._inductor``'s config, and that
+    import loads ``torch._dynamo`` and sympy (about 80 MB per rank and a second of start-up) for
+    a package that never compiles. The flag eager kernels read is the same; should torch drop
+    the internal setter, the public function is used.
+    """
+    import torch
+
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if setter is None or "torch._inductor" in sys.modules:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        setter(True, warn_only=True)
+
+
 def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
     # Only what the start-up checks need is imported here: a refused run never waits for torch.
     from colnet_mpi.comm.topology import Topology, agree
@@ -364,6 +382,9 @@ def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
     from colnet_mpi.metrics.writer import ResultsWriter, now_iso
     from colnet_mpi.node import Node
 
+    memory_now = state.get("memory_now")
+    if callable(memory_now):  # the bench: what a rank holds before its data and model exist
+        state["uss_after_imports"] = memory_now()[1]
     # Per-rank resources: threads from the CPUs this rank was given, GPU from the node-local rank.
     torch.set_num_threads(topology.cpus_for_rank())
     if torch.cuda.is_available():
@@ -372,7 +393,7 @@ def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
     else:
         device = torch.device("cpu")
     if config.run.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        use_deterministic_algorithms()
 
     log(
         f"colnet-mpi: {size} ranks up after {time.perf_counter() - t0:.1f}s; building every "

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -310,15 +313,67 @@ def test_train_epoch_with_resnet_split() -> None:
 def test_make_optimizer_types_and_settings() -> None:
     layer = nn.Linear(3, 2)
     sgd = make_optimizer("sgd", layer.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-3)
-    assert type(sgd) is torch.optim.SGD
+    assert isinstance(sgd, torch.optim.SGD)
     group = sgd.param_groups[0]
     assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.01, 0.9, 1e-3)
     adam = make_optimizer("adam", layer.parameters(), lr=5e-4)
-    assert type(adam) is torch.optim.Adam and adam.param_groups[0]["weight_decay"] == 0.0
+    assert isinstance(adam, torch.optim.Adam) and adam.param_groups[0]["weight_decay"] == 0.0
     adamw = make_optimizer("adamw", layer.parameters(), lr=5e-5, weight_decay=5e-3)
-    assert type(adamw) is torch.optim.AdamW
+    assert isinstance(adamw, torch.optim.AdamW)
     assert adamw.param_groups[0]["lr"] == 5e-5 and adamw.param_groups[0]["weight_decay"] == 5e-3
     assert len(adamw.param_groups[0]["params"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "plain"),
+    [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)],
+)
+def test_optimizers_step_bit_identically_to_torchs_own(name: str, plain: type) -> None:
+    """Ours skip torch's compiler wrappers: same parameters, states and state dicts, bit for bit,
+    through steps, a learning-rate schedule and a state-dict round trip."""
+    torch.manual_seed(0)
+    ours_model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    theirs_model = copy.deepcopy(ours_model)
+    settings = {"lr": 0.05, "weight_decay": 1e-3}
+    ours = make_optimizer(name, ours_model.parameters(), momentum=0.9, **settings)
+    if name == "sgd":
+        settings["momentum"] = 0.9
+    theirs = plain(theirs_model.parameters(), **settings)
+    schedules = [make_scheduler(ours, 0.9), make_scheduler(theirs, 0.9)]
+    for step in range(5):
+        x = torch.randn(8, 6)
+        for model, opt, sched in zip(
+            (ours_model, theirs_model), (ours, theirs), schedules, strict=True
+        ):
+            opt.zero_grad()
+            model(x).pow(2).sum().backward()
+            opt.step()
+            sched.step()
+        if step == 2:  # a checkpoint round trip in the middle
+            ours.load_state_dict(copy.deepcopy(ours.state_dict()))
+    for a, b in zip(ours_model.parameters(), theirs_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    mine, yours = ours.state_dict(), theirs.state_dict()
+    assert mine["param_groups"] == yours["param_groups"]
+    for key in yours["state"]:
+        for field, value in yours["state"][key].items():
+            assert torch.equal(mine["state"][key][field], value), (key, field)
+
+
+def test_optimizers_never_load_the_compiler() -> None:
+    code = (
+        "import sys, torch\n"
+        "from colnet_mpi.tasks import make_optimizer, make_scheduler\n"
+        "m = torch.nn.Linear(3, 2)\n"
+        "for name in ('sgd', 'adam', 'adamw'):\n"
+        "    opt = make_optimizer(name, m.parameters(), lr=0.1)\n"
+        "    sched = make_scheduler(opt, 0.9)\n"
+        "    opt.zero_grad(); m(torch.ones(1, 3)).sum().backward(); opt.step(); sched.step()\n"
+        "    opt.load_state_dict(opt.state_dict())\n"
+        "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
 
 
 @pytest.mark.parametrize(
@@ -354,3 +409,16 @@ def test_make_scheduler_errors(decay: float) -> None:
     opt = make_optimizer("sgd", nn.Linear(2, 2).parameters(), lr=0.1)
     with pytest.raises(ValueError, match="lr_decay"):
         make_scheduler(opt, decay)
+
+
+def test_deterministic_mode_without_the_compiler() -> None:
+    code = (
+        "import sys, torch\n"
+        "from colnet_mpi.cli import use_deterministic_algorithms\n"
+        "use_deterministic_algorithms()\n"
+        "assert torch.are_deterministic_algorithms_enabled()\n"
+        "assert torch.is_deterministic_algorithms_warn_only_enabled()\n"
+        "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
