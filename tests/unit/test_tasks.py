@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import platform
 import subprocess
 import sys
 
@@ -422,3 +423,25 @@ def test_deterministic_mode_without_the_compiler() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+    reason="malloc_trim is glibc's; elsewhere return_free_memory is a documented no-op",
+)
+def test_return_free_memory_gives_freed_heap_pages_back() -> None:
+    code = (
+        "import torch\n"
+        "from colnet_mpi.bench import memory_now\n"
+        "from colnet_mpi.node import return_free_memory\n"
+        "big = torch.ones(20_000_000 // 4); del big  # glibc now serves 8 MB blocks from the heap\n"
+        "chunks = [torch.ones(8_000_000 // 4) for _ in range(40)]\n"
+        "keep = chunks[1::2]  # every other block stays: the freed ones are holes in the heap\n"
+        "del chunks\n"
+        "held = memory_now()[1]\n"
+        "return_free_memory()\n"
+        "print(held - memory_now()[1])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout) > 120e6  # 20 holes of 8 MB back to the system
