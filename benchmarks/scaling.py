@@ -6,12 +6,16 @@ For each N (half the nodes on face attributes, half on landmarks; ResNet-18 at w
 bytes sent per node and round, values per neighbour in the exchange, PSS per rank (the memory a
 rank really takes: shared library pages counted once), USS per rank (what a rank alone holds),
 seconds per round and the final ARI.
-Variants: ``full`` (every node exchanges whole backbones with every other: the default) and
-``sparse`` (``federation.topology = "kregular"`` with ``federation.degree = 4`` and
-``clustering.backbone_sketch = 256``). It then fits bytes and USS = a + b·N per variant and extrapolates
-to 1,024 nodes. Oversubscribed runs (N ranks on a few cores) are slow but measure the same bytes.
+Variants: ``full`` (every node exchanges whole backbones with every other: the default),
+``full-sketch`` (the full graph, but the exchange carries ``clustering.backbone_sketch = 256``
+sketch entries and the data profile instead of the backbone) and ``sparse``
+(``federation.topology = "kregular"`` with ``federation.degree = 4`` and the same sketch). Each
+line also shows what the run adds to a rank's private memory (USS at the end minus USS after the
+imports: data, model, optimizer, buffers, received models) and the PSS of all ranks together.
+It then fits bytes, USS and the run's addition = a + b·N per variant and extrapolates to 1,024
+nodes. Oversubscribed runs (N ranks on a few cores) are slow but measure the same bytes.
 
-    python benchmarks/scaling.py --nodes 6 16 32 --out /tmp/scaling
+    python benchmarks/scaling.py --nodes 6 16 32 64 --out /tmp/scaling
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import numpy as np
 
 VARIANTS = {
     "full": [],
+    "full-sketch": ["clustering.backbone_sketch=256"],
     "sparse": [
         "federation.topology=kregular",
         "federation.degree=4",
@@ -96,15 +101,16 @@ def run(n: int, variant: str, folder: Path, timeout: float) -> dict:
 def main() -> None:
     """Run the grid, print the table and the fitted models."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--nodes", type=int, nargs="+", default=[6, 16, 32])
+    p.add_argument("--nodes", type=int, nargs="+", default=[6, 16, 32, 64])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--out", type=Path, default=Path("scaling_runs"))
     p.add_argument("--timeout", type=float, default=1800)
     args = p.parse_args()
     rows = []
     head = (
-        f"{'N':>4} {'variant':<7} {'MB sent/node/round':>19} {'values/neighbour':>17} "
-        f"{'neighbours':>10} {'PSS/rank MB':>12} {'USS/rank MB':>12} {'s/round':>8} {'ARI':>5}"
+        f"{'N':>4} {'variant':<11} {'MB sent/node/round':>19} {'values/neighbour':>17} "
+        f"{'neighbours':>10} {'PSS/rank MB':>12} {'USS/rank MB':>12} {'run adds MB':>12} "
+        f"{'PSS all GB':>11} {'s/round':>8} {'ARI':>5}"
     )
     print(head, flush=True)
     for n in args.nodes:
@@ -119,15 +125,18 @@ def main() -> None:
                 "neighbours": ex["neighbours"],
                 "pss": fig["pss_bytes_at_end"]["mean_rank"],
                 "uss": fig["uss_bytes_at_end"]["mean_rank"],
+                "run_adds": fig["uss_bytes_at_end"]["mean_rank"]
+                - fig["uss_bytes_after_imports"]["mean_rank"],
+                "pss_total": fig["pss_bytes_at_end"]["total"],
                 "round": fig["stages_seconds_per_round"]["total"]["mean_rank"],
                 "ari": fig["ari_final"],
             }
             rows.append(row)
             print(
-                f"{n:>4} {variant:<7} {row['sent'] / 1e6:>19.3f} {row['values']:>17,} "
+                f"{n:>4} {variant:<11} {row['sent'] / 1e6:>19.3f} {row['values']:>17,} "
                 f"{row['neighbours']:>10} {row['pss'] / 1e6:>12.1f} {row['uss'] / 1e6:>12.1f} "
-                f"{row['round']:>8.2f} "
-                f"{row['ari']:>5.2f}",
+                f"{row['run_adds'] / 1e6:>12.1f} {row['pss_total'] / 1e9:>11.2f} "
+                f"{row['round']:>8.2f} {row['ari']:>5.2f}",
                 flush=True,
             )
     (args.out / "scaling.json").write_text(json.dumps(rows, indent=2))
@@ -137,11 +146,15 @@ def main() -> None:
         if len(mine) < 2:
             continue
         ns = np.array([r["n"] for r in mine], dtype=float)
-        for key, unit in (("sent", "MB sent per node and round"), ("uss", "MB USS per rank")):
+        for key, unit in (
+            ("sent", "MB sent per node and round"),
+            ("uss", "MB USS per rank"),
+            ("run_adds", "MB the run adds per rank"),
+        ):
             ys = np.array([r[key] for r in mine]) / 1e6
             slope, icpt = np.polyfit(ns, ys, 1)
             print(
-                f"  {variant:<7} {unit:<27} = {icpt:8.3f} + {slope:8.4f} x N"
+                f"  {variant:<11} {unit:<27} = {icpt:8.3f} + {slope:8.4f} x N"
                 f"  -> {icpt + slope * 1024:10.1f} at N = 1,024"
             )
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -133,3 +135,42 @@ def test_cifar_normalisation_constants() -> None:
     image = torch.rand(3, 4, 4)
     expected = (image - mean.view(3, 1, 1)) / std.view(3, 1, 1)
     assert torch.allclose(normalise_cifar(image), expected)
+
+
+def test_colour_jitter_equals_torchvisions_bit_for_bit() -> None:
+    """Our jitter draws and computes exactly what torchvision's v2.ColorJitter does on float
+    images: same outputs and the global generator left in the same state (grey pixels and
+    channel ties included)."""
+    from torchvision.transforms import v2
+
+    from colnet_mpi.data.augment import ColorJitter
+
+    ours, theirs = ColorJitter(0.1), v2.ColorJitter(0.1, 0.1, 0.1, 0.1)
+    for k in range(120):
+        image = torch.rand(3, 16, 12, generator=torch.Generator().manual_seed(k))
+        if k % 3 == 0:
+            image[:, :5, :5] = 0.5  # grey: hue and saturation undefined
+        if k % 4 == 0:
+            image = image.round(decimals=1)  # two channels often share the maximum
+        torch.manual_seed(k)
+        a, next_a = ours(image), torch.rand(1)
+        torch.manual_seed(k)
+        b, next_b = theirs(image), torch.rand(1)
+        assert torch.equal(a, b), k
+        assert torch.equal(next_a, next_b), k
+
+
+def test_colour_jitter_strength_checked_and_cifar_augment_needs_no_torchvision() -> None:
+    from colnet_mpi.data.augment import ColorJitter
+
+    with pytest.raises(ValueError, match=r"strength must lie in \[0, 0.5\], got 0.7"):
+        ColorJitter(0.7)
+    code = (
+        "import sys, torch\n"
+        "from colnet_mpi.data.augment import CifarAugment\n"
+        "out = CifarAugment()(torch.rand(3, 32, 32))\n"
+        "assert out.shape == (3, 32, 32) and 0 <= out.min() and out.max() <= 1\n"
+        "assert 'torchvision' not in sys.modules and 'PIL' not in sys.modules\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
