@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -48,26 +49,43 @@ def _check_int(name: str, value: object, minimum: int, allowed: str = "") -> int
     return int(value)  # type: ignore[call-overload]
 
 
-def cosine_matrix(vectors: torch.Tensor, *, centered: bool = True) -> np.ndarray:
-    """Return the (n, n) cosine similarities between the rows of ``vectors`` (shape (n, P)).
+def cosine_matrix(
+    vectors: torch.Tensor | Sequence[torch.Tensor], *, centered: bool = True
+) -> np.ndarray:
+    """Return the (n, n) cosine similarities between the rows of ``vectors`` (shape (n, P), or a
+    sequence of n one-dimensional tensors of length P, which need not be stacked first).
 
     With ``centered=True`` (our default) the mean row is subtracted first, so entry ``[p, q]`` is
     the cosine between the deviations of backbones p and q from the mean of this node's view. All
     nodes start from one shared backbone initialisation, which makes the raw cosines all close to 1;
     the deviations carry the task signal. ``centered=False`` gives the paper's literal cosine of the
     flattened parameters. A zero row (after centering) has cosine 0 to every other row; the
-    diagonal is always 1. Computed in float64 on the vectors' device; returned as numpy.
+    diagonal is always 1. Computed in float64 on the vectors' device (one (n, P) float64 matrix,
+    centred in place); returned as numpy.
     """
-    if not isinstance(vectors, torch.Tensor):
-        raise ValueError(f"vectors must be a torch.Tensor, got {type(vectors).__name__}")
-    if vectors.dim() != 2 or vectors.shape[0] == 0:
-        raise ValueError(f"vectors must have shape (n, P) with n >= 1, got {tuple(vectors.shape)}")
-    x = vectors.detach().to(torch.float64)
-    if not bool(torch.isfinite(x).all()):
+    if isinstance(vectors, torch.Tensor):
+        if vectors.dim() != 2 or vectors.shape[0] == 0:
+            raise ValueError(
+                f"vectors must have shape (n, P) with n >= 1, got {tuple(vectors.shape)}"
+            )
+        x = vectors.detach().to(torch.float64, copy=True)  # centred in place below
+    else:
+        rows = list(vectors)
+        if not rows or not all(isinstance(r, torch.Tensor) and r.dim() == 1 for r in rows):
+            raise ValueError("vectors must be a 2-D tensor or a non-empty sequence of 1-D tensors")
+        if len({r.numel() for r in rows}) != 1:
+            raise ValueError(
+                f"vectors must have equal lengths, got {sorted({r.numel() for r in rows})}"
+            )
+        x = torch.empty((len(rows), rows[0].numel()), dtype=torch.float64, device=rows[0].device)
+        for i, r in enumerate(rows):
+            x[i].copy_(r.detach())
+    # one pass: a finite float64 sum of float32-range values proves every value finite
+    if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
         raise ValueError("vectors must contain only finite values, got NaN or inf")
     scale = float(torch.linalg.vector_norm(x, dim=1).max()) if x.shape[1] else 0.0
     if centered:
-        x = x - x.mean(dim=0, keepdim=True)
+        x -= x.mean(dim=0, keepdim=True)
     gram = (x @ x.T).cpu().numpy()
     norms = np.sqrt(np.clip(np.diag(gram), 0.0, None))
     nonzero = norms > _ZERO_REL * scale if scale > 0.0 else np.zeros_like(norms, dtype=bool)

@@ -204,7 +204,7 @@ class TaskAwareClustering:
         def add(weight: float, rows: list[torch.Tensor]) -> None:
             m = np.full((n, n), np.nan)
             if view:
-                m[ix] = cosine_matrix(torch.stack(rows), centered=centered)
+                m[ix] = cosine_matrix(rows, centered=centered)
             channels.append(m)
             weights.append(weight)
 

@@ -94,6 +94,22 @@ def test_cosine_rejects_bad_input():
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="finite"):
         cosine_matrix(bad)
+    with pytest.raises(ValueError, match="finite"):
+        cosine_matrix([torch.ones(3), torch.tensor([1.0, float("inf"), 2.0])])
+    with pytest.raises(ValueError, match="equal lengths"):
+        cosine_matrix([torch.ones(3), torch.ones(4)])
+    with pytest.raises(ValueError, match="sequence of 1-D"):
+        cosine_matrix([])
+
+
+@pytest.mark.parametrize("centered", [True, False])
+def test_cosine_of_rows_equals_cosine_of_the_stack_and_leaves_input_alone(centered):
+    rows = [torch.randn(1000, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    stacked = torch.stack(rows).double()
+    before = stacked.clone()
+    expected = cosine_matrix(stacked, centered=centered)
+    assert torch.equal(stacked, before)  # centring happens on a copy
+    np.testing.assert_array_equal(cosine_matrix(rows, centered=centered), expected)
 
 
 # ----------------------------------------------------------------- fusion
