@@ -136,8 +136,6 @@ class Transport:
         """
         numel = flat.numel() if expected is None else expected
         self.last_exchange_numel = numel
-        if expected is None:
-            check_vector(flat, numel, f"rank {self.topology.rank}: own backbone before sending")
         world = self.topology.world
         neighbours = self.topology.neighbours
         # Receives are posted before anything is sent, into buffers kept per sender with one
@@ -152,9 +150,29 @@ class Transport:
             incoming[src] = (buf, world.Irecv(self._buf(buf), source=src, tag=tag), MPI.Status())
         send = self._wire(flat)
         sends = [world.Isend(self._buf(send), dest=dst, tag=tag) for dst in neighbours]
+        if expected is None:  # checked while the sends are under way (a bad one ends the job)
+            check_vector(flat, numel, f"rank {self.topology.rank}: own backbone before sending")
         watchdog = self.topology.watchdog
         waiting = list(neighbours)
-        outcome: dict[int, tuple[int, int, str]] = {}  # src -> (values, bytes, error)
+        received: dict[int, torch.Tensor] = {}
+
+        def take(src: int, status: MPI.Status, truncated: str) -> None:
+            """Check one arrived buffer (while the others may still be in flight)."""
+            buf = incoming[src][0]
+            what = f"rank {self.topology.rank}: backbone from rank {src}"
+            try:
+                if truncated:
+                    raise ReceiveError(f"{what} is longer than {numel} values ({truncated})")
+                self.bytes_received += max(status.Get_count(MPI.BYTE), 0)
+                count = status.Get_count(MPI.FLOAT)
+                if count != numel:
+                    raise ReceiveError(f"{what} has {count} values, expected {numel}")
+                vec = buf[:numel]
+                check_vector(vec, numel, what)
+            except ReceiveError as err:
+                self.rejected.append((src, str(err)))
+                return
+            received[src] = self._back(vec)
 
         def arrived() -> bool:
             for src in list(waiting):
@@ -162,39 +180,25 @@ class Transport:
                 try:
                     if not request.Test(status):
                         continue
-                    count = status.Get_count(MPI.FLOAT)
-                    outcome[src] = (count, max(status.Get_count(MPI.BYTE), 0), "")
+                    truncated = ""
                 except MPI.Exception as err:  # longer than the buffer: truncated
-                    outcome[src] = (-1, 0, err.Get_error_string().splitlines()[0])
+                    truncated = err.Get_error_string().splitlines()[0]
                 waiting.remove(src)
+                take(src, status, truncated)
             return not waiting
 
         # the slowest trainer may still be training: poll, then back off to short sleeps; once a
         # first backbone is in, the others are under way too: poll without pauses
         watchdog.wait(
-            lambda: arrived() or bool(outcome), "its backbone", waiting, spin=EXCHANGE_SPIN
+            lambda: arrived() or len(waiting) < len(neighbours),
+            "its backbone",
+            waiting,
+            spin=EXCHANGE_SPIN,
         )
         watchdog.wait(arrived, "the backbones under way", waiting, busy=True)
-        received: dict[int, torch.Tensor] = {}
-        for src in neighbours:
-            buf = incoming[src][0]
-            count, nbytes, error = outcome[src]
-            self.bytes_received += nbytes
-            what = f"rank {self.topology.rank}: backbone from rank {src}"
-            try:
-                if error:
-                    raise ReceiveError(f"{what} is longer than {numel} values ({error})")
-                if count != numel:
-                    raise ReceiveError(f"{what} has {count} values, expected {numel}")
-                vec = buf[:numel]
-                check_vector(vec, numel, what)
-            except ReceiveError as err:
-                self.rejected.append((src, str(err)))
-                continue
-            received[src] = self._back(vec)
         watchdog.requests(sends, "its neighbours to take its backbone", self.topology.neighbours)
         self.bytes_sent += len(sends) * send.numel() * send.element_size()
-        return received
+        return {src: received[src] for src in neighbours if src in received}
 
     # -- stage 3: intra-group FedAvg -----------------------------------------------------------
     def group_sum(self, vec: torch.Tensor) -> torch.Tensor:

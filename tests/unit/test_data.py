@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -157,6 +160,24 @@ def test_digits_shapes_dtypes_and_split_sizes() -> None:
             assert int(y.min()) >= 0 and int(y.max()) < n_classes
         # the node's training labels contain every class of the group (IID shard)
         assert set(node.train.tensors[1].tolist()) == set(range(n_classes))
+
+
+def test_bundled_digits_read_without_scikit_learn_equal_load_digits() -> None:
+    from colnet_mpi.data import digits
+
+    digits._load_raw.cache_clear()
+    images, targets = digits._load_raw()
+    bunch = load_digits()
+    np.testing.assert_array_equal(images, bunch.images.astype(np.float32))
+    np.testing.assert_array_equal(targets, bunch.target)
+    code = (
+        "import sys\n"
+        "from colnet_mpi.data.digits import _load_raw\n"
+        "images, targets = _load_raw()\n"
+        "assert images.shape == (1797, 8, 8) and 'sklearn' not in sys.modules\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_digits_pool_covers_class_sets_exactly() -> None:
