@@ -196,7 +196,11 @@ class Transport:
             spin=EXCHANGE_SPIN,
         )
         watchdog.wait(arrived, "the backbones under way", waiting, busy=True)
-        watchdog.requests(sends, "its neighbours to take its backbone", self.topology.neighbours)
+        # polled without pauses too: a large message moves only while its sender calls MPI, so
+        # a sender that sleeps between tests holds up the receivers that still wait for it
+        watchdog.requests(
+            sends, "its neighbours to take its backbone", self.topology.neighbours, busy=True
+        )
         self.bytes_sent += len(sends) * send.numel() * send.element_size()
         return {src: received[src] for src in neighbours if src in received}
 

@@ -19,6 +19,7 @@ round so far: a peer is given several times this rank's own pace before it is de
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -27,6 +28,7 @@ from mpi4py import MPI
 
 AUTO_FLOOR = 600.0  # seconds: never less under "auto" (start-up on a busy shared file system)
 AUTO_FACTOR = 5.0  # a peer may be this many times slower than this rank's own rounds
+_yield = getattr(os, "sched_yield", lambda: None)  # POSIX; a no-op where absent
 SPIN = 0.002  # seconds of tight polling before the loop starts to sleep between tests
 MAX_PAUSE = 0.005  # longest sleep between two tests of a pending wait
 ASK, ANSWER = 901, 902  # census tags
@@ -118,6 +120,11 @@ class Watchdog:
                 if not busy and now - start > spin:
                     time.sleep(pause)
                     pause = min(MAX_PAUSE, pause * 2 or 1e-4)
+                else:
+                    # hand the core over if another process is ready to run (returns at once
+                    # otherwise): with more ranks than cores, the rank that still has to send
+                    # gets to run instead of waiting out this one's time slice
+                    _yield()
         finally:
             self._waiting = False
 
