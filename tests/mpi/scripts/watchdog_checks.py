@@ -80,8 +80,11 @@ def stopped_rank_is_named(comm: MPI.Comm) -> None:
     try:
         dog.fence(comm, "the leaders' sum")
     except WatchdogTimeout as err:
+        # one write for the whole line: with PYTHONUNBUFFERED a plain print writes the text and
+        # its newline separately, and the other rank's line may land in between
         print(
-            f"rank {comm.Get_rank()} gave up after {time.perf_counter() - t0:.1f}s: {err}",
+            f"rank {comm.Get_rank()} gave up after {time.perf_counter() - t0:.1f}s: {err}\n",
+            end="",
             flush=True,
         )
         time.sleep(2.0)  # the other waiting rank gives up too (its grace is 1 s), even when loaded
