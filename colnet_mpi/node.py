@@ -4,7 +4,6 @@ loaders, with its whole state as numeric arrays (``state_dict`` / ``load_state_d
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import random
 import time
@@ -32,10 +31,14 @@ from colnet_mpi.tasks import (
 
 @functools.lru_cache(maxsize=1)
 def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None where the C library has none (macOS, musl)."""
-    name = ctypes.util.find_library("c")
+    """glibc's ``malloc_trim``, or None where the C library has none (macOS, musl).
+
+    Looked up among the symbols the process has loaded already (``dlopen(NULL)``), not with
+    ``ctypes.util.find_library``, which may start a subprocess: some MPI libraries warn about or
+    break on a fork after ``MPI_Init``.
+    """
     try:
-        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
     except OSError:
         return None
 
