@@ -46,6 +46,16 @@ def run_mpi(
         )
 
 
+def run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter (what it imports is then all its own); assert it
+    exits 0, showing its stderr otherwise; return the finished process."""
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
 def colnet(*args: str) -> list[str]:
     """Command line of the real CLI, run by this interpreter."""
     return [sys.executable, "-m", "colnet_mpi", *args]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,6 +17,7 @@ from colnet_mpi.data.augment import (
     normalise_cifar,
     rotate,
 )
+from tests.conftest import run_python
 
 H, W = 218, 178  # CelebA's native (height, width): non-square on purpose
 POINTS = torch.tensor([[64.0, 105.0], [112.0, 109.0], [88.0, 135.0], [70.0, 157.0], [106.0, 160.0]])
@@ -172,5 +171,4 @@ def test_colour_jitter_strength_checked_and_cifar_augment_needs_no_torchvision()
         "assert out.shape == (3, 32, 32) and 0 <= out.min() and out.max() <= 1\n"
         "assert 'torchvision' not in sys.modules and 'PIL' not in sys.modules\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    run_python(code)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -25,6 +22,7 @@ from colnet_mpi.data import (
 )
 from colnet_mpi.data.faces import generate_faces
 from colnet_mpi.data.partition import shard, split_train_val, train_val_sizes
+from tests.conftest import run_python
 
 DIGIT_GROUPS = {"low_digits": (0, 1, 2, 3, 4, 5), "high_digits": (6, 7, 8, 9)}
 
@@ -176,8 +174,7 @@ def test_bundled_digits_read_without_scikit_learn_equal_load_digits() -> None:
         "images, targets = _load_raw()\n"
         "assert images.shape == (1797, 8, 8) and 'sklearn' not in sys.modules\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    run_python(code)
 
 
 def test_digits_pool_covers_class_sets_exactly() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import math
 import platform
-import subprocess
 import sys
 
 import numpy as np
@@ -25,6 +24,7 @@ from colnet_mpi.tasks import (
     make_scheduler,
     train_epoch,
 )
+from tests.conftest import run_python
 
 CPU = torch.device("cpu")
 
@@ -373,8 +373,7 @@ def test_optimizers_never_load_the_compiler() -> None:
         "    opt.load_state_dict(opt.state_dict())\n"
         "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    run_python(code)
 
 
 @pytest.mark.parametrize(
@@ -421,8 +420,7 @@ def test_deterministic_mode_without_the_compiler() -> None:
         "assert torch.is_deterministic_algorithms_warn_only_enabled()\n"
         "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    run_python(code)
 
 
 @pytest.mark.skipif(
@@ -442,6 +440,4 @@ def test_return_free_memory_gives_freed_heap_pages_back() -> None:
         "return_free_memory()\n"
         "print(held - memory_now()[1])\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert float(proc.stdout) > 120e6  # 20 holes of 8 MB back to the system
+    assert float(run_python(code).stdout) > 120e6  # 20 holes of 8 MB back to the system
