@@ -1,0 +1,117 @@
+"""Micro-measurements behind the README's performance levers, one process or under MPI.
+
+    python benchmarks/micro.py cpu                 # augmentation, inference batch, memory format,
+                                                   # the backbone cosine (full-width ResNet-18)
+    mpiexec -n 6 python benchmarks/micro.py exchange [--values 44600]
+                                                   # our checked exchange against raw Isend/Irecv
+
+Prints milliseconds or seconds per item; one thread per process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+
+def _per(fn, repeats: int) -> float:
+    fn()  # warm-up
+    t = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t) / repeats
+
+
+def cpu() -> None:
+    """Single-process costs at ResNet-18 full width (CIFAR stem, 6 outputs)."""
+    from colnet_mpi.algorithms.clustering import cosine_matrix
+    from colnet_mpi.data.augment import CifarAugment
+    from colnet_mpi.models.resnet import resnet18
+    from colnet_mpi.tasks import make_optimizer
+
+    aug, image = CifarAugment(), torch.rand(3, 32, 32)
+    print(f"CIFAR augmentation: {_per(lambda: aug(image), 300) * 1e3:.2f} ms per image")
+    model = resnet18(num_outputs=6, width=64, stem="cifar").eval()
+    for batch in (64, 256):
+        x = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            sec = _per(lambda x=x: model(x), 2)
+        print(f"inference, batch {batch}: {sec / batch * 1e3:.2f} ms per image")
+    model.train()
+    opt = make_optimizer("sgd", model.parameters(), lr=0.01, momentum=0.9)
+    y = torch.randint(0, 6, (64,))
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        model = model.to(memory_format=fmt)
+        x = torch.randn(64, 3, 32, 32).to(memory_format=fmt)
+
+        def step(x=x, model=model) -> None:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        print(f"training step of 64 images, {fmt}: {_per(step, 2):.2f} s")
+    rows = [torch.randn(2_779_584) for _ in range(6)]
+    print(
+        f"centred cosine of six full-width backbones: {_per(lambda: cosine_matrix(rows), 3):.3f} s"
+    )
+
+
+def exchange(values: int, repeats: int) -> None:
+    """Median over ``repeats`` of the slowest rank's time, after a barrier each time."""
+    from mpi4py import MPI
+
+    from colnet_mpi.comm.topology import Topology
+    from colnet_mpi.comm.transport import Transport
+
+    world = MPI.COMM_WORLD
+    with Topology(world, kind="full") as topo:
+        transport = Transport(topo, torch.device("cpu"))
+        payload = torch.randn(values)
+        inbox = [torch.empty(values) for _ in topo.neighbours]
+
+        def raw() -> None:
+            reqs = [
+                world.Irecv([b.numpy(), MPI.FLOAT], source=s, tag=71)
+                for b, s in zip(inbox, topo.neighbours, strict=True)
+            ]
+            reqs += [
+                world.Isend([payload.numpy(), MPI.FLOAT], dest=d, tag=71) for d in topo.neighbours
+            ]
+            MPI.Request.Waitall(reqs)
+
+        result = {}
+        for name, fn in (
+            ("colnet (checked)", lambda: transport.exchange(payload)),
+            ("raw Isend/Irecv", raw),
+        ):
+            times = []
+            for _ in range(repeats):
+                world.Barrier()
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+            result[name] = float(np.median(np.max(world.allgather(times), axis=0)))
+        if world.Get_rank() == 0:
+            for name, sec in result.items():
+                print(
+                    f"{name}: {sec * 1e3:.2f} ms ({values:,} values to each of "
+                    f"{len(topo.neighbours)} neighbours, {world.Get_size()} ranks)"
+                )
+
+
+def main() -> None:
+    """Parse the command line and run one measurement."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=("cpu", "exchange"))
+    p.add_argument("--values", type=int, default=44_600)
+    p.add_argument("--repeats", type=int, default=30)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    cpu() if args.what == "cpu" else exchange(args.values, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
