@@ -150,12 +150,13 @@ def test_staleness_zero_groups_and_leads_like_sync(tmp_path: Path):
 @pytest.mark.mpi
 @pytest.mark.slow
 def test_time_budget_lets_fast_nodes_do_more_rounds(tmp_path: Path):
-    """One node 8x slower, unbounded staleness, clustering in round 1 only, a 6 s budget."""
+    """One node 8x slower, unbounded staleness, clustering in round 1 only, a 6 s budget. The
+    round limit is far beyond what any node can reach in 6 s, so only the budget stops them."""
     out = tmp_path / "b.h5"
     proc = launch(
         config(tmp_path, [8.0, 1.0, 1.0, 1.0]),
         out,
-        "training.rounds=40",
+        "training.rounds=1000",
         "federation.max_staleness=-1",
         "clustering.until=1",
         "federation.time_budget=6",
@@ -163,7 +164,7 @@ def test_time_budget_lets_fast_nodes_do_more_rounds(tmp_path: Path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     d = read(out)
     done = (~np.isnan(d["round/clock"])).sum(axis=0)
-    assert done[0] < done[1:].min() and done.max() < 40, done
+    assert done[0] < done[1:].min() and done.max() < 1000, done
     check_records(d, done, -1)
     assert "time budget reached" in proc.stdout
 
