@@ -186,6 +186,10 @@ class TrainingConfig:
     batch_size: int = 64
     eval_batch_size: int = 256
     grad_clip: float = 1.0  # 0 disables gradient-norm clipping
+    # a simulation aid: every local epoch of a node lasts at least `slowdown` x epoch_seconds of
+    # wall time (the node sleeps for the rest), so that ranks sharing a machine behave like nodes
+    # with one device each of a set speed; 0 = off (an epoch takes what it takes)
+    epoch_seconds: float = 0.0
     single_label: OptimizerConfig = field(
         default_factory=lambda: OptimizerConfig(
             name="sgd", lr=0.01, momentum=0.9, weight_decay=1e-3
@@ -210,6 +214,8 @@ class TrainingConfig:
         for key in ("batch_size", "eval_batch_size"):
             _at_most(f"training.{key}", getattr(self, key), 65_536, "a typo guard")
         _positive("training.grad_clip", self.grad_clip, allow_zero=True)
+        _positive("training.epoch_seconds", self.epoch_seconds, allow_zero=True)
+        _at_most("training.epoch_seconds", self.epoch_seconds, 86_400.0, "a typo guard: one day")
         for kind in ("single_label", "multi_label", "landmarks"):
             getattr(self, kind).validate(f"training.{kind}")
 

@@ -29,6 +29,7 @@ MAY_CHANGE: frozenset[str] = frozenset(
         "run.checkpoint_dir",
         "run.evaluate_every",
         "training.rounds",
+        "training.epoch_seconds",
         "federation.cuda_aware",
         "federation.timeout",
         "data.root",

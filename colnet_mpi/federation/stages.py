@@ -39,24 +39,49 @@ def epoch_line(
     )
 
 
+def straggler(fed: Federation, on_cpu: bool) -> Callable[[float], float]:
+    """The simulation aids for stragglers on one machine, applied after each local epoch:
+    ``[[nodes]] slowdown`` alone stretches the epoch to ``slowdown`` times its work (on CPU its
+    CPU time, so that ranks sharing the cores do not make the simulated hardware slower still);
+    with ``training.epoch_seconds`` the epoch lasts ``slowdown x epoch_seconds`` of wall time
+    (one device of a set speed per node). Returns the epoch's seconds after the wait."""
+    slowdown = fed.config.nodes[fed.topology.rank].slowdown
+    pace = fed.config.training.epoch_seconds * slowdown
+    cpu_mark = time.process_time()
+    warned = False
+
+    def stretch(seconds: float) -> float:
+        nonlocal cpu_mark, warned
+        if pace > 0.0:
+            if seconds > pace and not warned:
+                warned = True
+                fed.log(
+                    f"rank {fed.topology.rank}: a local epoch took {seconds:.2f} s, more than "
+                    f"the {pace:.2f} s that training.epoch_seconds x slowdown allows; the "
+                    "emulated pace is not held (raise training.epoch_seconds)"
+                )
+            wait = max(0.0, pace - seconds)
+        elif slowdown > 1.0:
+            work = time.process_time() - cpu_mark if on_cpu else seconds
+            wait = (slowdown - 1.0) * work
+        else:
+            return seconds
+        time.sleep(wait)
+        cpu_mark = time.process_time()
+        return seconds + wait
+
+    return stretch
+
+
 def train(fed: Federation, ctx: RoundContext) -> bool:
     """Stage 1: local training (attack hooks: poisoned batches, then boost / weight clipping)."""
     node, attack, r = fed.node, fed.attack, ctx.r
     t = fed.config.training
 
-    slowdown = fed.config.nodes[fed.topology.rank].slowdown
-    on_cpu = node.device.type == "cpu"
-    cpu_mark = time.process_time()
+    stretch = straggler(fed, node.device.type == "cpu")
 
     def progress(epoch: int, train_loss: float, val_loss: float, seconds: float) -> None:
-        nonlocal cpu_mark
-        if slowdown > 1.0:  # nodes[].slowdown: a simulated straggler
-            # on CPU, stretch by the epoch's CPU time: ranks sharing the cores (which lengthen
-            # the wall time) must not make the simulated hardware slower still
-            work = time.process_time() - cpu_mark if on_cpu else seconds
-            time.sleep((slowdown - 1.0) * work)
-            seconds += (slowdown - 1.0) * work
-            cpu_mark = time.process_time()
+        seconds = stretch(seconds)
         if seconds >= EPOCH_LINE_SECONDS:
             fed.log(epoch_line(r, t.rounds, epoch, t.local_epochs, (train_loss, val_loss), seconds))
 

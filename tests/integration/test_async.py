@@ -1,9 +1,9 @@
 """Tier 3: asynchronous mode under mpiexec. Nodes slowed down at random (seeded) finish without
 a hang, every node-round is recorded exactly once, every rank used the same partition in the
 same round, no version older than max_staleness was used, a NaN backbone is refused, S = 0
-groups and leads like synchronous mode, a time budget lets fast nodes do more rounds, and a run
-stopped by a signal or killed mid-way continues with --resume to a file with every record
-present."""
+groups and leads like synchronous mode, a time budget lets fast nodes do more rounds,
+training.epoch_seconds sets each node's pace, and a run stopped by a signal or killed mid-way
+continues with --resume to a file with every record present."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def read(path: Path) -> dict[str, np.ndarray]:
         out = {k: np.asarray(f[k][()]) for k in (
             "round/group", "round/leader", "round/clock", "round/partition_stamp",
             "round/test_loss", "async/staleness", "async/leader_staleness", "defense/refused",
-            "epoch/val_loss",
+            "epoch/val_loss", "round/seconds/local_train",
         )}  # fmt: skip
         out["status"] = np.asarray(f.attrs["status"])
         out["checkpoint_round"] = np.asarray(f.attrs.get("checkpoint_round", 0))
@@ -167,6 +167,27 @@ def test_time_budget_lets_fast_nodes_do_more_rounds(tmp_path: Path):
     assert done[0] < done[1:].min() and done.max() < 1000, done
     check_records(d, done, -1)
     assert "time budget reached" in proc.stdout
+
+
+@pytest.mark.mpi
+def test_epoch_seconds_sets_each_nodes_pace(tmp_path: Path):
+    """training.epoch_seconds = 1: node 0's two local epochs take 1 s each, the straggler's
+    (slowdown 2) 2 s each, whatever the tiny model's work; the log says nothing of overruns."""
+    out = tmp_path / "p.h5"
+    proc = launch(
+        config(tmp_path, [1.0, 2.0]),
+        out,
+        "training.rounds=2",
+        "training.local_epochs=2",
+        "training.epoch_seconds=1",
+        "federation.max_staleness=0",
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    train = read(out)["round/seconds/local_train"]
+    assert train.shape == (2, 2)
+    assert ((train[:, 0] >= 2.0) & (train[:, 0] < 2.6)).all(), train
+    assert ((train[:, 1] >= 4.0) & (train[:, 1] < 4.6)).all(), train
+    assert "emulated pace is not held" not in proc.stdout + proc.stderr
 
 
 @pytest.mark.mpi

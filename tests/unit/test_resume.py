@@ -68,6 +68,12 @@ def test_other_changes_are_named_with_old_and_new_values(
     assert config_differences(stored, config(override)) == [expected]
 
 
+def test_the_emulated_pace_may_change_even_where_an_older_file_lacks_it(stored: str) -> None:
+    older = stored.replace("epoch_seconds = 0.0\n", "")
+    assert older != stored
+    assert config_differences(older, config("training.epoch_seconds=2.5")) == []
+
+
 def test_several_changes_all_reported_and_allowed_ones_ignored(stored: str) -> None:
     new = config("run.seed=3", "model.width=16", "training.rounds=99", "run.output='x.h5'")
     assert config_differences(stored, new) == ["model.width: 4 -> 16", "run.seed: 0 -> 3"]

@@ -1,0 +1,67 @@
+"""Unit tests for the straggler simulation aids applied after each local epoch: ``[[nodes]]
+slowdown`` alone (stretch by the epoch's work) and with ``training.epoch_seconds`` (a fixed
+emulated pace per node, warned about once when the machine cannot hold it)."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from colnet_mpi.federation.stages import straggler
+
+
+def fed(slowdown: float, epoch_seconds: float) -> SimpleNamespace:
+    logged: list[str] = []
+    config = SimpleNamespace(
+        nodes=[SimpleNamespace(slowdown=1.0), SimpleNamespace(slowdown=slowdown)],
+        training=SimpleNamespace(epoch_seconds=epoch_seconds),
+    )
+    return SimpleNamespace(
+        config=config, topology=SimpleNamespace(rank=1), log=logged.append, logged=logged
+    )
+
+
+def timed(stretch, seconds: float) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    out = stretch(seconds)
+    return out, time.perf_counter() - t0
+
+
+def test_no_aid_returns_at_once():
+    f = fed(1.0, 0.0)
+    out, took = timed(straggler(f, on_cpu=True), 0.7)
+    assert out == 0.7 and took < 0.05 and not f.logged
+
+
+def test_pace_fills_each_epoch_to_slowdown_times_epoch_seconds():
+    f = fed(2.0, 0.1)  # 0.2 s per epoch for this node
+    stretch = straggler(f, on_cpu=True)
+    out, took = timed(stretch, 0.05)
+    assert out == pytest.approx(0.2) and took >= 0.149
+    out, took = timed(stretch, 0.15)
+    assert out == pytest.approx(0.2) and 0.049 <= took < 0.2
+    assert not f.logged
+
+
+def test_an_epoch_longer_than_the_pace_is_not_shortened_and_warned_about_once():
+    f = fed(3.0, 0.01)
+    stretch = straggler(f, on_cpu=False)
+    for _ in range(3):
+        out, took = timed(stretch, 0.5)
+        assert out == 0.5 and took < 0.05
+    (line,) = f.logged
+    assert "rank 1" in line and "0.50 s" in line and "0.03 s" in line
+    assert "training.epoch_seconds" in line
+
+
+def test_slowdown_without_pace_stretches_by_the_work():
+    f = fed(2.0, 0.0)
+    # on a GPU the epoch's wall time is the work: sleep as long again
+    out, took = timed(straggler(f, on_cpu=False), 0.1)
+    assert out == pytest.approx(0.2) and took >= 0.099
+    # on CPU the epoch's CPU time is the work (here: almost none since the function was made)
+    stretch = straggler(f, on_cpu=True)
+    out, took = timed(stretch, 0.1)
+    assert 0.1 <= out < 0.15 and took < 0.05
