@@ -33,6 +33,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
+
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = (ROOT / "configs" / "quickstart.toml").read_text()
 GROUPS = {"attributes": ("round/test_f1_micro", 1), "landmarks": ("round/test_loss", -1)}
@@ -65,10 +70,21 @@ def run(cfg: Path, out: Path, sets: list[str]) -> float:
 
 def load(path: Path) -> dict:
     """The datasets this benchmark reads from a results file."""
-    names = ("round/clock", "round/bytes_sent", "async/staleness", *(m for m, _ in GROUPS.values()))
+    names = (
+        "round/clock",
+        "round/bytes_sent",
+        "async/staleness",
+        "round/seconds/local_train",
+        *(m for m, _ in GROUPS.values()),
+    )
     with h5py.File(path) as f:
         d = {k: np.asarray(f[k][()]) for k in names}
         d["task"] = [t.decode() if isinstance(t, bytes) else str(t) for t in f["nodes/task"][()]]
+        text = f.attrs["config"]
+        config = tomllib.loads(text.decode() if isinstance(text, bytes) else str(text))
+    d["local_epochs"] = config["training"]["local_epochs"]
+    d["epoch_seconds"] = config["training"].get("epoch_seconds", 0.0)
+    d["slowdown"] = np.array([node.get("slowdown", 1.0) for node in config["nodes"]])
     return d
 
 
@@ -156,9 +172,10 @@ def tables(rows: list[dict]) -> str:
         )
     out += [
         "",
-        "| scenario | run | staleness used: count (pooled over seeds) | bytes sent per node-round |",
+        "| scenario | run | staleness used: count (pooled over seeds) | bytes sent per node-round "
+        "| node-rounds over the emulated pace |",
     ]
-    out += ["|---|---|---|---|"]
+    out += ["|---|---|---|---|---|"]
     for scenario, name in keys:
         rs = [r for r in rows if r["scenario"] == scenario and r["run"] == name]
         pooled: dict[int, int] = {}
@@ -167,8 +184,24 @@ def tables(rows: list[dict]) -> str:
                 pooled[int(k)] = pooled.get(int(k), 0) + v
         hist = ", ".join(f"{k}: {pooled[k]}" for k in sorted(pooled)) or "—"
         sent = np.mean([r["bytes_per_node_round"] for r in rs])
-        out.append(f"| {scenario} | {name} | {hist} | {sent / 1e6:.2f} MB |")
+        late = [r.get("pace_overruns", "") for r in rs]
+        over = "—"
+        if all(late):
+            k, n = (sum(int(x.split(" of ")[i]) for x in late) for i in (0, 1))
+            over = f"{k} of {n}"
+        out.append(f"| {scenario} | {name} | {hist} | {sent / 1e6:.2f} MB | {over} |")
     return "\n".join(out)
+
+
+def overruns(d: dict) -> str:
+    """With an emulated pace: how many node-rounds' local training took more than 5 % longer
+    than the pace allows (``k of n``; the pace held when k is 0); "" without one."""
+    if not d["epoch_seconds"]:
+        return ""
+    allowed = 1.05 * d["local_epochs"] * d["epoch_seconds"] * d["slowdown"]
+    took = np.where(np.isnan(d["round/clock"]), np.nan, d["round/seconds/local_train"])
+    done = ~np.isnan(took)
+    return f"{int((took[done] > np.broadcast_to(allowed, took.shape)[done]).sum())} of {int(done.sum())}"
 
 
 def histogram(values: np.ndarray) -> dict[str, int]:
@@ -190,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
         help="training.epoch_seconds: emulate one device per node, each local epoch lasting "
         "slowdown x this many seconds (0: as fast as the shared cores allow)",
     )
+    p.add_argument(
+        "--clustering-until",
+        type=int,
+        default=2,
+        help="clustering.until in every run (the partition agreed in that round is kept)",
+    )
     p.add_argument("--table", action="store_true", help="print the tables of summary.json only")
     args = p.parse_args(argv)
     folder = Path(args.out)
@@ -197,7 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         print(tables(json.loads((folder / "summary.json").read_text())))
         return 0
     folder.mkdir(parents=True, exist_ok=True)
-    common = ["clustering.until=2", f"training.epoch_seconds={args.epoch_seconds}"]
+    common = [
+        f"clustering.until={args.clustering_until}",
+        f"training.epoch_seconds={args.epoch_seconds}",
+    ]
     rows = []
     for seed in args.seeds:
         for scenario in ("slow", "even"):
@@ -240,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                         "rounds_per_node": rounds_done,
                         "staleness_hist": histogram(finite),
                         "bytes_per_node_round": float(np.nanmean(sent)),
+                        "pace_overruns": overruns(d),
                     }
                 )
                 print(json.dumps(rows[-1]), flush=True)
