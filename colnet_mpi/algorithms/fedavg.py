@@ -63,6 +63,25 @@ def staleness_weights(
     return [float(w) * decay ** max(0, int(s)) for w, s in zip(weights, staleness, strict=True)]
 
 
+def uncarried_share(
+    weights: Sequence[float], tags: Sequence[tuple[int, int]], update: tuple[int, int]
+) -> float:
+    """The share of a weighted mix that does not yet hold ``update``.
+
+    ``update`` and ``tags`` are ``(round, sender)`` of leader updates, ordered as tuples: a
+    version tagged with ``update`` or a newer one holds it (a node applies only updates newer
+    than its last). Adding ``share * update`` to the mix makes the update count once, however
+    many of the mixed versions had applied it already: 1 when none had, 0 when all had.
+    """
+    if len(weights) != len(tags):
+        raise ValueError(f"{len(weights)} weights for {len(tags)} tags")
+    total = float(sum(weights))
+    if not total > 0.0:
+        raise ValueError(f"the weights must have a positive sum, got {list(weights)!r}")
+    carried = sum(float(w) for w, tag in zip(weights, tags, strict=True) if tuple(tag) >= update)
+    return max(0.0, 1.0 - carried / total)
+
+
 def with_weight(vector: torch.Tensor, weight: float) -> torch.Tensor:
     """``[weight * vector, weight]``: one member's share of a weighted group sum.
 

@@ -14,9 +14,11 @@ No collective or barrier over the world runs per round. A node's round ``r``:
 4. waits for its group-mates' versions ``>= r - S`` and mixes them with its own:
    weights ``w_j * staleness_decay ** (r - v_j)``;
 5. if it leads its group in round ``r`` (the same rotation as synchronous mode), posts the group
-   delta (mixed minus its start) to every node outside its group, waits for the other groups'
-   deltas ``>= r - S``, runs HCA on the newest delta of each group and posts the update to its
-   group; members apply the newest leader update they hold (waiting for one ``>= r - S``), once;
+   delta (the mix of the versions not ahead of ``r`` minus its start) to every node outside its
+   group, waits for the other groups' deltas ``>= r - S``, runs HCA on the newest delta of each
+   group and posts the update to its group; members apply the newest leader update they hold
+   (waiting for one ``>= r - S``), once, scaled by the share of their mix whose versions had not
+   applied it yet (each backbone carries the tag of the last update its sender applied);
 6. evaluates, sends its record to the writer rank (point-to-point), and saves its checkpoint at
    its own round boundary every ``run.checkpoint_every`` rounds.
 
@@ -34,7 +36,12 @@ import numpy as np
 import torch
 
 from colnet_mpi.algorithms.clustering import adjusted_rand, leader_flags, partition_stamp
-from colnet_mpi.algorithms.fedavg import group_delta, staleness_weights, weighted_average
+from colnet_mpi.algorithms.fedavg import (
+    group_delta,
+    staleness_weights,
+    uncarried_share,
+    weighted_average,
+)
 from colnet_mpi.algorithms.hca import apply_update, hca_update
 from colnet_mpi.comm import mailbox as mb
 from colnet_mpi.comm.mailbox import Agreement, Mailbox
@@ -49,8 +56,10 @@ from colnet_mpi.federation.stop import Preempted, corrupt_hook, test_hook
 if TYPE_CHECKING:
     from colnet_mpi.federation.loop import Federation
 
-#: Header of every model message (float32): version (the sender's round), partition stamp,
-#: flag (RESULT: 1 = an update follows, 0 = none this round), the sender's FedAvg weight.
+#: Header of every model message (float32): version (the sender's round), then for DELTA and
+#: RESULT the partition stamp and a flag (RESULT: 1 = an update follows, 0 = none this round),
+#: for BACKBONE the round and sender of the last leader update the sender had applied (so that
+#: a receiver knows whether the version already holds an update); last the sender's FedAvg weight.
 HEADER = 4
 
 
@@ -89,6 +98,11 @@ class AsyncRounds:
         self.agreement = Agreement(topo)
         # newest version held per sender: (round, backbone, grouper payload, weight)
         self.held: dict[int, tuple[int, torch.Tensor, torch.Tensor | None, float]] = {}
+        # the (round, sender) of the last leader update each held version had applied
+        self.held_tag: dict[int, tuple[int, int]] = {}
+        # what this round mixed, by rank (the own backbone included): (normalised weight,
+        # version, the version's update tag, backbone), taken before later arrivals replace them
+        self.mixed: dict[int, tuple[float, int, tuple[int, int], torch.Tensor]] = {}
         # newest group delta and leader update held per sender: (round, stamp, delta) and
         # (round, stamp, flag, update)
         self.deltas: dict[int, tuple[int, int, torch.Tensor]] = {}
@@ -151,6 +165,7 @@ class AsyncRounds:
                 b = data[HEADER : HEADER + self.numel]
                 extra = data[HEADER + self.numel :] if self.payload_numel > 0 else None
                 self.held[src] = (v, b, extra, float(data[3]))
+                self.held_tag[src] = (int(data[1]), int(data[2]))
         elif kind == mb.DELTA:
             data = self._model(src, data, p, "group delta")
             if data is not None and (src not in self.deltas or int(data[0]) > self.deltas[src][0]):
@@ -256,7 +271,7 @@ class AsyncRounds:
             ctx.payload = fed.grouper.payload(ctx, ctx.own)
             extra = [] if ctx.payload is None else [ctx.payload.to(ctx.own.device).reshape(-1)]
             assert (0 if ctx.payload is None else ctx.payload.numel()) == self.payload_numel
-            head = ctx.own.new_tensor([r, 0, 0, fed.weight()])
+            head = ctx.own.new_tensor([r, *self.applied, fed.weight()])
             live = [j for j in neighbours if j not in self.done]
             body = torch.cat([head, ctx.own, *extra])
             if corrupt_hook(r, self.rank):
@@ -328,6 +343,7 @@ class AsyncRounds:
         """Staleness-weighted mean of the group-mates' newest versions and the own backbone."""
         fed, r = self.fed, ctx.r
         ctx.new = ctx.own
+        self.mixed = {self.rank: (1.0, r, self.applied, ctx.own)}
         mates = [int(j) for j in np.flatnonzero(groups == groups[self.rank]) if j != self.rank]
         mates = [j for j in mates if j in fed.topology.neighbours]
         if fed.intra is not None and mates and groups[self.rank] >= 0:
@@ -346,6 +362,10 @@ class AsyncRounds:
                 w = staleness_weights(base, age, fed.config.federation.staleness_decay)
                 mixed = weighted_average(torch.stack(rows).double(), w)
                 ctx.new = mixed.to(ctx.own.dtype)
+                total = float(sum(w))
+                self.mixed = {self.rank: (w[0] / total, r, self.applied, ctx.own)}
+                for j, wj in zip(used, w[1:], strict=True):
+                    self.mixed[j] = (wj / total, self.held[j][0], self.held_tag[j], self.held[j][1])
         ctx.intra_new = ctx.new
 
     def _cross(self, ctx: RoundContext) -> bool:
@@ -363,7 +383,7 @@ class AsyncRounds:
         others = [int(j) for j in np.flatnonzero((groups >= 0) & (groups != mine))]
         members = [int(j) for j in np.flatnonzero(groups == mine) if j != self.rank]
         if ctx.leaders[self.rank]:
-            delta = group_delta(ctx.intra_new, ctx.start, p)
+            delta = group_delta(self._round_mix(ctx), ctx.start, p)
             head = delta.new_tensor([r, stamp, 1, 0])
             self.mail.post(
                 [j for j in others if j not in self.done], mb.DELTA, torch.cat([head, delta])
@@ -429,11 +449,26 @@ class AsyncRounds:
         got = held_result()
         if got is not None and self.recent(got[0], r) and got > self.applied:
             v, _, flag, update = self.results[got[1]]
-            if flag:
-                ctx.new = apply_update(ctx.intra_new, update, fed.config.hca.psi, p)
+            # mixed versions that had applied this update (or a newer one) already carry it:
+            # add it for the rest of the mix only, so that it counts once
+            mixed = list(self.mixed.values())
+            share = uncarried_share([m[0] for m in mixed], [m[2] for m in mixed], got)
+            if flag and share > 0.0:
+                ctx.new = apply_update(ctx.intra_new, update, fed.config.hca.psi * share, p)
             ctx.leader_staleness = float(r - v)
             self.applied = got
         return True
+
+    def _round_mix(self, ctx: RoundContext) -> torch.Tensor:
+        """The leader's mix for its group delta: of the versions mixed, those not ahead of its
+        round (the own one always), so that the delta is the group's progress of about one
+        round, not the several rounds of faster group-mates (the node itself keeps the full
+        mix)."""
+        keep = [m for m in self.mixed.values() if m[1] <= ctx.r]
+        if len(keep) == len(self.mixed):
+            return ctx.intra_new
+        rows = torch.stack([row for _, _, _, row in keep]).double()
+        return weighted_average(rows, [w for w, _, _, _ in keep]).to(ctx.own.dtype)
 
     def _hca(self, ctx: RoundContext) -> torch.Tensor | None:
         """HCA over ``ctx.deltas``: the update (None when it cannot run); the new backbone in

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from colnet_mpi.algorithms.clustering import partition_stamp
-from colnet_mpi.algorithms.fedavg import staleness_weights
+from colnet_mpi.algorithms.fedavg import staleness_weights, uncarried_share
 from colnet_mpi.config import ConfigError, apply_overrides, config_from_dict, to_toml
 from colnet_mpi.federation.asynchronous import epoch_for
 
@@ -47,6 +47,23 @@ def test_staleness_weights_discount_old_versions_only():
         staleness_weights([1.0], [0], 0.0)
     with pytest.raises(ValueError, match="weights"):
         staleness_weights([1.0, 1.0], [0], 0.5)
+
+
+def test_an_update_already_in_part_of_the_mix_is_added_for_the_rest_only():
+    update = (4, 1)  # leader rank 1's update of round 4
+    # nobody had applied it (synchronous case: every version is of this round): all of it
+    assert uncarried_share([1.0, 1.0, 1.0], [(3, 1), (0, -1), (3, 2)], update) == 1.0
+    # two group-mates ahead had applied it (or a newer one), the own model had not
+    assert uncarried_share([1.0, 1.0, 1.0], [(3, 2), (4, 1), (6, 0)], update) == pytest.approx(
+        1 / 3
+    )
+    # an update of the same round from another sender orders by sender; weights count
+    assert uncarried_share([3.0, 1.0], [(4, 0), (4, 2)], update) == 0.75
+    assert uncarried_share([2.0, 2.0], [(5, 0), (4, 1)], update) == 0.0
+    with pytest.raises(ValueError, match="tags"):
+        uncarried_share([1.0], [], update)
+    with pytest.raises(ValueError, match="positive sum"):
+        uncarried_share([0.0], [(0, -1)], update)
 
 
 def test_partition_stamp_ignores_labels_and_fits_float32():
