@@ -229,6 +229,12 @@ def main(argv: list[str] | None = None) -> int:
         default=2,
         help="clustering.until in every run (the partition agreed in that round is kept)",
     )
+    p.add_argument(
+        "--staleness",
+        nargs="+",
+        default=["1", "2", "-1"],
+        help="the max_staleness values of the asynchronous runs with a straggler (-1: unbounded)",
+    )
     p.add_argument("--table", action="store_true", help="print the tables of summary.json only")
     args = p.parse_args(argv)
     folder = Path(args.out)
@@ -252,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             target = curve[-1][1]
             budget = wall(ref)
             variants = [("sync", sync, ref)]
-            stalenesses = ["1", "2", "-1"] if scenario == "slow" else ["1"]
+            stalenesses = args.staleness if scenario == "slow" else ["1"]
             for s in stalenesses:
                 out = folder / f"{scenario}_async{s}_s{seed}.h5"
                 sets = [*base, "federation.mode=async", f"federation.max_staleness={s}"]

@@ -401,7 +401,7 @@ EPOCHS_ZIP = ZIP + '[["training.local_epochs", "training.rounds"]]\n[axes]\n'
         (
             BASE + '[axes]\n"training.epochs" = [1]\n',
             r"axis 'training.epochs': unknown key 'training.epochs'; allowed keys in \[training\]: "
-            r"batch_size, eval_batch_size, grad_clip, landmarks, local_epochs",
+            r"batch_size, epoch_seconds, eval_batch_size, grad_clip, landmarks",
         ),
         (
             BASE + '[axes]\n"trainin.rounds" = [1]\n',
