@@ -100,8 +100,8 @@ class AsyncRounds:
         self.held: dict[int, tuple[int, torch.Tensor, torch.Tensor | None, float]] = {}
         # the (round, sender) of the last leader update each held version had applied
         self.held_tag: dict[int, tuple[int, int]] = {}
-        # what this round mixed, by rank (the own backbone included): (normalised weight,
-        # version, the version's update tag, backbone), taken before later arrivals replace them
+        # what this round mixed, by rank (the own backbone included): (mixing weight, version,
+        # the version's update tag, backbone), taken before later arrivals replace them
         self.mixed: dict[int, tuple[float, int, tuple[int, int], torch.Tensor]] = {}
         # newest group delta and leader update held per sender: (round, stamp, delta) and
         # (round, stamp, flag, update)
@@ -362,10 +362,9 @@ class AsyncRounds:
                 w = staleness_weights(base, age, fed.config.federation.staleness_decay)
                 mixed = weighted_average(torch.stack(rows).double(), w)
                 ctx.new = mixed.to(ctx.own.dtype)
-                total = float(sum(w))
-                self.mixed = {self.rank: (w[0] / total, r, self.applied, ctx.own)}
+                self.mixed = {self.rank: (w[0], r, self.applied, ctx.own)}
                 for j, wj in zip(used, w[1:], strict=True):
-                    self.mixed[j] = (wj / total, self.held[j][0], self.held_tag[j], self.held[j][1])
+                    self.mixed[j] = (wj, self.held[j][0], self.held_tag[j], self.held[j][1])
         ctx.intra_new = ctx.new
 
     def _cross(self, ctx: RoundContext) -> bool:
