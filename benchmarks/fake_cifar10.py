@@ -8,7 +8,9 @@ full-width ResNet-18 at CIFAR-10's shapes without downloading anything:
         --set training.rounds=3
 
 ``--per-class`` images of each class go into each of the five training batches and the test batch
-(the real files hold about 1,000; 20 gives 1,000 training images in all).
+(the real files hold about 1,000; 20 gives 1,000 training images in all). Keys and class names
+are text, as the official files read with ``encoding="latin1"``, so that torchvision's reader takes
+them as well as ours (``benchmarks/authors_comparison.py`` runs the authors' code on them).
 """
 
 from __future__ import annotations
@@ -41,10 +43,10 @@ def write(root: Path, per_class: int, seed: int = 0) -> Path:
     for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
         labels = rng.permutation(np.repeat(np.arange(len(CLASSES)), per_class))
         data = rng.integers(0, 256, size=(labels.size, 3 * 32 * 32), dtype=np.uint8)
-        batch = {b"batch_label": name.encode(), b"labels": labels.tolist(), b"data": data}
+        batch = {"batch_label": name, "labels": labels.tolist(), "data": data}
         with open(folder / name, "wb") as fh:
             pickle.dump(batch, fh, protocol=2)
-    meta = {b"label_names": [c.encode() for c in CLASSES], b"num_vis": 3 * 32 * 32}
+    meta = {"label_names": list(CLASSES), "num_vis": 3 * 32 * 32}
     with open(folder / "batches.meta", "wb") as fh:
         pickle.dump(meta, fh, protocol=2)
     return folder

@@ -4,8 +4,11 @@
                                                    # the backbone cosine (full-width ResNet-18)
     mpiexec -n 6 python benchmarks/micro.py exchange [--values 44600]
                                                    # our checked exchange against raw Isend/Irecv
+    python benchmarks/micro.py steps --procs 6 --threads 1 [--repeats 4]
+                                                   # full-width training steps of several
+                                                   # processes at once (ranks sharing cores)
 
-Prints milliseconds or seconds per item; one thread per process.
+Prints milliseconds or seconds per item; one thread per process unless --threads says otherwise.
 """
 
 from __future__ import annotations
@@ -102,15 +105,57 @@ def exchange(values: int, repeats: int) -> None:
                 )
 
 
+def _training_step_seconds(repeats: int) -> float:
+    """Seconds per training step of 64 CIFAR-sized images, full-width ResNet-18 (one process)."""
+    from colnet_mpi.models.resnet import resnet18
+    from colnet_mpi.tasks import make_optimizer
+
+    model = resnet18(num_outputs=6, width=64, stem="cifar").train()
+    opt = make_optimizer("sgd", model.parameters(), lr=0.01, momentum=0.9)
+    x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 6, (64,))
+
+    def step() -> None:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return _per(step, repeats)
+
+
+def steps(procs: int, threads: int, repeats: int) -> None:
+    """``procs`` processes with ``threads`` threads each train at the same time; each prints its
+    seconds per step, then the step rate of all of them together."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, __file__, "_step", "--threads", str(threads), "--repeats", str(repeats)]
+    runs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(procs)]
+    per = [float(r.communicate()[0]) for r in runs]
+    print(
+        f"{procs} process(es) x {threads} thread(s): "
+        + ", ".join(f"{s:.2f}" for s in per)
+        + f" s per step each; together one step every {1 / sum(1 / s for s in per):.2f} s"
+    )
+
+
 def main() -> None:
     """Parse the command line and run one measurement."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("cpu", "exchange"))
+    p.add_argument("what", choices=("cpu", "exchange", "steps", "_step"))
     p.add_argument("--values", type=int, default=44_600)
-    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--procs", type=int, default=6)
+    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
-    torch.set_num_threads(1)
-    cpu() if args.what == "cpu" else exchange(args.values, args.repeats)
+    torch.set_num_threads(args.threads if args.what == "_step" else 1)
+    if args.what == "cpu":
+        cpu()
+    elif args.what == "exchange":
+        exchange(args.values, args.repeats or 30)
+    elif args.what == "steps":
+        steps(args.procs, args.threads, args.repeats or 4)
+    else:  # one worker of "steps"
+        print(_training_step_seconds(args.repeats or 4))
 
 
 if __name__ == "__main__":
