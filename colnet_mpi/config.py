@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from colnet_mpi.comm.graphs import TOPOLOGIES, kregular_problem
-from colnet_mpi.federation.schemes import GROUPERS, INTRA, SCHEMES
+from colnet_mpi.federation.schemes import GROUPERS, INTRA, SCHEMES, resolve
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -660,11 +660,27 @@ def _build(cls: type, table: Mapping[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+#: The cross-group aggregators asynchronous rounds can run (``federation/asynchronous.py``).
+ASYNC_CROSS = ("hca", "mean", "none")
+
+
 def _async_problems(config: Config) -> None:
     """Refuse the options that asynchronous mode does not support, naming each."""
     f, c, d = config.federation, config.clustering, config.defense
+    chosen = resolve(f.scheme, f.grouping, d.aggregation)
     checks = [
-        (f.scheme == "fedper", f"federation.scheme = {f.scheme!r}", "use colnet, intra or none"),
+        (
+            chosen.cross not in ASYNC_CROSS,
+            f"federation.scheme = {f.scheme!r}",
+            f"its cross-group aggregator {chosen.cross!r} has no asynchronous form; the "
+            f"asynchronous rounds run {', '.join(ASYNC_CROSS)}",
+        ),
+        (
+            chosen.intra not in (None, "mean") and d.aggregation == "mean",
+            f"federation.scheme = {f.scheme!r}",
+            f"its intra-group aggregator {chosen.intra!r} has no asynchronous form; "
+            "asynchronous groups mix with the staleness-weighted mean",
+        ),
         (d.screening, "defense.screening = true", "screening needs lock-step groups"),
         (d.verify_leader, "defense.verify_leader = true", "verification needs lock-step groups"),
         (

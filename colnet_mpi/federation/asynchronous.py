@@ -18,7 +18,11 @@ No collective or barrier over the world runs per round. A node's round ``r``:
    group, waits for the other groups' deltas ``>= r - S``, runs HCA on the newest delta of each
    group and posts the update to its group; members apply the newest leader update they hold
    (waiting for one ``>= r - S``), once, scaled by the share of their mix whose versions had not
-   applied it yet (each backbone carries the tag of the last update its sender applied);
+   applied it yet (each backbone carries the tag of the last update its sender applied). With
+   the ``mean`` cross aggregator (the ``fedper`` scheme) leaders post their group's backbone
+   (that mix itself) instead of a delta, and the update is the equal-weight mean of the newest
+   group backbones minus their own, so that at ``S = 0`` every node ends the round with the
+   mean of the groups, as in synchronous mode;
 6. evaluates, sends its record to the writer rank (point-to-point), and saves its checkpoint at
    its own round boundary every ``run.checkpoint_every`` rounds.
 
@@ -49,6 +53,7 @@ from colnet_mpi.comm.transport import ReceiveError, check_vector
 from colnet_mpi.federation import stages
 from colnet_mpi.federation.checkpoint import backbone_checksum
 from colnet_mpi.federation.context import RoundContext
+from colnet_mpi.federation.cross import MeanOfGroups
 from colnet_mpi.federation.grouping import TaskAwareClustering
 from colnet_mpi.federation.recording import append_row, round_values
 from colnet_mpi.federation.stop import Preempted, corrupt_hook, test_hook
@@ -128,6 +133,10 @@ class AsyncRounds:
         self.start_round = 1
         grouper = fed.grouper  # agreements only for a clustering grouper (fixed groups need none)
         self.clusterer = grouper if isinstance(grouper, TaskAwareClustering) else None
+        # cross-group stage: HCA over group deltas of the trainable entries, or (``mean``) the
+        # mean of whole group backbones; the length of what DELTA and RESULT messages carry
+        self.mean_cross = isinstance(fed.cross, MeanOfGroups)
+        self.cross_numel = self.numel if self.mean_cross else fed.node.flat.n_trainable
 
     # -- schedule ------------------------------------------------------------------------------
     def clusters(self, r: int) -> bool:
@@ -155,7 +164,7 @@ class AsyncRounds:
 
     def handle(self, src: int, kind: int, data: Any) -> None:
         """One arrived message (called from :meth:`serve`)."""
-        p = self.fed.node.flat.n_trainable
+        p = self.cross_numel
         if kind == mb.BACKBONE:
             data = self._model(src, data, self.numel + self.payload_numel, "backbone")
             if data is None:
@@ -368,7 +377,8 @@ class AsyncRounds:
         ctx.intra_new = ctx.new
 
     def _cross(self, ctx: RoundContext) -> bool:
-        """Leaders: HCA over the newest group deltas; members: the newest leader update."""
+        """Leaders: HCA over the newest group deltas (``mean``: the mean of the newest group
+        backbones); members: the newest leader update."""
         fed, r = self.fed, ctx.r
         groups = ctx.groups
         labels = np.unique(groups[groups >= 0])
@@ -382,7 +392,8 @@ class AsyncRounds:
         others = [int(j) for j in np.flatnonzero((groups >= 0) & (groups != mine))]
         members = [int(j) for j in np.flatnonzero(groups == mine) if j != self.rank]
         if ctx.leaders[self.rank]:
-            delta = group_delta(self._round_mix(ctx), ctx.start, p)
+            mix = self._round_mix(ctx)
+            delta = mix if self.mean_cross else group_delta(mix, ctx.start, p)
             head = delta.new_tensor([r, stamp, 1, 0])
             self.mail.post(
                 [j for j in others if j not in self.done], mb.DELTA, torch.cat([head, delta])
@@ -419,7 +430,7 @@ class AsyncRounds:
             if len(rows) > 1:
                 ctx.row = row
                 ctx.deltas = torch.stack(rows)
-                update = self._hca(ctx)
+                update = self._mean_of_groups(ctx) if self.mean_cross else self._hca(ctx)
             flag = 0.0 if update is None else 1.0
             body = update if update is not None else torch.zeros_like(delta)
             self.mail.post(
@@ -453,7 +464,8 @@ class AsyncRounds:
             mixed = list(self.mixed.values())
             share = uncarried_share([m[0] for m in mixed], [m[2] for m in mixed], got)
             if flag and share > 0.0:
-                ctx.new = apply_update(ctx.intra_new, update, fed.config.hca.psi * share, p)
+                psi = 1.0 if self.mean_cross else fed.config.hca.psi
+                ctx.new = apply_update(ctx.intra_new, update, psi * share, self.cross_numel)
             ctx.leader_staleness = float(r - v)
             self.applied = got
         return True
@@ -468,6 +480,15 @@ class AsyncRounds:
             return ctx.intra_new
         rows = torch.stack([row for _, _, _, row in keep]).double()
         return weighted_average(rows, [w for w, _, _, _ in keep]).to(ctx.own.dtype)
+
+    def _mean_of_groups(self, ctx: RoundContext) -> torch.Tensor:
+        """The ``mean`` cross aggregator over the group backbones in ``ctx.deltas``: the update
+        (their equal-weight mean minus this group's), added to the leader's own mix."""
+        assert ctx.deltas is not None
+        rows = ctx.deltas
+        update = (weighted_average(rows.double()) - rows[ctx.row].double()).to(rows.dtype)
+        ctx.new = apply_update(ctx.intra_new, update, 1.0, self.cross_numel)
+        return update
 
     def _hca(self, ctx: RoundContext) -> torch.Tensor | None:
         """HCA over ``ctx.deltas``: the update (None when it cannot run); the new backbone in

@@ -1,7 +1,8 @@
 """Tier 3: asynchronous mode under mpiexec. Nodes slowed down at random (seeded) finish without
 a hang, every node-round is recorded exactly once, every rank used the same partition in the
 same round, no version older than max_staleness was used, a NaN backbone is refused, S = 0
-groups and leads like synchronous mode, a time budget lets fast nodes do more rounds,
+groups and leads like synchronous mode (and fedper at S = 0 learns what synchronous fedper
+learns), a time budget lets fast nodes do more rounds,
 training.epoch_seconds sets each node's pace, and a run stopped by a signal or killed mid-way
 continues with --resume to a file with every record present."""
 
@@ -108,12 +109,14 @@ def test_random_slowdowns_no_hang_every_record_once(tmp_path: Path, n: int, stal
     out = tmp_path / "a.h5"
     corrupt = {"COLNET_TEST_CORRUPT": "2:1"} if n == 4 else {}
     ring = ["federation.topology=ring"] if n == 6 else []  # mixing and views from neighbours only
+    fedper = ["federation.scheme=fedper"] if n == 4 else []  # the mean cross stage, stale
     proc = launch(
         config(tmp_path, slow),
         out,
         "training.rounds=4",
         f"federation.max_staleness={staleness}",
         *ring,
+        *fedper,
         env=corrupt,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -145,6 +148,29 @@ def test_staleness_zero_groups_and_leads_like_sync(tmp_path: Path):
     assert np.array_equal(da["round/leader"], ds["round/leader"])
     assert np.nanmax(np.abs(da["async/staleness"])) == 0
     assert np.isnan(ds["async/staleness"]).all()
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_fedper_at_staleness_zero_matches_sync_fedper(tmp_path: Path):
+    """The ``mean`` cross stage: leaders post group backbones and every node adds the mean of
+    the groups minus its own group's; at S = 0 that is synchronous FedPer (the same groups and
+    leaders, and the same models up to float rounding: the same test losses)."""
+    cfg = config(tmp_path, [1.0] * 4)
+    a, s = tmp_path / "async.h5", tmp_path / "sync.h5"
+    sets = [*SMALL, "training.rounds=2", "federation.scheme=fedper"]
+    common = [a for x in sets for a in ("--set", x)]
+    runs = [
+        ["run", str(cfg), "--out", str(a), *common, "--set", "federation.max_staleness=0"],
+        ["run", str(cfg), "--out", str(s), *common, "--set", "federation.mode=sync"],
+    ]
+    proc = run_mpi(4, colnet_batch(*runs), timeout=300)  # both in one launch
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    da, ds = read(a), read(s)
+    assert np.array_equal(da["round/group"], ds["round/group"])
+    assert np.array_equal(da["round/leader"], ds["round/leader"])
+    assert len(np.unique(da["round/group"][-1])) == 2  # two groups: the cross stage ran
+    assert np.allclose(da["round/test_loss"], ds["round/test_loss"], rtol=1e-4, atol=0)
 
 
 @pytest.mark.mpi

@@ -10,6 +10,7 @@ from colnet_mpi.algorithms.clustering import partition_stamp
 from colnet_mpi.algorithms.fedavg import staleness_weights, uncarried_share
 from colnet_mpi.config import ConfigError, apply_overrides, config_from_dict, to_toml
 from colnet_mpi.federation.asynchronous import epoch_for
+from colnet_mpi.federation.schemes import SCHEMES, Scheme
 
 NODES = [{"task": "attributes", "count": 2}, {"task": "landmarks", "count": 2, "slowdown": 3}]
 
@@ -92,13 +93,29 @@ def test_async_keys_default_and_round_trip():
         ({"mode": "async", "staleness_decay": 1.5}, "federation.staleness_decay = 1.5"),
         ({"mode": "async", "time_budget": -1.0}, "federation.time_budget"),
         ({"time_budget": 10.0}, 'needs federation.mode = "async"'),
-        ({"mode": "async", "scheme": "fedper"}, "federation.scheme = 'fedper' is not allowed"),
     ],
 )
 def test_bad_async_federation_keys_are_named(federation, fragment):
     with pytest.raises(ConfigError) as info:
         make(federation=federation)
     assert fragment in str(info.value)
+
+
+def test_fedper_runs_async_and_strategies_without_an_async_form_are_refused():
+    assert make(federation={"mode": "async", "scheme": "fedper"}).federation.scheme == "fedper"
+    SCHEMES.register("odd_cross", Scheme("cluster", "mean", "odd"))
+    SCHEMES.register("odd_intra", Scheme("cluster", "odd", "hca"))
+    try:
+        for scheme, what in (("odd_cross", "cross-group aggregator 'odd'"),
+                             ("odd_intra", "intra-group aggregator 'odd'")):  # fmt: skip
+            with pytest.raises(ConfigError) as info:
+                make(federation={"mode": "async", "scheme": scheme})
+            text = str(info.value)
+            assert f"federation.scheme = '{scheme}'" in text and what in text, text
+            assert make(federation={"scheme": scheme}).federation.scheme == scheme  # sync: fine
+    finally:
+        SCHEMES.unregister("odd_cross")
+        SCHEMES.unregister("odd_intra")
 
 
 @pytest.mark.parametrize(
