@@ -134,41 +134,30 @@ def test_random_slowdowns_no_hang_every_record_once(tmp_path: Path, n: int, stal
 @pytest.mark.mpi
 @pytest.mark.slow
 def test_staleness_zero_groups_and_leads_like_sync(tmp_path: Path):
+    """S = 0 forms the groups and picks the leaders of synchronous mode (colnet). With the
+    fedper scheme (leaders post group backbones; every node adds the mean of the groups minus
+    its own group's) it also learns what synchronous FedPer learns: the same models up to float
+    rounding, so the same test losses."""
     cfg = config(tmp_path, [1.0] * 4)
-    a, s = tmp_path / "async.h5", tmp_path / "sync.h5"
-    common = [a for x in [*SMALL, "training.rounds=2"] for a in ("--set", x)]
-    runs = [
-        ["run", str(cfg), "--out", str(a), *common, "--set", "federation.max_staleness=0"],
-        ["run", str(cfg), "--out", str(s), *common, "--set", "federation.mode=sync"],
-    ]
-    proc = run_mpi(4, colnet_batch(*runs), timeout=300)  # both in one launch
+    runs, outs = [], {}
+    for scheme in ("colnet", "fedper"):
+        sets = [*SMALL, "training.rounds=2", f"federation.scheme={scheme}"]
+        common = [a for x in sets for a in ("--set", x)]
+        a, s = tmp_path / f"async_{scheme}.h5", tmp_path / f"sync_{scheme}.h5"
+        outs[scheme] = (a, s)
+        runs += [
+            ["run", str(cfg), "--out", str(a), *common, "--set", "federation.max_staleness=0"],
+            ["run", str(cfg), "--out", str(s), *common, "--set", "federation.mode=sync"],
+        ]
+    proc = run_mpi(4, colnet_batch(*runs), timeout=300)  # all four in one launch
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    da, ds = read(a), read(s)
-    assert np.array_equal(da["round/group"], ds["round/group"])
-    assert np.array_equal(da["round/leader"], ds["round/leader"])
-    assert np.nanmax(np.abs(da["async/staleness"])) == 0
-    assert np.isnan(ds["async/staleness"]).all()
-
-
-@pytest.mark.mpi
-@pytest.mark.slow
-def test_fedper_at_staleness_zero_matches_sync_fedper(tmp_path: Path):
-    """The ``mean`` cross stage: leaders post group backbones and every node adds the mean of
-    the groups minus its own group's; at S = 0 that is synchronous FedPer (the same groups and
-    leaders, and the same models up to float rounding: the same test losses)."""
-    cfg = config(tmp_path, [1.0] * 4)
-    a, s = tmp_path / "async.h5", tmp_path / "sync.h5"
-    sets = [*SMALL, "training.rounds=2", "federation.scheme=fedper"]
-    common = [a for x in sets for a in ("--set", x)]
-    runs = [
-        ["run", str(cfg), "--out", str(a), *common, "--set", "federation.max_staleness=0"],
-        ["run", str(cfg), "--out", str(s), *common, "--set", "federation.mode=sync"],
-    ]
-    proc = run_mpi(4, colnet_batch(*runs), timeout=300)  # both in one launch
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    da, ds = read(a), read(s)
-    assert np.array_equal(da["round/group"], ds["round/group"])
-    assert np.array_equal(da["round/leader"], ds["round/leader"])
+    for scheme, (a, s) in outs.items():
+        da, ds = read(a), read(s)
+        assert np.array_equal(da["round/group"], ds["round/group"]), scheme
+        assert np.array_equal(da["round/leader"], ds["round/leader"]), scheme
+        assert np.nanmax(np.abs(da["async/staleness"])) == 0
+        assert np.isnan(ds["async/staleness"]).all()
+    da, ds = (read(x) for x in outs["fedper"])
     assert len(np.unique(da["round/group"][-1])) == 2  # two groups: the cross stage ran
     assert np.allclose(da["round/test_loss"], ds["round/test_loss"], rtol=1e-4, atol=0)
 
