@@ -698,11 +698,6 @@ def _async_problems(config: Config) -> None:
             f"clustering.loss_weight = {c.loss_weight}",
             "loss profiles need an all-gather in every round",
         ),
-        (
-            c.backbone_sketch > 0,
-            f"clustering.backbone_sketch = {c.backbone_sketch}",
-            "the group-mates mix the backbones they receive",
-        ),
     ]
     for bad, what, why in checks:
         if bad:

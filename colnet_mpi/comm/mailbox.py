@@ -29,9 +29,10 @@ from colnet_mpi.comm.topology import Topology
 from colnet_mpi.comm.transport import Transport
 
 #: Message kinds (tags) and the element type each travels as.
-BACKBONE, DELTA, RESULT, RECORD, DONE, CHECKPOINT, MARKED, STOP = range(41, 49)
+BACKBONE, DELTA, RESULT, RECORD, DONE, CHECKPOINT, MARKED, STOP, MIX = range(41, 50)
 KIND_DTYPE = {
     BACKBONE: "f4",
+    MIX: "f4",
     DELTA: "f4",
     RESULT: "f4",
     RECORD: "f8",

@@ -3,7 +3,10 @@
 No collective or barrier over the world runs per round. A node's round ``r``:
 
 1. trains locally (``stages.train``) and posts its backbone, versioned ``r``, to its neighbours
-   (non-blocking; only the newest version per sender is kept by the receivers);
+   (non-blocking; only the newest version per sender is kept by the receivers); with
+   ``clustering.backbone_sketch`` it posts the clustering payload alone (with the backbone's
+   sketch) and, once the round's partition is known (step 3), the whole backbone to its
+   group-mates only;
 2. in the rounds that cluster, waits until it holds every neighbour's version ``>= r - S``
    (``federation.max_staleness``; -1: any version, so only until a first one is in), proposes
    a partition from those versions and starts the agreement of epoch ``r``: a non-blocking
@@ -133,6 +136,11 @@ class AsyncRounds:
         self.start_round = 1
         grouper = fed.grouper  # agreements only for a clustering grouper (fixed groups need none)
         self.clusterer = grouper if isinstance(grouper, TaskAwareClustering) else None
+        # clustering.backbone_sketch: BACKBONE messages carry the clustering payload alone (its
+        # backbone sketch standing for the backbone), kept per sender in ``views``; the whole
+        # backbone goes to the group-mates only (MIX messages, kept in ``held``)
+        self.sketched = not getattr(grouper, "sends_backbone", True)
+        self.views: dict[int, tuple[int, torch.Tensor]] = {}
         # cross-group stage: HCA over group deltas of the trainable entries, or (``mean``) the
         # mean of whole group backbones; the length of what DELTA and RESULT messages carry
         self.mean_cross = isinstance(fed.cross, MeanOfGroups)
@@ -165,14 +173,19 @@ class AsyncRounds:
     def handle(self, src: int, kind: int, data: Any) -> None:
         """One arrived message (called from :meth:`serve`)."""
         p = self.cross_numel
-        if kind == mb.BACKBONE:
-            data = self._model(src, data, self.numel + self.payload_numel, "backbone")
+        if kind == mb.BACKBONE and self.sketched:
+            data = self._model(src, data, self.payload_numel, "clustering view")
+            if data is not None and (src not in self.views or int(data[0]) > self.views[src][0]):
+                self.views[src] = (int(data[0]), data[HEADER:])
+        elif kind in (mb.BACKBONE, mb.MIX):
+            extra_numel = 0 if kind == mb.MIX else self.payload_numel
+            data = self._model(src, data, self.numel + extra_numel, "backbone")
             if data is None:
                 return
             v = int(data[0])
             if src not in self.held or v > self.held[src][0]:
                 b = data[HEADER : HEADER + self.numel]
-                extra = data[HEADER + self.numel :] if self.payload_numel > 0 else None
+                extra = data[HEADER + self.numel :] if extra_numel > 0 else None
                 self.held[src] = (v, b, extra, float(data[3]))
                 self.held_tag[src] = (int(data[1]), int(data[2]))
         elif kind == mb.DELTA:
@@ -222,15 +235,18 @@ class AsyncRounds:
     def _wanted(self, r: int) -> str:
         return "(a first version)" if self.S < 0 else f"of round {r - self.S} or newer"
 
-    def fresh(self, j: int, r: int) -> bool:
-        """Whether the version held of peer ``j`` may be used in round ``r``."""
+    def fresh(self, j: int, r: int, view: bool = False) -> bool:
+        """Whether the version held of peer ``j`` may be used in round ``r`` (``view``: its
+        clustering view, which is the backbone message itself unless sketched)."""
+        if view and self.sketched:
+            return j in self.views and self.recent(self.views[j][0], r)
         return j in self.held and self.recent(self.held[j][0], r)
 
-    def present(self, j: int, r: int) -> bool:
+    def present(self, j: int, r: int, view: bool = False) -> bool:
         """Whether round ``r`` may go on without waiting more for peer ``j``: a version it may
         use (with unbounded staleness: any version at all), a refused one of the same age, or
         the peer is done."""
-        if self.fresh(j, r) or j in self.done:
+        if self.fresh(j, r, view) or j in self.done:
             return True
         return j in self.refused_in and self.recent(self.refused_in[j], r)
 
@@ -282,14 +298,14 @@ class AsyncRounds:
             assert (0 if ctx.payload is None else ctx.payload.numel()) == self.payload_numel
             head = ctx.own.new_tensor([r, *self.applied, fed.weight()])
             live = [j for j in neighbours if j not in self.done]
-            body = torch.cat([head, ctx.own, *extra])
+            body = torch.cat([head, *extra] if self.sketched else [head, ctx.own, *extra])
             if corrupt_hook(r, self.rank):
                 body[HEADER] = float("nan")
             self.mail.post(live, mb.BACKBONE, body, latest=True)
         if self.clusters(r):
             self.wait(
-                lambda: all(self.present(j, r) for j in neighbours),
-                f"its neighbours' backbones {self._wanted(r)}",
+                lambda: all(self.present(j, r, view=True) for j in neighbours),
+                f"its neighbours' {'views' if self.sketched else 'backbones'} {self._wanted(r)}",
                 neighbours,
             )
         ctx.seconds["exchange"] = time.perf_counter() - t
@@ -306,6 +322,17 @@ class AsyncRounds:
         ctx.groups = groups
         ctx.leaders = leader_flags(groups, r)
         ctx.seconds["clustering"] = time.perf_counter() - t
+        if self.sketched and fed.intra is not None and groups[self.rank] >= 0:
+            # the mates of this round's partition (the same on every rank) mix whole backbones
+            same = np.flatnonzero(groups == groups[self.rank])
+            mates = [int(j) for j in same if int(j) in neighbours and j != self.rank]
+            head = ctx.own.new_tensor([r, *self.applied, fed.weight()])
+            self.mail.post(
+                [j for j in mates if j not in self.done],
+                mb.MIX,
+                torch.cat([head, ctx.own]),
+                latest=True,
+            )
         return groups
 
     def _view(self, ctx: RoundContext, peers: list[int]) -> None:
@@ -313,12 +340,16 @@ class AsyncRounds:
         received backbones and payloads; their staleness goes to the record."""
         ctx.received, ctx.payloads = {}, {}
         for j in peers:
-            if self.fresh(j, ctx.r):
+            if not self.fresh(j, ctx.r, view=True):
+                continue
+            if self.sketched:
+                v, ctx.payloads[j] = self.views[j]
+            else:
                 v, b, extra, _ = self.held[j]
                 ctx.received[j] = b
                 if extra is not None:
                     ctx.payloads[j] = extra
-                ctx.staleness[j] = ctx.r - v
+            ctx.staleness[j] = ctx.r - v
 
     def _partition(self, ctx: RoundContext) -> np.ndarray:
         """Round ``r``'s partition: fixed groups, the agreed epoch, or the last one kept."""

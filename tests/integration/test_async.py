@@ -71,7 +71,7 @@ def read(path: Path) -> dict[str, np.ndarray]:
         out = {k: np.asarray(f[k][()]) for k in (
             "round/group", "round/leader", "round/clock", "round/partition_stamp",
             "round/test_loss", "async/staleness", "async/leader_staleness", "defense/refused",
-            "epoch/val_loss", "round/seconds/local_train",
+            "epoch/val_loss", "round/seconds/local_train", "round/bytes_sent",
         )}  # fmt: skip
         out["status"] = np.asarray(f.attrs["status"])
         out["checkpoint_round"] = np.asarray(f.attrs.get("checkpoint_round", 0))
@@ -110,6 +110,8 @@ def test_random_slowdowns_no_hang_every_record_once(tmp_path: Path, n: int, stal
     corrupt = {"COLNET_TEST_CORRUPT": "2:1"} if n == 4 else {}
     ring = ["federation.topology=ring"] if n == 6 else []  # mixing and views from neighbours only
     fedper = ["federation.scheme=fedper"] if n == 4 else []  # the mean cross stage, stale
+    # views from sketches, whole backbones to the group-mates only
+    sketch = ["clustering.backbone_sketch=256"] if n == 6 else []
     proc = launch(
         config(tmp_path, slow),
         out,
@@ -117,6 +119,7 @@ def test_random_slowdowns_no_hang_every_record_once(tmp_path: Path, n: int, stal
         f"federation.max_staleness={staleness}",
         *ring,
         *fedper,
+        *sketch,
         env=corrupt,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -134,14 +137,20 @@ def test_random_slowdowns_no_hang_every_record_once(tmp_path: Path, n: int, stal
 @pytest.mark.mpi
 @pytest.mark.slow
 def test_staleness_zero_groups_and_leads_like_sync(tmp_path: Path):
-    """S = 0 forms the groups and picks the leaders of synchronous mode (colnet). With the
+    """S = 0 forms the groups and picks the leaders of synchronous mode (colnet, and with
+    clustering.backbone_sketch: views from sketches, whole backbones to the mates). With the
     fedper scheme (leaders post group backbones; every node adds the mean of the groups minus
     its own group's) it also learns what synchronous FedPer learns: the same models up to float
     rounding, so the same test losses."""
     cfg = config(tmp_path, [1.0] * 4)
     runs, outs = [], {}
-    for scheme in ("colnet", "fedper"):
-        sets = [*SMALL, "training.rounds=2", f"federation.scheme={scheme}"]
+    variants = {
+        "colnet": ["federation.scheme=colnet"],
+        "fedper": ["federation.scheme=fedper"],
+        "sketch": ["clustering.backbone_sketch=256"],  # views from sketches, MIX to mates
+    }
+    for scheme, extra in variants.items():
+        sets = [*SMALL, "training.rounds=2", *extra]
         common = [a for x in sets for a in ("--set", x)]
         a, s = tmp_path / f"async_{scheme}.h5", tmp_path / f"sync_{scheme}.h5"
         outs[scheme] = (a, s)
@@ -149,7 +158,7 @@ def test_staleness_zero_groups_and_leads_like_sync(tmp_path: Path):
             ["run", str(cfg), "--out", str(a), *common, "--set", "federation.max_staleness=0"],
             ["run", str(cfg), "--out", str(s), *common, "--set", "federation.mode=sync"],
         ]
-    proc = run_mpi(4, colnet_batch(*runs), timeout=300)  # all four in one launch
+    proc = run_mpi(4, colnet_batch(*runs), timeout=300)  # all in one launch
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for scheme, (a, s) in outs.items():
         da, ds = read(a), read(s)
@@ -157,6 +166,10 @@ def test_staleness_zero_groups_and_leads_like_sync(tmp_path: Path):
         assert np.array_equal(da["round/leader"], ds["round/leader"]), scheme
         assert np.nanmax(np.abs(da["async/staleness"])) == 0
         assert np.isnan(ds["async/staleness"]).all()
+    # sketched: each node sends its 3 neighbours a view and its 1 mate its backbone, instead
+    # of its backbone to all 3
+    sent = {v: read(outs[v][0])["round/bytes_sent"][1:].mean() for v in ("colnet", "sketch")}
+    assert sent["sketch"] < 0.8 * sent["colnet"], sent  # measured: 0.61
     da, ds = (read(x) for x in outs["fedper"])
     assert len(np.unique(da["round/group"][-1])) == 2  # two groups: the cross stage ran
     assert np.allclose(da["round/test_loss"], ds["round/test_loss"], rtol=1e-4, atol=0)
