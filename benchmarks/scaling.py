@@ -9,7 +9,10 @@ seconds per round and the final ARI.
 Variants: ``full`` (every node exchanges whole backbones with every other: the default),
 ``full-sketch`` (the full graph, but the exchange carries ``clustering.backbone_sketch = 256``
 sketch entries and the data profile instead of the backbone) and ``sparse``
-(``federation.topology = "kregular"`` with ``federation.degree = 4`` and the same sketch). Each
+(``federation.topology = "kregular"`` with ``federation.degree = 4`` and the same sketch);
+``--variants async-full async-sketch`` measures asynchronous rounds (S = 1) with whole backbones
+to every neighbour, or sketched views to every neighbour and whole backbones to the group-mates
+only. Each
 line also shows what the run adds to a rank's private memory (USS at the end minus USS after the
 imports: data, model, optimizer, buffers, received models) and the PSS of all ranks together.
 It then fits bytes, USS and the run's addition = a + b·N per variant and extrapolates to 1,024
@@ -37,7 +40,16 @@ VARIANTS = {
         "federation.degree=4",
         "clustering.backbone_sketch=256",
     ],
+    # asynchronous rounds (not in the default grid): whole backbones to every neighbour, or
+    # sketched views to every neighbour and whole backbones to the group-mates only
+    "async-full": ["federation.mode=async", "federation.max_staleness=1"],
+    "async-sketch": [
+        "federation.mode=async",
+        "federation.max_staleness=1",
+        "clustering.backbone_sketch=256",
+    ],
 }
+DEFAULT_VARIANTS = ["full", "full-sketch", "sparse"]
 
 
 def config_text(n: int) -> str:
@@ -102,7 +114,7 @@ def main() -> None:
     """Run the grid, print the table and the fitted models."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--nodes", type=int, nargs="+", default=[6, 16, 32, 64])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     p.add_argument("--out", type=Path, default=Path("scaling_runs"))
     p.add_argument("--timeout", type=float, default=1800)
     args = p.parse_args()
