@@ -10,9 +10,9 @@ Variants: ``full`` (every node exchanges whole backbones with every other: the d
 ``full-sketch`` (the full graph, but the exchange carries ``clustering.backbone_sketch = 256``
 sketch entries and the data profile instead of the backbone) and ``sparse``
 (``federation.topology = "kregular"`` with ``federation.degree = 4`` and the same sketch);
-``--variants async-full async-sketch`` measures asynchronous rounds (S = 1) with whole backbones
-to every neighbour, or sketched views to every neighbour and whole backbones to the group-mates
-only. Each
+``--variants async-full async-sketch async-sparse`` measures asynchronous rounds (S = 1) with
+whole backbones to every neighbour, sketched views to every neighbour and whole backbones to the
+group-mates only, and the latter on the 4-regular graph. Each
 line also shows what the run adds to a rank's private memory (USS at the end minus USS after the
 imports: data, model, optimizer, buffers, received models) and the PSS of all ranks together.
 It then fits bytes, USS and the run's addition = a + b·N per variant and extrapolates to 1,024
@@ -46,6 +46,13 @@ VARIANTS = {
     "async-sketch": [
         "federation.mode=async",
         "federation.max_staleness=1",
+        "clustering.backbone_sketch=256",
+    ],
+    "async-sparse": [
+        "federation.mode=async",
+        "federation.max_staleness=1",
+        "federation.topology=kregular",
+        "federation.degree=4",
         "clustering.backbone_sketch=256",
     ],
 }
