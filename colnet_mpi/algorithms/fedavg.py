@@ -11,6 +11,7 @@ __all__ = [
     "group_delta",
     "mean_from_sum",
     "staleness_weights",
+    "streamed_average",
     "weighted_average",
     "with_weight",
 ]
@@ -35,6 +36,13 @@ def weighted_average(vectors: torch.Tensor, weights: Sequence[float] | None = No
         raise ValueError("vectors must hold at least one row (n >= 1), got n = 0")
     if weights is None:
         return vectors.mean(dim=0)
+    coef = torch.tensor(_shares(weights, n), dtype=vectors.dtype, device=vectors.device)
+    return coef @ vectors
+
+
+def _shares(weights: Sequence[float], n: int) -> list[float]:
+    """``weights`` divided by their sum, after checking them (one per row, finite, >= 0, with a
+    positive sum)."""
     w = [float(x) for x in weights]
     if len(w) != n:
         raise ValueError(f"weights must have one entry per row: expected {n}, got {len(w)}")
@@ -44,8 +52,25 @@ def weighted_average(vectors: torch.Tensor, weights: Sequence[float] | None = No
     total = math.fsum(w)
     if total <= 0.0:
         raise ValueError(f"weights must have a positive sum, got sum {total!r} for {w}")
-    coef = torch.tensor([x / total for x in w], dtype=vectors.dtype, device=vectors.device)
-    return coef @ vectors
+    return [x / total for x in w]
+
+
+def streamed_average(rows: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """The weighted mean of ``rows`` (each of shape ``(P,)``), accumulated in float64 one row
+    at a time: :func:`weighted_average` of their float64 stack up to rounding, without holding
+    the ``(n, P)`` float64 stack (memory O(P) whatever n is). Returns float64."""
+    if not rows:
+        raise ValueError("rows must hold at least one vector, got none")
+    shares = _shares(weights, len(rows))
+    first = rows[0]
+    out = torch.zeros(first.numel(), dtype=torch.float64, device=first.device)
+    for share, row in zip(shares, rows, strict=True):
+        if row.shape != first.shape:
+            raise ValueError(
+                f"rows must have one shape, got {tuple(row.shape)} and {tuple(first.shape)}"
+            )
+        out.add_(row.reshape(-1).to(torch.float64), alpha=share)
+    return out
 
 
 def staleness_weights(

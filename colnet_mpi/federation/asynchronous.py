@@ -46,6 +46,7 @@ from colnet_mpi.algorithms.clustering import adjusted_rand, leader_flags, partit
 from colnet_mpi.algorithms.fedavg import (
     group_delta,
     staleness_weights,
+    streamed_average,
     uncarried_share,
     weighted_average,
 )
@@ -400,8 +401,7 @@ class AsyncRounds:
                 for j in used:
                     ctx.staleness[j] = r - self.held[j][0]
                 w = staleness_weights(base, age, fed.config.federation.staleness_decay)
-                mixed = weighted_average(torch.stack(rows).double(), w)
-                ctx.new = mixed.to(ctx.own.dtype)
+                ctx.new = streamed_average(rows, w).to(ctx.own.dtype)
                 self.mixed = {self.rank: (w[0], r, self.applied, ctx.own)}
                 for j, wj in zip(used, w[1:], strict=True):
                     self.mixed[j] = (wj, self.held[j][0], self.held_tag[j], self.held[j][1])
@@ -509,8 +509,8 @@ class AsyncRounds:
         keep = [m for m in self.mixed.values() if m[1] <= ctx.r]
         if len(keep) == len(self.mixed):
             return ctx.intra_new
-        rows = torch.stack([row for _, _, _, row in keep]).double()
-        return weighted_average(rows, [w for w, _, _, _ in keep]).to(ctx.own.dtype)
+        rows = [row for _, _, _, row in keep]
+        return streamed_average(rows, [w for w, _, _, _ in keep]).to(ctx.own.dtype)
 
     def _mean_of_groups(self, ctx: RoundContext) -> torch.Tensor:
         """The ``mean`` cross aggregator over the group backbones in ``ctx.deltas``: the update

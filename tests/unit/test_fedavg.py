@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from colnet_mpi.algorithms.fedavg import weighted_average
+from colnet_mpi.algorithms.fedavg import streamed_average, weighted_average
 
 
 def test_equal_weights_match_numpy_mean():
@@ -50,3 +50,22 @@ def test_bad_vectors_raise():
         weighted_average(torch.ones(0, 4))
     with pytest.raises(ValueError, match="floating"):
         weighted_average(torch.ones(2, 4, dtype=torch.int64))
+
+
+def test_streamed_average_is_the_stacked_average_without_the_stack():
+    gen = torch.Generator().manual_seed(3)
+    rows = [torch.randn(1000, generator=gen) for _ in range(5)]
+    w = [1.0, 0.5, 2.0, 0.25, 1.0]
+    got = streamed_average(rows, w)
+    want = weighted_average(torch.stack(rows).double(), w)
+    assert got.dtype == torch.float64
+    assert torch.allclose(got, want, rtol=0, atol=1e-12)
+    assert not torch.allclose(got, weighted_average(torch.stack(rows).double()), atol=1e-3)
+    with pytest.raises(ValueError, match="one entry per row"):
+        streamed_average(rows, w[:2])
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        streamed_average(rows, [1.0, -1.0, 1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="one shape"):
+        streamed_average([rows[0], rows[1][:10]], [1.0, 1.0])
+    with pytest.raises(ValueError, match="at least one"):
+        streamed_average([], [])
