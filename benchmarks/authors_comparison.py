@@ -43,6 +43,8 @@ import threading
 import time
 from pathlib import Path
 
+from colnet_mpi.bench import memory_now
+
 ROOT = Path(__file__).resolve().parents[1]
 
 AUTHORS_CONFIG = """general:
@@ -101,16 +103,8 @@ def _descendants(pid: int) -> list[int]:
 
 
 def _pss_mb(pids: list[int]) -> float:
-    total = 0
-    for p in pids:
-        try:
-            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1])
-                    break
-        except OSError:
-            continue
-    return total / 1024
+    """Summed PSS of ``pids`` in MB (processes that are gone count nothing)."""
+    return sum(p for p in (memory_now(pid)[0] for pid in pids) if p == p) / 2**20
 
 
 def timed(cmd: list[str], cwd: Path, log: Path, env: dict[str, str] | None = None) -> dict:

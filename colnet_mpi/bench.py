@@ -100,14 +100,15 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def memory_now() -> tuple[float, float]:
-    """This process's (PSS, USS) now in bytes (Linux; NaN elsewhere). PSS, the proportional set
+def memory_now(pid: int | str = "self") -> tuple[float, float]:
+    """A process's (PSS, USS) now in bytes (this one by default; Linux; NaN elsewhere or when
+    the process is gone). PSS, the proportional set
     size, counts shared pages (the libraries that every rank maps, such as torch's) once across
     the processes that share them, so the sum over the ranks of a host is the memory they really
     take; USS, the unique set size, is what this rank alone holds (private pages)."""
     fields: dict[str, float] = {}
     try:
-        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
             key, _, rest = line.partition(":")
             if key in ("Pss", "Private_Clean", "Private_Dirty"):
                 fields[key] = float(rest.split()[0]) * 1024

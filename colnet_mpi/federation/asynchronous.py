@@ -146,6 +146,7 @@ class AsyncRounds:
         # mean of whole group backbones; the length of what DELTA and RESULT messages carry
         self.mean_cross = isinstance(fed.cross, MeanOfGroups)
         self.cross_numel = self.numel if self.mean_cross else fed.node.flat.n_trainable
+        self.cross_psi = 1.0 if self.mean_cross else cfg.hca.psi  # weight of a leader update
 
     # -- schedule ------------------------------------------------------------------------------
     def clusters(self, r: int) -> bool:
@@ -173,7 +174,7 @@ class AsyncRounds:
 
     def handle(self, src: int, kind: int, data: Any) -> None:
         """One arrived message (called from :meth:`serve`)."""
-        p = self.cross_numel
+        cross = self.cross_numel
         if kind == mb.BACKBONE and self.sketched:
             data = self._model(src, data, self.payload_numel, "clustering view")
             if data is not None and (src not in self.views or int(data[0]) > self.views[src][0]):
@@ -190,11 +191,11 @@ class AsyncRounds:
                 self.held[src] = (v, b, extra, float(data[3]))
                 self.held_tag[src] = (int(data[1]), int(data[2]))
         elif kind == mb.DELTA:
-            data = self._model(src, data, p, "group delta")
+            data = self._model(src, data, cross, "group delta")
             if data is not None and (src not in self.deltas or int(data[0]) > self.deltas[src][0]):
                 self.deltas[src] = (int(data[0]), int(data[1]), data[HEADER:])
         elif kind == mb.RESULT:
-            data = self._model(src, data, p, "leader update")
+            data = self._model(src, data, cross, "leader update")
             if data is not None and (
                 src not in self.results or int(data[0]) > self.results[src][0]
             ):
@@ -297,7 +298,7 @@ class AsyncRounds:
             ctx.payload = fed.grouper.payload(ctx, ctx.own)
             extra = [] if ctx.payload is None else [ctx.payload.to(ctx.own.device).reshape(-1)]
             assert (0 if ctx.payload is None else ctx.payload.numel()) == self.payload_numel
-            head = ctx.own.new_tensor([r, *self.applied, fed.weight()])
+            head = self._backbone_head(ctx)
             live = [j for j in neighbours if j not in self.done]
             body = torch.cat([head, *extra] if self.sketched else [head, ctx.own, *extra])
             if corrupt_hook(r, self.rank):
@@ -327,14 +328,17 @@ class AsyncRounds:
             # the mates of this round's partition (the same on every rank) mix whole backbones
             same = np.flatnonzero(groups == groups[self.rank])
             mates = [int(j) for j in same if int(j) in neighbours and j != self.rank]
-            head = ctx.own.new_tensor([r, *self.applied, fed.weight()])
             self.mail.post(
                 [j for j in mates if j not in self.done],
                 mb.MIX,
-                torch.cat([head, ctx.own]),
+                torch.cat([self._backbone_head(ctx), ctx.own]),
                 latest=True,
             )
         return groups
+
+    def _backbone_head(self, ctx: RoundContext) -> torch.Tensor:
+        """The header of this round's BACKBONE and MIX messages (see :data:`HEADER`)."""
+        return ctx.own.new_tensor([ctx.r, *self.applied, self.fed.weight()])
 
     def _view(self, ctx: RoundContext, peers: list[int]) -> None:
         """The held versions of ``peers`` that round ``ctx.r`` may use, as the context's
@@ -495,8 +499,9 @@ class AsyncRounds:
             mixed = list(self.mixed.values())
             share = uncarried_share([m[0] for m in mixed], [m[2] for m in mixed], got)
             if flag and share > 0.0:
-                psi = 1.0 if self.mean_cross else fed.config.hca.psi
-                ctx.new = apply_update(ctx.intra_new, update, psi * share, self.cross_numel)
+                ctx.new = apply_update(
+                    ctx.intra_new, update, self.cross_psi * share, self.cross_numel
+                )
             ctx.leader_staleness = float(r - v)
             self.applied = got
         return True
@@ -518,7 +523,7 @@ class AsyncRounds:
         assert ctx.deltas is not None
         rows = ctx.deltas
         update = (weighted_average(rows.double()) - rows[ctx.row].double()).to(rows.dtype)
-        ctx.new = apply_update(ctx.intra_new, update, 1.0, self.cross_numel)
+        ctx.new = apply_update(ctx.intra_new, update, self.cross_psi, self.cross_numel)
         return update
 
     def _hca(self, ctx: RoundContext) -> torch.Tensor | None:
