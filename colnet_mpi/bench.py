@@ -278,9 +278,10 @@ def figures(path: Path, gathered: dict[str, Any], warmup: int) -> dict[str, Any]
     secs["other"] = secs["total"] - sum(secs[s] for s in BENCH_STAGES)
     stages = {s: _stats(secs[s][keep]) for s in (*BENCH_STAGES, "other", "total")}
     total, train = stages["total"]["mean_rank"], stages["local_train"]["mean_rank"]
-    epochs = config.training.local_epochs
+    t = config.training
+    per_epoch = t.steps_per_epoch * t.batch_size if t.steps_per_epoch else gathered["n_train"]
     per_rank_train = secs["local_train"][keep].mean(axis=0)
-    images = gathered["n_train"] * epochs / np.maximum(per_rank_train, 1e-12)
+    images = per_epoch * t.local_epochs / np.maximum(per_rank_train, 1e-12)
     ex = gathered["exchange"]
     recv = ex["bytes_received_per_rank"]
     throughput = {k: recv / v / 1e6 if v > 0 else math.nan for k, v in ex["seconds"].items()}

@@ -190,6 +190,9 @@ class TrainingConfig:
     # wall time (the node sleeps for the rest), so that ranks sharing a machine behave like nodes
     # with one device each of a set speed; 0 = off (an epoch takes what it takes)
     epoch_seconds: float = 0.0
+    # optimizer steps in every local epoch of every node, drawn from passes over the node's data
+    # that are each a fresh permutation; 0 = one pass over the node's data (its size decides)
+    steps_per_epoch: int = 0
     single_label: OptimizerConfig = field(
         default_factory=lambda: OptimizerConfig(
             name="sgd", lr=0.01, momentum=0.9, weight_decay=1e-3
@@ -215,6 +218,8 @@ class TrainingConfig:
             _at_most(f"training.{key}", getattr(self, key), 65_536, "a typo guard")
         _positive("training.grad_clip", self.grad_clip, allow_zero=True)
         _positive("training.epoch_seconds", self.epoch_seconds, allow_zero=True)
+        _positive("training.steps_per_epoch", self.steps_per_epoch, allow_zero=True)
+        _at_most("training.steps_per_epoch", self.steps_per_epoch, 1_000_000, "a typo guard")
         _at_most("training.epoch_seconds", self.epoch_seconds, 86_400.0, "a typo guard: one day")
         for kind in ("single_label", "multi_label", "landmarks"):
             getattr(self, kind).validate(f"training.{kind}")

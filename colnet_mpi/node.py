@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, RandomSampler, default_collate
 
 from colnet_mpi.algorithms.signals import loss_and_jacobian
 from colnet_mpi.comm.buffers import FlatState
@@ -70,16 +70,25 @@ def _loader(
     workers: int,
     pin_memory: bool,
     generator: torch.Generator | None = None,
+    steps: int = 0,
 ) -> DataLoader[Any]:
     """A loader over ``split``, shuffled by ``generator`` if one is given (the training loader).
+
+    ``steps`` > 0 (with a generator) makes every pass of the loader exactly that many batches of
+    ``batch_size``: the samples come from back-to-back permutations of ``split``, each drawn
+    afresh, the last one cut where the count is reached. 0 = one permutation of ``split``.
 
     Worker processes (``data.workers`` > 0) start from a fork server rather than by forking this
     rank: forking a process that has initialised MPI is unsafe with some interconnects.
     """
+    sampler = None
+    if steps and generator is not None:
+        sampler = RandomSampler(split, num_samples=steps * batch_size, generator=generator)
     return DataLoader(
         split,
         batch_size=batch_size,
-        shuffle=generator is not None,
+        shuffle=generator is not None and sampler is None,
+        sampler=sampler,
         generator=generator,
         num_workers=workers,
         persistent_workers=workers > 0,
@@ -144,7 +153,9 @@ class Node:
         self.generator = gen = torch.Generator().manual_seed(derive_seed(seed, 3, rank))
         workers, pin = config.data.workers, device.type == "cuda"
         # local training iterates the augmented view (if the dataset has one), never val/test
-        self.train_loader = _loader(self.data.training_view(), t.batch_size, workers, pin, gen)
+        self.train_loader = _loader(
+            self.data.training_view(), t.batch_size, workers, pin, gen, t.steps_per_epoch
+        )
         self.val_loader = _loader(self.data.val, t.eval_batch_size, workers, pin)
         self.test_loader = _loader(self.data.test, t.eval_batch_size, workers, pin)
         # clustering signals: the first items of the un-augmented training split

@@ -333,6 +333,8 @@ def test_bad_choice_names_key_and_allowed_values(tmp_path, section, line, key, a
         ("training", "epoch_seconds = -0.5", "training.epoch_seconds"),
         ("training", "epoch_seconds = inf", "training.epoch_seconds"),
         ("training", "epoch_seconds = 1e9", "training.epoch_seconds"),
+        ("training", "steps_per_epoch = -1", "training.steps_per_epoch"),
+        ("training", "steps_per_epoch = 10_000_000", "training.steps_per_epoch"),
         ("training.single_label", "lr = 0.0", "training.single_label.lr"),
         ("training.single_label", "lr = nan", "training.single_label.lr"),
         ("training.single_label", "lr = inf", "training.single_label.lr"),

@@ -32,3 +32,26 @@ def test_epoch_line_names_round_epoch_losses_and_time() -> None:
         line.strip() == "round 3/15 epoch 1/2: train loss 0.4123, val loss 0.3988 (34.5s on rank 0)"
     )
     assert EPOCH_LINE_SECONDS > 0
+
+
+def test_steps_per_epoch_fixes_the_batches_of_every_epoch() -> None:
+    """training.steps_per_epoch = k: every epoch takes k full batches from back-to-back fresh
+    permutations of the node's training split, whatever its size; 0 keeps one pass."""
+    base = ["model.width=4", "data.samples_per_node=32", "training.batch_size=8"]
+    path = ROOT / "configs" / "quickstart.toml"
+    one_pass = Node(load_config(path, base), 3, torch.device("cpu"))
+    n = len(one_pass.train_loader.dataset)  # type: ignore[arg-type]
+    assert 8 < n < 32 and len(one_pass.train_loader) == -(-n // 8)
+    node = Node(load_config(path, [*base, "training.steps_per_epoch=7"]), 3, torch.device("cpu"))
+    assert len(node.train_loader) == 7
+    passes = []
+    for _ in range(2):
+        batches = [y for _, y in node.train_loader]
+        assert [len(y) for y in batches] == [8] * 7
+        order = list(node.train_loader.sampler)
+        assert len(order) == 56 and sorted(order[:n]) == list(range(n))
+        assert sorted(order[n : 2 * n]) == list(range(n))  # the second permutation is whole too
+        passes.append(order)
+    assert passes[0] != passes[1]  # each epoch draws afresh
+    train, val = node.train_local(2)
+    assert len(train) == len(val) == 2 and all(t == t for t in train)
