@@ -7,7 +7,8 @@ import ctypes
 import functools
 import random
 import time
-from collections.abc import Callable
+import typing
+from collections.abc import Callable, Sized
 from typing import Any
 
 import numpy as np
@@ -83,7 +84,9 @@ def _loader(
     """
     sampler = None
     if steps and generator is not None:
-        sampler = RandomSampler(split, num_samples=steps * batch_size, generator=generator)
+        sampler = RandomSampler(
+            typing.cast(Sized, split), num_samples=steps * batch_size, generator=generator
+        )
     return DataLoader(
         split,
         batch_size=batch_size,
