@@ -1,7 +1,5 @@
 """``python -m colnet_mpi`` is the same as the ``colnet-mpi`` console script."""
 
-import sys
+from colnet_mpi.cli import entry
 
-from colnet_mpi.cli import main
-
-sys.exit(main())
+entry()

@@ -14,11 +14,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from scipy.cluster.hierarchy import cut_tree, linkage
 from scipy.linalg import eigh, qr, svd
 from scipy.sparse.csgraph import laplacian
 from scipy.sparse.linalg import eigsh
-from scipy.spatial.distance import squareform
 
 from colnet_mpi.metrics.partition import adjusted_rand
 
@@ -346,6 +344,11 @@ def consensus_partition(proposals: np.ndarray, k: int | None) -> np.ndarray:
     dist = 1.0 - 0.5 * (a + a.T)
     np.fill_diagonal(dist, 0.0)
     dist = np.clip(dist, 0.0, 1.0)
+    # imported here: scipy.cluster pulls in scipy.spatial (0.3 s per rank), which runs with
+    # fixed groups never need
+    from scipy.cluster.hierarchy import cut_tree, linkage
+    from scipy.spatial.distance import squareform
+
     z = linkage(squareform(dist, checks=False), method="average")
     # cut_tree applies merges in order of height and breaks equal heights by tree position, not by
     # linkage row; heights replaced by the row index make it apply exactly the first N - k rows
