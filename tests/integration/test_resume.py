@@ -16,11 +16,13 @@ from tests.reference import differences, fingerprint
 
 QUICK = str(ROOT / "configs" / "quickstart.toml")
 #: colnet with clustering, screening + leader verification, a label-flipping node (whose
-#: random draws must be restored too), shrunk so that a 5-round run takes seconds
+#: random draws must be restored too), 5 batches of 16 per epoch from 51 training samples (the
+#: loader's permutations run across passes), shrunk so that a 5-round run takes seconds
 ARGS = [
     "--set", "training.rounds=5", "--set", "data.samples_per_node=64",
     "--set", "data.test_samples=48", "--set", "model.width=4",
     "--set", "clustering.max_batches=1", "--set", "training.local_epochs=1",
+    "--set", "training.steps_per_epoch=5",
     "--set", "attack.kind=label_flip",
     "--set", "defense.screening=true", "--set", "defense.verify_leader=true",
 ]  # fmt: skip
