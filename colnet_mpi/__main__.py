@@ -1,5 +1,7 @@
 """``python -m colnet_mpi`` is the same as the ``colnet-mpi`` console script."""
 
-from colnet_mpi.cli import entry
+import sys
 
-entry()
+from colnet_mpi.cli import main
+
+sys.exit(main())

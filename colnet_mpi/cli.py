@@ -494,8 +494,6 @@ def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
     if callable(after):
         after(federation)
     topology.free()
-    global _FINISHED_CLEANLY
-    _FINISHED_CLEANLY = config.data.workers == 0  # no loader processes left to stop
     return 0
 
 
@@ -570,30 +568,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise AssertionError(args.command)  # pragma: no cover
 
 
-#: Set by a ``run`` (or ``bench``) that finished normally with every file closed and no
-#: data-loader worker processes: :func:`entry` may then skip the interpreter's teardown.
-_FINISHED_CLEANLY = False
-
-
-def entry() -> None:
-    """The ``colnet-mpi`` console script and ``python -m colnet_mpi``: :func:`main`, then exit.
-
-    After a run that finished normally, the output is flushed, MPI is finalized and the process
-    ends at once (``os._exit``): tearing down torch's interpreter state takes about 0.5 s of CPU
-    per rank for nothing, paid by every rank at the end of every job. Every other way out (an
-    error, ``--help``, the other commands) is a normal ``sys.exit``.
-    """
-    rc = main()
-    if not _FINISHED_CLEANLY:
-        sys.exit(rc)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    from mpi4py import MPI
-
-    if MPI.Is_initialized() and not MPI.Is_finalized():
-        MPI.Finalize()
-    os._exit(rc)
-
-
 if __name__ == "__main__":  # pragma: no cover
-    entry()
+    sys.exit(main())
