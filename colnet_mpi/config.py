@@ -218,9 +218,9 @@ class TrainingConfig:
             _at_most(f"training.{key}", getattr(self, key), 65_536, "a typo guard")
         _positive("training.grad_clip", self.grad_clip, allow_zero=True)
         _positive("training.epoch_seconds", self.epoch_seconds, allow_zero=True)
+        _at_most("training.epoch_seconds", self.epoch_seconds, 86_400.0, "a typo guard: one day")
         _positive("training.steps_per_epoch", self.steps_per_epoch, allow_zero=True)
         _at_most("training.steps_per_epoch", self.steps_per_epoch, 1_000_000, "a typo guard")
-        _at_most("training.epoch_seconds", self.epoch_seconds, 86_400.0, "a typo guard: one day")
         for kind in ("single_label", "multi_label", "landmarks"):
             getattr(self, kind).validate(f"training.{kind}")
 

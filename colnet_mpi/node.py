@@ -7,9 +7,8 @@ import ctypes
 import functools
 import random
 import time
-import typing
 from collections.abc import Callable, Sized
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -85,7 +84,7 @@ def _loader(
     sampler = None
     if steps and generator is not None:
         sampler = RandomSampler(
-            typing.cast(Sized, split), num_samples=steps * batch_size, generator=generator
+            cast(Sized, split), num_samples=steps * batch_size, generator=generator
         )
     return DataLoader(
         split,

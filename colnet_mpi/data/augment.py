@@ -154,6 +154,7 @@ def _from_hsv(hsv: torch.Tensor) -> torch.Tensor:
     t = sat_frac.add_(unsat).mul_(value).clamp_(0.0, 1.0)
     p = unsat.mul_(value).clamp_(0.0, 1.0)
     table = torch.tensor(_SEXTANT_CHANNELS, dtype=torch.long, device=hsv.device)
+    # an indexed read within one tensor (torch.gather), not communication: nothing leaves the rank
     return torch.gather(torch.stack((value, p, q, t), dim=0), 0, table[:, sextant])
 
 
