@@ -235,6 +235,20 @@ def main(argv: list[str] | None = None) -> int:
         default=["1", "2", "-1"],
         help="the max_staleness values of the asynchronous runs with a straggler (-1: unbounded)",
     )
+    p.add_argument(
+        "--catch-up",
+        type=int,
+        default=0,
+        help="federation.catch_up of the asynchronous runs (0: off): a node that many rounds "
+        "behind its most advanced neighbour trains one local epoch per round",
+    )
+    p.add_argument(
+        "--scenarios",
+        nargs="+",
+        choices=("slow", "even"),
+        default=["slow", "even"],
+        help="which scenarios to run (default both)",
+    )
     p.add_argument("--table", action="store_true", help="print the tables of summary.json only")
     args = p.parse_args(argv)
     folder = Path(args.out)
@@ -248,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     rows = []
     for seed in args.seeds:
-        for scenario in ("slow", "even"):
+        for scenario in args.scenarios:
             cfg = config(folder, scenario == "slow")
             base = [*common, f"run.seed={seed}"]
             sync = folder / f"{scenario}_sync_s{seed}.h5"
@@ -260,13 +274,17 @@ def main(argv: list[str] | None = None) -> int:
             variants = [("sync", sync, ref)]
             stalenesses = args.staleness if scenario == "slow" else ["1"]
             for s in stalenesses:
-                out = folder / f"{scenario}_async{s}_s{seed}.h5"
+                tail = f"_c{args.catch_up}" if args.catch_up else ""
+                out = folder / f"{scenario}_async{s}{tail}_s{seed}.h5"
                 sets = [*base, "federation.mode=async", f"federation.max_staleness={s}"]
+                sets += [f"federation.catch_up={args.catch_up}"] if args.catch_up else []
                 if scenario == "slow":
                     sets += [f"training.rounds={args.async_rounds}"]
                     sets += [f"federation.time_budget={budget:.1f}"]
                 run(cfg, out, sets)
-                variants.append((f"async S={'inf' if s == '-1' else s}", out, load(out)))
+                name = f"async S={'inf' if s == '-1' else s}"
+                name += f", catch-up {args.catch_up}" if args.catch_up else ""
+                variants.append((name, out, load(out)))
             for name, _, d in variants:
                 c = group_curve(d)
                 st = d["async/staleness"]
@@ -292,7 +310,16 @@ def main(argv: list[str] | None = None) -> int:
                     }
                 )
                 print(json.dumps(rows[-1]), flush=True)
-    (folder / "summary.json").write_text(json.dumps(rows, indent=1))
+    # rows of earlier invocations into the same folder (other variants) are kept
+    summary = folder / "summary.json"
+    key = lambda r: (r["seed"], r["scenario"], r["run"])  # noqa: E731
+    fresh = {key(r) for r in rows}
+    kept = (
+        [r for r in json.loads(summary.read_text()) if key(r) not in fresh]
+        if summary.is_file()
+        else []
+    )
+    summary.write_text(json.dumps(kept + rows, indent=1))
     return 0
 
 

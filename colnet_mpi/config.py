@@ -256,6 +256,9 @@ class FederationConfig:
     # async: seconds of wall time after which a node starts no new round (0 = none);
     # training.rounds still caps every node's rounds
     time_budget: float = 0.0
+    # async: a node at least this many rounds behind the most advanced of its neighbours
+    # trains one local epoch per round instead of training.local_epochs (0 = off)
+    catch_up: int = 0
 
     def __post_init__(self) -> None:
         _choice("federation.mode", self.mode, ("sync", "async"))
@@ -274,6 +277,17 @@ class FederationConfig:
             raise ConfigError(
                 f"federation.time_budget = {self.time_budget!r} needs federation.mode = "
                 '"async" (synchronous rounds stop after training.rounds)'
+            )
+        if isinstance(self.catch_up, bool) or not isinstance(self.catch_up, int):
+            raise ConfigError(
+                f"federation.catch_up = {self.catch_up!r} is not allowed; use an integer >= 0 "
+                "(rounds behind; 0 = off)"
+            )
+        _positive("federation.catch_up", self.catch_up, allow_zero=True)
+        if self.mode == "sync" and self.catch_up:
+            raise ConfigError(
+                f"federation.catch_up = {self.catch_up!r} needs federation.mode = "
+                '"async" (synchronous nodes are never behind)'
             )
         if isinstance(self.timeout, str):
             _choice("federation.timeout", self.timeout, ("auto",))

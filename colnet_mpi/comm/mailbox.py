@@ -29,7 +29,7 @@ from colnet_mpi.comm.topology import Topology
 from colnet_mpi.comm.transport import Transport
 
 #: Message kinds (tags) and the element type each travels as.
-BACKBONE, DELTA, RESULT, RECORD, DONE, CHECKPOINT, MARKED, STOP, MIX = range(41, 50)
+BACKBONE, DELTA, RESULT, RECORD, DONE, CHECKPOINT, MARKED, STOP, MIX, PROGRESS = range(41, 51)
 KIND_DTYPE = {
     BACKBONE: "f4",
     MIX: "f4",
@@ -40,6 +40,7 @@ KIND_DTYPE = {
     CHECKPOINT: "i8",
     MARKED: "i8",
     STOP: "i8",
+    PROGRESS: "i8",
 }
 #: Versioned model sends under way per destination and kind before newer ones are coalesced.
 IN_FLIGHT = 2
@@ -119,9 +120,10 @@ class Mailbox:
         return any(box.under_way or box.waiting is not None for box in self._out.values())
 
     # -- receiving -------------------------------------------------------------------------------
-    def poll(self, handle: Callable[[int, int, Any], None]) -> None:
+    def poll(self, handle: Callable[[int, int, Any], None]) -> int:
         """Match what has been announced, start its receive, and pass every completed message
-        to ``handle(source, kind, data)`` in arrival order; never waits."""
+        to ``handle(source, kind, data)`` in arrival order; never waits. Returns how many
+        messages were handled."""
         self.pump()
         status = MPI.Status()
         while True:
@@ -146,7 +148,13 @@ class Mailbox:
                 handle(src, kind, self.transport._back(buf) if dtype_is_model(kind) else buf)
             else:
                 still.append((src, kind, buf, request))
+        handled = len(self._incoming) - len(still)
         self._incoming = still
+        return handled
+
+    def receiving(self) -> bool:
+        """Whether a matched message is still arriving."""
+        return bool(self._incoming)
 
     # -- the end -----------------------------------------------------------------------------------
     def closing(self) -> bool:

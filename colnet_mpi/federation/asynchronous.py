@@ -2,7 +2,10 @@
 
 No collective or barrier over the world runs per round. A node's round ``r``:
 
-1. trains locally (``stages.train``) and posts its backbone, versioned ``r``, to its neighbours
+1. trains locally (``stages.train``; with ``federation.catch_up = L`` one epoch only while it is
+   ``L`` or more rounds behind the most advanced neighbour it has heard of: every node posts a
+   small progress note to its neighbours after each round) and posts its backbone, versioned
+   ``r``, to its neighbours
    (non-blocking; only the newest version per sender is kept by the receivers); with
    ``clustering.backbone_sketch`` it posts the clustering payload alone (with the backbone's
    sketch) and, once the round's partition is known (step 3), the whole backbone to its
@@ -70,6 +73,9 @@ if TYPE_CHECKING:
 #: for BACKBONE the round and sender of the last leader update the sender had applied (so that
 #: a receiver knows whether the version already holds an update); last the sender's FedAvg weight.
 HEADER = 4
+#: Seconds a node that catches up (``federation.catch_up``) may spend at most taking in what
+#: has arrived before it decides how many epochs its round trains.
+CATCH_UP_DRAIN = 2.0
 
 
 def epoch_for(r: int, lag: int, start: int, until: int) -> int | None:
@@ -89,6 +95,13 @@ def epoch_for(r: int, lag: int, start: int, until: int) -> int | None:
     if until and e > until:
         e = until
     return e if e >= start else None
+
+
+def catch_up_epochs(r: int, full: int, catch_up: int, newest: int) -> int:
+    """Local epochs of round ``r`` for a node that has finished ``r - 1`` rounds while the most
+    advanced neighbour it has heard of has finished ``newest``: one while it is ``catch_up`` or
+    more rounds behind (``catch_up`` 0: never), else ``full``."""
+    return 1 if catch_up and newest - (r - 1) >= catch_up else full
 
 
 class AsyncRounds:
@@ -118,6 +131,9 @@ class AsyncRounds:
         self.results: dict[int, tuple[int, int, int, torch.Tensor]] = {}
         self.applied = (0, -1)  # (round, sender) of the last leader update applied
         self.done: dict[int, int] = {}  # rank -> its last round
+        # federation.catch_up: rank -> the newest round a neighbour reported finished (PROGRESS)
+        self.catch_up = cfg.federation.catch_up
+        self.progress: dict[int, int] = {}
         # rank -> the round of this node in which a message of it was last refused: a refused
         # buffer stands for that peer's contribution, and the round goes on without it
         self.refused_in: dict[int, int] = {}
@@ -203,6 +219,9 @@ class AsyncRounds:
         elif kind == mb.DONE:
             self.done[src] = int(data[0])
             self.done_saved[src] = int(data[1])
+        elif kind == mb.PROGRESS:
+            if data.size == 1 and 0 < int(data[0]) <= self.rounds:  # else: not a round, ignored
+                self.progress[src] = max(self.progress.get(src, 0), int(data[0]))
         elif kind == mb.STOP:
             self.stop_asked = self.stop_asked or "a stop signal on another rank"
         elif kind == mb.MARKED:
@@ -214,11 +233,23 @@ class AsyncRounds:
         elif kind == mb.CHECKPOINT and self.rank == 0:
             self._saved(src, int(data[0]), int(data[1]))
 
-    def serve(self) -> None:
-        """Take in what has arrived; on the writer rank, write the rows that are complete."""
-        self.mail.poll(self.handle)
+    def serve(self) -> int:
+        """Take in what has arrived; on the writer rank, write the rows that are complete.
+        Returns how many messages were taken in."""
+        handled = self.mail.poll(self.handle)
         if self.rank == 0:
             self._write_rows()
+        return handled
+
+    def drain(self, most: float = CATCH_UP_DRAIN) -> None:
+        """Serve until no message is arriving or was just taken in (at most ``most`` seconds).
+
+        Messages from one sender arrive in the order they were sent, and a large one moves only
+        while the receiver calls MPI: a node that has trained for a long time finds its peers'
+        progress notes queued behind the backbones they posted meanwhile."""
+        end = time.perf_counter() + most
+        while (self.serve() or self.mail.receiving()) and time.perf_counter() < end:
+            pass
 
     def wait(self, ready: Any, what: str, peers: list[int]) -> None:
         """Serve messages until ``ready()`` (bounded by the watchdog)."""
@@ -252,6 +283,15 @@ class AsyncRounds:
             return True
         return j in self.refused_in and self.recent(self.refused_in[j], r)
 
+    def local_epochs(self, r: int) -> int:
+        """Local epochs of round ``r`` (see :func:`catch_up_epochs`), from every progress note
+        that has arrived."""
+        full = self.fed.config.training.local_epochs
+        if not self.catch_up:
+            return full
+        self.drain()
+        return catch_up_epochs(r, full, self.catch_up, max(self.progress.values(), default=0))
+
     # -- the round -----------------------------------------------------------------------------
     def round(self, r: int) -> RoundContext:
         """Round ``r`` of this node (see the module text)."""
@@ -268,7 +308,7 @@ class AsyncRounds:
             return time.perf_counter()
 
         t = stage("local_train")
-        stages.train(fed, ctx)
+        stages.train(fed, ctx, self.local_epochs(r))
         ctx.seconds["local_train"] = time.perf_counter() - t
         self.serve()
         groups = self._exchange_and_group(ctx)
@@ -651,6 +691,9 @@ class AsyncRounds:
                 last = r
                 fed.topology.watchdog.at(r, "record")
                 self.record(ctx)
+                if self.catch_up:
+                    live = [j for j in fed.topology.neighbours if j not in self.done]
+                    self.mail.post(live, mb.PROGRESS, np.array([r], dtype=np.int64))
                 if fed.checkpoints is not None and every and (r % every == 0 or r == self.rounds):
                     fed.topology.watchdog.at(r, "checkpoint")
                     self.save(r)

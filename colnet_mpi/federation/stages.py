@@ -73,21 +73,27 @@ def straggler(fed: Federation, on_cpu: bool) -> Callable[[float], float]:
     return stretch
 
 
-def train(fed: Federation, ctx: RoundContext) -> bool:
-    """Stage 1: local training (attack hooks: poisoned batches, then boost / weight clipping)."""
+def train(fed: Federation, ctx: RoundContext, epochs: int | None = None) -> bool:
+    """Stage 1: local training (attack hooks: poisoned batches, then boost / weight clipping).
+
+    ``epochs``: fewer than ``training.local_epochs`` (asynchronous catch-up); the epochs not
+    trained are recorded as NaN."""
     node, attack, r = fed.node, fed.attack, ctx.r
     t = fed.config.training
+    epochs = t.local_epochs if epochs is None else epochs
 
     stretch = straggler(fed, node.device.type == "cpu")
 
     def progress(epoch: int, train_loss: float, val_loss: float, seconds: float) -> None:
         seconds = stretch(seconds)
         if seconds >= EPOCH_LINE_SECONDS:
-            fed.log(epoch_line(r, t.rounds, epoch, t.local_epochs, (train_loss, val_loss), seconds))
+            fed.log(epoch_line(r, t.rounds, epoch, epochs, (train_loss, val_loss), seconds))
 
     ctx.start = node.flat.pack().clone()
     hook = attack.batch_hook(r, node.backbone, node.head)
-    ctx.train_loss, ctx.val_loss = node.train_local(t.local_epochs, hook, progress)
+    train_loss, val_loss = node.train_local(epochs, hook, progress)
+    missing = [math.nan] * (t.local_epochs - epochs)
+    ctx.train_loss, ctx.val_loss = train_loss + missing, val_loss + missing
     attack.after_training(r, ctx.start, node.flat, (node.backbone, node.head), node.train_loader)
     ctx.own = ctx.new = node.flat.pack()
     return True

@@ -104,7 +104,8 @@ FIELDS: tuple[Field, ...] = (
         "e",
         axis="epoch",
         unit="1",
-        description="training loss of each local epoch",
+        description="training loss of each local epoch (NaN: an epoch a node catching up "
+        "skipped, federation.catch_up)",
     ),
     Field(
         "epoch/val_loss",
@@ -112,7 +113,7 @@ FIELDS: tuple[Field, ...] = (
         "e",
         axis="epoch",
         unit="1",
-        description="validation loss after each local epoch",
+        description="validation loss after each local epoch (NaN: skipped, as above)",
     ),
     Field(
         "epoch/round",

@@ -3,7 +3,8 @@ a hang, every node-round is recorded exactly once, every rank used the same part
 same round, no version older than max_staleness was used, a NaN backbone is refused, S = 0
 groups and leads like synchronous mode (and fedper at S = 0 learns what synchronous fedper
 learns), a time budget lets fast nodes do more rounds,
-training.epoch_seconds sets each node's pace, and a run stopped by a signal or killed mid-way
+training.epoch_seconds sets each node's pace, a node behind by federation.catch_up rounds
+trains one epoch per round, and a run stopped by a signal or killed mid-way
 continues with --resume to a file with every record present."""
 
 from __future__ import annotations
@@ -195,6 +196,38 @@ def test_time_budget_lets_fast_nodes_do_more_rounds(tmp_path: Path):
     assert done[0] < done[1:].min() and done.max() < 1000, done
     check_records(d, done, -1)
     assert "time budget reached" in proc.stdout
+
+
+@pytest.mark.mpi
+def test_catch_up_gives_a_straggler_one_epoch_rounds_once_behind(tmp_path: Path):
+    """federation.catch_up = 2, node 0 three times slower (paced: 0.3 s epochs, its own 0.9 s),
+    unbounded staleness: its first two rounds train both local epochs (nothing is ahead yet:
+    round 1's partition is agreed in lock-step), and once its neighbours have told it they are
+    two rounds ahead its rounds train one epoch (the second recorded as NaN). The fast nodes
+    are never two rounds behind anyone, so they always train both; every record is there."""
+    out = tmp_path / "c.h5"
+    proc = launch(
+        config(tmp_path, [3.0, 1.0, 1.0, 1.0]),
+        out,
+        "training.rounds=6",
+        "training.local_epochs=2",
+        "training.epoch_seconds=0.3",
+        "federation.max_staleness=-1",
+        "clustering.until=1",
+        "federation.catch_up=2",
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    d = read(out)
+    check_records(d, np.full(4, 6), -1)
+    # rows (round 1 epoch 1, round 1 epoch 2, round 2 epoch 1, ...) -> (round, epoch, node)
+    skipped = np.isnan(d["epoch/val_loss"]).reshape(6, 2, 4)
+    assert not skipped[:, 0].any()  # the first epoch always runs
+    slow = skipped[:, 1, 0]
+    assert not slow[:2].any() and slow[2:].sum() >= 2, slow
+    assert not skipped[:, :, 1:].any(), skipped[:, 1, 1:]
+    # a one-epoch round takes one paced epoch (0.9 s), not two
+    train = d["round/seconds/local_train"][:, 0]
+    assert (train[slow] < 1.5).all() and (train[~slow] >= 1.8).all(), (train, slow)
 
 
 @pytest.mark.mpi

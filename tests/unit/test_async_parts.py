@@ -9,7 +9,7 @@ import pytest
 from colnet_mpi.algorithms.clustering import partition_stamp
 from colnet_mpi.algorithms.fedavg import staleness_weights, uncarried_share
 from colnet_mpi.config import ConfigError, apply_overrides, config_from_dict, to_toml
-from colnet_mpi.federation.asynchronous import epoch_for
+from colnet_mpi.federation.asynchronous import catch_up_epochs, epoch_for
 from colnet_mpi.federation.schemes import SCHEMES, Scheme
 
 NODES = [{"task": "attributes", "count": 2}, {"task": "landmarks", "count": 2, "slowdown": 3}]
@@ -39,6 +39,16 @@ def test_schedule_after_resume_keeps_the_restored_partition_until_a_new_epoch():
     # resumed after clustering stopped: never a new epoch
     assert [epoch_for(r, 1, 4, 2) for r in range(4, 7)] == [None, None, None]
     assert [epoch_for(r, 0, 4, 0) for r in range(4, 6)] == [4, 5]
+
+
+def test_catch_up_trains_one_epoch_only_while_far_enough_behind():
+    # round 5: this node has finished 4; a neighbour has finished 6 -> 2 behind
+    assert catch_up_epochs(5, 3, 2, 6) == 1
+    assert catch_up_epochs(5, 3, 3, 6) == 3  # not 3 behind
+    assert catch_up_epochs(5, 3, 0, 60) == 3  # off
+    assert catch_up_epochs(5, 3, 1, 4) == 3  # level with the newest
+    assert catch_up_epochs(1, 2, 1, 0) == 2  # nothing heard yet
+    assert catch_up_epochs(5, 3, 1, 5) == 1
 
 
 def test_staleness_weights_discount_old_versions_only():
@@ -93,6 +103,10 @@ def test_async_keys_default_and_round_trip():
         ({"mode": "async", "staleness_decay": 1.5}, "federation.staleness_decay = 1.5"),
         ({"mode": "async", "time_budget": -1.0}, "federation.time_budget"),
         ({"time_budget": 10.0}, 'needs federation.mode = "async"'),
+        ({"mode": "async", "catch_up": -1}, "federation.catch_up = -1"),
+        ({"mode": "async", "catch_up": 1.5}, "federation.catch_up = 1.5"),
+        ({"mode": "async", "catch_up": True}, "federation.catch_up = True"),
+        ({"catch_up": 2}, 'federation.catch_up = 2 needs federation.mode = "async"'),
     ],
 )
 def test_bad_async_federation_keys_are_named(federation, fragment):
