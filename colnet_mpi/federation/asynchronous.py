@@ -76,6 +76,8 @@ HEADER = 4
 #: Seconds a node that catches up (``federation.catch_up``) may spend at most taking in what
 #: has arrived before it decides how many epochs its round trains.
 CATCH_UP_DRAIN = 2.0
+#: ... and how long it goes on waiting for a message under way once nothing has come in.
+DRAIN_QUIET = 0.05
 
 
 def epoch_for(r: int, lag: int, start: int, until: int) -> int | None:
@@ -247,9 +249,14 @@ class AsyncRounds:
         Messages from one sender arrive in the order they were sent, and a large one moves only
         while the receiver calls MPI: a node that has trained for a long time finds its peers'
         progress notes queued behind the backbones they posted meanwhile."""
-        end = time.perf_counter() + most
-        while (self.serve() or self.mail.receiving()) and time.perf_counter() < end:
-            pass
+        now = time.perf_counter()
+        end, quiet = now + most, now + DRAIN_QUIET
+        while now < end:
+            if self.serve():
+                quiet = now + DRAIN_QUIET
+            elif not self.mail.receiving() or now > quiet:
+                break  # nothing under way, or a transfer that waits on its busy sender
+            now = time.perf_counter()
 
     def wait(self, ready: Any, what: str, peers: list[int]) -> None:
         """Serve messages until ``ready()`` (bounded by the watchdog)."""
