@@ -312,7 +312,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(rows[-1]), flush=True)
     # rows of earlier invocations into the same folder (other variants) are kept
     summary = folder / "summary.json"
-    key = lambda r: (r["seed"], r["scenario"], r["run"])  # noqa: E731
+
+    def key(row: dict) -> tuple:
+        return row["seed"], row["scenario"], row["run"]
+
     fresh = {key(r) for r in rows}
     kept = (
         [r for r in json.loads(summary.read_text()) if key(r) not in fresh]

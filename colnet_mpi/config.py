@@ -273,22 +273,21 @@ class FederationConfig:
                 "use a number in (0, 1]"
             )
         _positive("federation.time_budget", self.time_budget, allow_zero=True)
-        if self.mode == "sync" and self.time_budget:
-            raise ConfigError(
-                f"federation.time_budget = {self.time_budget!r} needs federation.mode = "
-                '"async" (synchronous rounds stop after training.rounds)'
-            )
         if isinstance(self.catch_up, bool) or not isinstance(self.catch_up, int):
             raise ConfigError(
                 f"federation.catch_up = {self.catch_up!r} is not allowed; use an integer >= 0 "
                 "(rounds behind; 0 = off)"
             )
         _positive("federation.catch_up", self.catch_up, allow_zero=True)
-        if self.mode == "sync" and self.catch_up:
-            raise ConfigError(
-                f"federation.catch_up = {self.catch_up!r} needs federation.mode = "
-                '"async" (synchronous nodes are never behind)'
-            )
+        async_only = (
+            ("time_budget", self.time_budget, "synchronous rounds stop after training.rounds"),
+            ("catch_up", self.catch_up, "synchronous nodes are never behind"),
+        )
+        for key, value, why in async_only:
+            if self.mode == "sync" and value:
+                raise ConfigError(
+                    f'federation.{key} = {value!r} needs federation.mode = "async" ({why})'
+                )
         if isinstance(self.timeout, str):
             _choice("federation.timeout", self.timeout, ("auto",))
         else:
