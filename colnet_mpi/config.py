@@ -242,6 +242,8 @@ class FederationConfig:
     intra_weights: str = "equal"  # equal (the paper) or samples (training-set sizes)
     local_bn: bool = False  # FedBN-style: BatchNorm layers stay local
     cuda_aware: str = "auto"  # auto | yes | no: pass GPU buffers straight to MPI
+    # auto | no: neighbours on one host read each other's backbones from a shared-memory window
+    shared_memory: str = "auto"
     # seconds any MPI wait may last before the job is aborted naming the silent rank; "auto":
     # derived from the round times seen so far (see comm/watchdog.py)
     timeout: float | str = "auto"
@@ -303,6 +305,7 @@ class FederationConfig:
         _positive("federation.degree", self.degree)
         _choice("federation.intra_weights", self.intra_weights, ("equal", "samples"))
         _choice("federation.cuda_aware", self.cuda_aware, ("auto", "yes", "no"))
+        _choice("federation.shared_memory", self.shared_memory, ("auto", "no"))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from mpi4py import MPI
@@ -54,6 +55,7 @@ class Topology:
         self.group_members: list[int] = [self.rank]
         self.leader_ranks: list[int] = []  # world ranks in the leaders' communicator
         self.leader_rank_in_group = 0
+        self._owned: list[Any] = []  # objects with a collective free() (shared windows)
 
     # -- per-round groups -------------------------------------------------------------------
     def set_groups(self, group_ids: np.ndarray, leader_flags: np.ndarray) -> None:
@@ -115,8 +117,14 @@ class Topology:
         if comm != MPI.COMM_NULL:
             comm.Free()
 
+    def adopt(self, owned: Any) -> None:
+        """Free ``owned`` (it has a collective ``free()``) together with the communicators."""
+        self._owned.append(owned)
+
     def free(self) -> None:
         """Free every communicator this object created (idempotent)."""
+        while self._owned:
+            self._owned.pop().free()
         self._free(self.group)
         self._free(self.leaders)
         self.group = MPI.COMM_NULL

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from colnet_mpi.comm.shared import HostShare
 from colnet_mpi.comm.topology import Topology
 
 TRANSFER_PATHS = ("host", "cuda-aware", "host-staged")
@@ -63,12 +64,27 @@ class Transport:
 
     On CPU the tensors' memory is handed to MPI directly. On GPU the device buffer is handed to MPI
     when the library is CUDA-aware (``path == "cuda-aware"``); otherwise each message is staged
-    through pinned host memory (``path == "host-staged"``).
+    through pinned host memory (``path == "host-staged"``). On CPU, neighbours on the same host
+    exchange through one shared-memory window instead of messages (``shared_memory = "auto"``;
+    ``"no"``: messages to everyone); ``host`` lets a test pretend which ranks share a host.
     """
 
-    def __init__(self, topology: Topology, device: torch.device, cuda_aware: str = "auto"):
+    def __init__(
+        self,
+        topology: Topology,
+        device: torch.device,
+        cuda_aware: str = "auto",
+        *,
+        shared_memory: str = "auto",
+        host: MPI.Comm | None = None,
+    ):
         self.topology = topology
         self.device = device
+        if shared_memory not in ("auto", "no"):
+            raise ValueError(f"shared_memory = {shared_memory!r}; use 'auto' or 'no'")
+        self.shared_memory = shared_memory
+        self._host = host  # tests: pretend the ranks of this communicator share a host
+        self._share: HostShare | None = None
         if device.type != "cuda":
             self.path = "host"
         elif cuda_aware == "yes" or (cuda_aware == "auto" and mpi_supports_cuda()):
@@ -128,55 +144,68 @@ class Transport:
         """Send ``flat`` to every neighbour and receive theirs; bad buffers are refused, not used.
 
         Every rank uses the same buffer layout, so a peer's vector must have exactly ``expected``
-        values (default: as many as ``flat``) and only finite ones. Receives are posted before the
+        values (default: as many as ``flat``) and only finite ones. Neighbours on this rank's
+        host read ``flat`` from shared memory (``shared_memory = "auto"``, host memory only; see
+        :mod:`colnet_mpi.comm.shared`): written once, checked in place by each reader, the count
+        known from the host's agreement. The others get messages: receives are posted before the
         sends, one value longer than expected, so a wrongly sized message is counted (or ends in a
         truncation error) and refused, never used.
         Refused senders are left out of the result and listed in ``self.rejected`` as
-        ``(rank, reason)``; the job goes on.
+        ``(rank, reason)``; the job goes on. What is returned is valid until the next exchange
+        and is read-only (a shared segment is read by every rank of the host).
         """
         numel = flat.numel() if expected is None else expected
         self.last_exchange_numel = numel
         world = self.topology.world
         neighbours = self.topology.neighbours
+        send = self._wire(flat)
+        # the host's ranks: the vector is written once into shared memory and read there in
+        # place (None: no window on this host, every neighbour gets a message)
+        share = self._host_share()
+        segments = share.publish(send) if share is not None else None
+        local = [j for j in neighbours if segments is not None and j in segments]
+        remote = [j for j in neighbours if j not in local]
         # Receives are posted before anything is sent, into buffers kept per sender with one
         # value to spare: a message of the right size lands directly, a longer one by one value
         # is counted and refused, a longer one still ends its receive with a truncation error
         # (refused too; the job goes on), a shorter one is counted and refused.
         incoming: dict[int, tuple[torch.Tensor, MPI.Request, MPI.Status]] = {}
-        for src in neighbours:
+        for src in remote:
             buf = self._inbox.get(src)
             if buf is None or buf.numel() != numel + 1:
                 buf = self._inbox[src] = self._empty(numel + 1)
             incoming[src] = (buf, world.Irecv(self._buf(buf), source=src, tag=tag), MPI.Status())
-        send = self._wire(flat)
-        sends = [world.Isend(self._buf(send), dest=dst, tag=tag) for dst in neighbours]
+        sends = [world.Isend(self._buf(send), dest=dst, tag=tag) for dst in remote]
         if expected is None:  # checked while the sends are under way (a bad one ends the job)
             check_vector(flat, numel, f"rank {self.topology.rank}: own backbone before sending")
         watchdog = self.topology.watchdog
-        waiting = list(neighbours)
+        waiting = list(remote)
         received: dict[int, torch.Tensor] = {}
 
-        def take(src: int, status: MPI.Status, truncated: str) -> None:
+        def take(src: int, vec: torch.Tensor, count: int, nbytes: int, truncated: str) -> None:
             """Check one arrived buffer (while the others may still be in flight)."""
-            buf = incoming[src][0]
             what = f"rank {self.topology.rank}: backbone from rank {src}"
             try:
                 if truncated:
                     raise ReceiveError(f"{what} is longer than {numel} values ({truncated})")
-                self.bytes_received += max(status.Get_count(MPI.BYTE), 0)
-                count = status.Get_count(MPI.FLOAT)
+                self.bytes_received += nbytes
                 if count != numel:
                     raise ReceiveError(f"{what} has {count} values, expected {numel}")
-                vec = buf[:numel]
+                vec = vec[:numel]
                 check_vector(vec, numel, what)
             except ReceiveError as err:
                 self.rejected.append((src, str(err)))
                 return
             received[src] = self._back(vec)
 
+        for src in local:
+            assert segments is not None
+            vec, count = segments[src]
+            take(src, vec, count, count * 4, "")
+
         def arrived() -> bool:
             for src in list(waiting):
-                _, request, status = incoming[src]
+                buf, request, status = incoming[src]
                 try:
                     if not request.Test(status):
                         continue
@@ -184,13 +213,14 @@ class Transport:
                 except MPI.Exception as err:  # longer than the buffer: truncated
                     truncated = err.Get_error_string().splitlines()[0]
                 waiting.remove(src)
-                take(src, status, truncated)
+                nbytes = 0 if truncated else max(status.Get_count(MPI.BYTE), 0)
+                take(src, buf, status.Get_count(MPI.FLOAT), nbytes, truncated)
             return not waiting
 
         # the slowest trainer may still be training: poll, then back off to short sleeps; once a
         # first backbone is in, the others are under way too: poll without pauses
         watchdog.wait(
-            lambda: arrived() or len(waiting) < len(neighbours),
+            lambda: arrived() or len(waiting) < len(remote),
             "its backbone",
             waiting,
             spin=EXCHANGE_SPIN,
@@ -198,11 +228,30 @@ class Transport:
         watchdog.wait(arrived, "the backbones under way", waiting, busy=True)
         # polled without pauses too: a large message moves only while its sender calls MPI, so
         # a sender that sleeps between tests holds up the receivers that still wait for it
-        watchdog.requests(
-            sends, "its neighbours to take its backbone", self.topology.neighbours, busy=True
-        )
-        self.bytes_sent += len(sends) * send.numel() * send.element_size()
+        watchdog.requests(sends, "its neighbours to take its backbone", remote, busy=True)
+        self.bytes_sent += len(neighbours) * send.numel() * send.element_size()
         return {src: received[src] for src in neighbours if src in received}
+
+    def shared_neighbours(self) -> int:
+        """How many of this rank's neighbours its exchanges reach through shared memory."""
+        share = self._share
+        if share is None or not share.enabled:
+            return 0
+        return sum(share.holds(j) for j in self.topology.neighbours)
+
+    def _host_share(self) -> HostShare | None:
+        """The shared window of this rank's host (made on the first exchange; collective)."""
+        if self.shared_memory == "no":
+            return None
+        if self._share is None:
+            self._share = HostShare(
+                self.topology.world,
+                self.topology.watchdog,
+                wanted=self.path == "host",
+                host=self._host,
+            )
+            self.topology.adopt(self._share)
+        return self._share if self._share.enabled else None
 
     # -- stage 3: intra-group FedAvg -----------------------------------------------------------
     def group_sum(self, vec: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,12 @@ class Federation:
         self.config, self.topology, self.node, self.writer, self.log = (
             config, topology, node, writer, log,
         )  # fmt: skip
-        self.transport = Transport(topology, node.device, config.federation.cuda_aware)
+        self.transport = Transport(
+            topology,
+            node.device,
+            config.federation.cuda_aware,
+            shared_memory=config.federation.shared_memory,
+        )
         timeout = config.federation.timeout
         topology.watchdog.timeout = None if timeout == "auto" else float(timeout)
         n = topology.size

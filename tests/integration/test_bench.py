@@ -64,6 +64,7 @@ def test_bench_prints_every_figure_consistent_with_the_run(tmp_path: Path) -> No
     assert images["total"] == pytest.approx(np.sum(48 * 2 / secs["local_train"]), rel=0.02)
     ex = fig["exchange"]
     assert ex["neighbours"] == 3 and ex["transfer_path"] == "host"
+    assert ex["shared_memory_neighbours"] == 3  # one host: every neighbour reads shared memory
     assert set(ex["seconds"]) == {
         "colnet",
         "raw_p2p",

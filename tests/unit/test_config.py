@@ -298,6 +298,7 @@ def test_wrong_type(tmp_path, section, line, key, expected):
         ("federation", 'topology = "star"', "federation.topology", ["full", "ring"]),
         ("federation", 'intra_weights = "x"', "federation.intra_weights", ["equal", "samples"]),
         ("federation", 'cuda_aware = "maybe"', "federation.cuda_aware", ["auto", "yes", "no"]),
+        ("federation", 'shared_memory = "yes"', "federation.shared_memory", ["auto", "no"]),
         ("model", "privatization = 3", "model.privatization", ["0", "1", "2"]),
         ("model", 'stem = "vit"', "model.stem", ["auto", "cifar", "imagenet"]),
         ("clustering", 'jacobian = "fd"', "clustering.jacobian", ["exact", "hutchinson"]),

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 from _check import run_checks
 from mpi4py import MPI
 
+from colnet_mpi.comm import shared
 from colnet_mpi.comm.topology import Topology, neighbours_of
 from colnet_mpi.comm.transport import Transport
 
@@ -32,24 +37,66 @@ def partition(size: int) -> tuple[np.ndarray, np.ndarray]:
     return groups, leaders
 
 
+# How the exchange reaches the neighbours: shared memory for the whole (one-host) job, messages
+# only, two pretend hosts (even and odd ranks: shared memory inside each, messages across), and
+# a host whose shared-memory file system has no room (every rank falls back to messages).
+VARIANTS = ("shared", "messages", "two_hosts", "no_room")
+
+
+@contextlib.contextmanager
+def transport(topo: Topology, variant: str) -> Iterator[Transport]:
+    """A CPU transport of ``variant``; checks that the exchange took the path it names."""
+    host = topo.world.Split(color=topo.rank % 2, key=topo.rank) if variant == "two_hosts" else None
+    tr = Transport(
+        topo,
+        torch.device("cpu"),
+        shared_memory="no" if variant == "messages" else "auto",
+        host=host,
+    )
+    real = shared.shm_free_bytes
+    if variant == "no_room":
+        shared.shm_free_bytes = lambda folder=shared.SHM_FOLDER: 0
+    try:
+        yield tr
+    finally:
+        shared.shm_free_bytes = real
+        if host is not None:
+            host.Free()
+    share = tr._share
+    if variant == "messages":
+        assert share is None
+    elif variant == "no_room" or (variant == "two_hosts" and topo.size < 3):
+        assert share is not None and not share.enabled, variant
+    else:
+        assert share is not None and share.enabled, variant
+        same_host = [r for r in range(topo.size) if variant == "shared" or (r - topo.rank) % 2 == 0]
+        mates = [r for r in same_host if r != topo.rank]
+        assert [r for r in range(topo.size) if share.holds(r)] == mates
+
+
 def check_exchange_full(comm: MPI.Comm) -> None:
-    with Topology(comm, kind="full") as topo:
-        tr = Transport(topo, torch.device("cpu"))
-        got = tr.exchange(vector_of(topo.rank))
-        assert sorted(got) == neighbours_of(topo.rank, topo.size, "full")
-        for src, vec in got.items():
-            assert torch.equal(vec, vector_of(src)), f"wrong data from rank {src}"
-        assert tr.bytes_sent == tr.bytes_received == (topo.size - 1) * P * 4
+    for variant in VARIANTS:
+        with Topology(comm, kind="full") as topo, transport(topo, variant) as tr:
+            for _ in range(2):  # a second exchange reuses the window and the buffers
+                got = tr.exchange(vector_of(topo.rank))
+                assert sorted(got) == neighbours_of(topo.rank, topo.size, "full"), variant
+                for src, vec in got.items():
+                    assert torch.equal(vec, vector_of(src)), (
+                        f"wrong data from rank {src} ({variant})"
+                    )
+            assert tr.bytes_sent == tr.bytes_received == 2 * (topo.size - 1) * P * 4, variant
 
 
 def check_exchange_ring(comm: MPI.Comm) -> None:
-    with Topology(comm, kind="ring") as topo:
-        tr = Transport(topo, torch.device("cpu"))
-        got = tr.exchange(vector_of(topo.rank))
-        expected = sorted({(topo.rank - 1) % topo.size, (topo.rank + 1) % topo.size} - {topo.rank})
-        assert sorted(got) == expected
-        for src, vec in got.items():
-            assert torch.equal(vec, vector_of(src))
+    for variant in VARIANTS:
+        with Topology(comm, kind="ring") as topo, transport(topo, variant) as tr:
+            got = tr.exchange(vector_of(topo.rank))
+            expected = sorted(
+                {(topo.rank - 1) % topo.size, (topo.rank + 1) % topo.size} - {topo.rank}
+            )
+            assert sorted(got) == expected, variant
+            for src, vec in got.items():
+                assert torch.equal(vec, vector_of(src)), variant
 
 
 def check_group_mean_and_leaders(comm: MPI.Comm) -> None:
@@ -94,9 +141,8 @@ def check_receive_refuses_bad_buffers(comm: MPI.Comm) -> None:
     the real exchange:
     rank 0 refuses it (names rank 1), keeps every other peer's buffer and the job goes on."""
     rank, size = comm.Get_rank(), comm.Get_size()
-    for bad in ("short", "long", "one_more", "nan", "inf"):
-        with Topology(comm, kind="full") as topo:
-            tr = Transport(topo, torch.device("cpu"))
+    for variant, bad in itertools.product(VARIANTS, ("short", "long", "one_more", "nan", "inf")):
+        with Topology(comm, kind="full") as topo, transport(topo, variant) as tr:
             tr.reset_counters()
             if rank == 1:
                 payload = vector_of(1).clone()
@@ -114,11 +160,11 @@ def check_receive_refuses_bad_buffers(comm: MPI.Comm) -> None:
             expected_peers = [r for r in range(size) if r != rank and r != 1]
             if rank == 1:
                 expected_peers = [r for r in range(size) if r != 1]
-            assert sorted(got) == expected_peers, (bad, sorted(got))
+            assert sorted(got) == expected_peers, (variant, bad, sorted(got))
             for src, vec in got.items():
                 assert torch.equal(vec, vector_of(src))
             if rank != 1:
-                assert [who for who, _ in tr.rejected] == [1], tr.rejected
+                assert [who for who, _ in tr.rejected] == [1], (variant, tr.rejected)
                 assert "rank 1" in tr.rejected[0][1]
             else:
                 assert tr.rejected == []

@@ -1,0 +1,147 @@
+"""Vectors shared in memory between the ranks of one host (an MPI-3 shared-memory window).
+
+Ranks on the same host need not copy each other's backbones through MPI messages: each rank
+writes its vector once into its own segment of a window that every rank of the host maps, and
+its neighbours there read (check, then use) that segment in place. One exchange is collective
+over the host's ranks, who must all take part in the same order:
+
+1. a fence, then an ``Allgather`` of every rank's value count. Once every rank has arrived, no
+   rank still reads what was written in the previous exchange, so segments may be rewritten;
+2. the window is reallocated when a count exceeds its capacity (the same decision everywhere);
+3. every rank writes its vector into its own segment; ``Sync``, fence, ``Sync``;
+4. every rank returns views of its neighbours' segments. They stay valid until its next
+   exchange and must not be written to (other ranks read the same memory).
+
+The window is only ever allocated when the host's shared-memory file system has room for it
+(twice what it needs is free); otherwise every rank of the host falls back to messages.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from colnet_mpi.comm.watchdog import Watchdog
+
+SHM_FOLDER = "/dev/shm"  # where MPI libraries put shared windows on Linux
+
+
+def shm_free_bytes(folder: str = SHM_FOLDER) -> int:
+    """Free bytes of the shared-memory file system (a large number where there is none to ask)."""
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):
+        return 2**62
+    return int(st.f_bavail) * int(st.f_frsize)
+
+
+class HostShare:
+    """One float32 segment per rank of a host, readable in place by the other ranks there.
+
+    ``host``: the communicator of the ranks that share memory (default: the world's
+    ``COMM_TYPE_SHARED`` split; a test may pass any split of ``world`` to pretend other hosts).
+    ``wanted``: whether this rank can use it (its vectors live in host memory); the host uses
+    the window only when every rank there wants it.
+    """
+
+    def __init__(
+        self,
+        world: MPI.Comm,
+        watchdog: Watchdog,
+        *,
+        wanted: bool = True,
+        host: MPI.Comm | None = None,
+    ) -> None:
+        self.watchdog = watchdog
+        self.host: MPI.Comm = (
+            host.Dup()
+            if host is not None
+            else world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
+        )
+        self.index = self.host.Get_rank()
+        mine = np.array([world.Get_rank(), 1 if wanted else 0], dtype=np.int64)
+        table = np.zeros((self.host.Get_size(), 2), dtype=np.int64)
+        watchdog.fence(self.host, "the ranks of this host (shared memory)")
+        self.host.Allgather([mine, MPI.INT64_T], [table, MPI.INT64_T])
+        #: world rank of every rank on this host, in host order
+        self.world_ranks: list[int] = [int(r) for r in table[:, 0]]
+        self.enabled = bool(table[:, 1].all()) and self.host.Get_size() > 1
+        self._where = {r: i for i, r in enumerate(self.world_ranks)}
+        self.capacity = 0  # values per segment
+        self.win: MPI.Win | None = None
+        self.segments: list[torch.Tensor] = []
+
+    def holds(self, world_rank: int) -> bool:
+        """Whether ``world_rank``'s vectors reach this rank through the window."""
+        return (
+            self.enabled
+            and world_rank in self._where
+            and world_rank != self.world_ranks[self.index]
+        )
+
+    def _release(self) -> None:
+        if self.win is not None:
+            self.segments = []
+            self.win.Unlock_all()
+            self.win.Free()
+            self.win = None
+            self.capacity = 0
+
+    def _grow(self, values: int) -> None:
+        """(Collective) a window of ``values`` per rank, or none at all when memory is short."""
+        self._release()
+        size = self.host.Get_size()
+        room = np.array([shm_free_bytes()], dtype=np.int64)
+        least = np.zeros(1, dtype=np.int64)
+        self.host.Allreduce([room, MPI.INT64_T], [least, MPI.INT64_T], op=MPI.MIN)
+        if 2 * size * values * 4 > int(least[0]):
+            self.enabled = False  # the same decision on every rank: messages from now on
+            return
+        self.win = MPI.Win.Allocate_shared(values * 4, 4, comm=self.host)
+        self.win.Lock_all()
+        self.capacity = values
+        for i in range(size):
+            buf, _ = self.win.Shared_query(i)
+            array = np.frombuffer(buf, dtype=np.float32, count=values)
+            self.segments.append(torch.from_numpy(array))
+
+    def publish(self, vec: torch.Tensor) -> dict[int, tuple[torch.Tensor, int]] | None:
+        """(Collective over the host) write ``vec``; return ``{world rank: (segment, count)}``.
+
+        The segment views hold ``count`` values written by that rank (unchecked: the caller
+        checks them). None when the window could not be allocated (every rank of the host then
+        gets None, and falls back to messages).
+        """
+        counts = np.zeros(self.host.Get_size(), dtype=np.int64)
+        mine = np.array([vec.numel()], dtype=np.int64)
+        # the first fence waits for the host's slowest trainer: poll with pauses
+        self.watchdog.fence(self.host, "this host's ranks to reach the exchange", self.world_ranks)
+        self.host.Allgather([mine, MPI.INT64_T], [counts, MPI.INT64_T])
+        need = int(counts.max())
+        if need > self.capacity:
+            self._grow(need)
+        if not self.enabled:
+            return None
+        self.segments[self.index][: vec.numel()].copy_(vec.reshape(-1))
+        assert self.win is not None
+        self.win.Sync()
+        request = self.host.Ibarrier()
+        self.watchdog.wait(
+            request.Test, "this host's ranks to write their vectors", self.world_ranks, busy=True
+        )
+        self.win.Sync()
+        return {
+            r: (self.segments[i][: int(counts[i])], int(counts[i]))
+            for i, r in enumerate(self.world_ranks)
+            if i != self.index
+        }
+
+    def free(self) -> None:
+        """(Collective over the host) free the window and the communicator (idempotent)."""
+        self._release()
+        if self.host != MPI.COMM_NULL:
+            self.host.Free()
+            self.host = MPI.COMM_NULL
