@@ -100,12 +100,14 @@ class HostShare:
         if 2 * size * values * 4 > int(least[0]):
             self.enabled = False  # the same decision on every rank: messages from now on
             return
-        self.win = MPI.Win.Allocate_shared(values * 4, 4, comm=self.host)
+        host = self.host
+        assert isinstance(host, MPI.Intracomm)
+        self.win = MPI.Win.Allocate_shared(values * 4, 4, comm=host)
         self.win.Lock_all()
         self.capacity = values
         for i in range(size):
             buf, _ = self.win.Shared_query(i)
-            array = np.frombuffer(buf, dtype=np.float32, count=values)
+            array = np.frombuffer(buf, dtype=np.float32, count=values)  # type: ignore[call-overload]
             self.segments.append(torch.from_numpy(array))
 
     def publish(self, vec: torch.Tensor) -> dict[int, tuple[torch.Tensor, int]] | None:
