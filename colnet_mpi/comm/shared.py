@@ -5,8 +5,9 @@ writes its vector once into its own segment of a window that every rank of the h
 its neighbours there read (check, then use) that segment in place. One exchange is collective
 over the host's ranks, who must all take part in the same order:
 
-1. a fence, then an ``Allgather`` of every rank's value count. Once every rank has arrived, no
-   rank still reads what was written in the previous exchange, so segments may be rewritten;
+1. a polled non-blocking ``Allgather`` of every rank's value count. Once it is complete every
+   rank has arrived, so no rank still reads what was written in the previous exchange, and
+   segments may be rewritten;
 2. the window is reallocated when a count exceeds its capacity (the same decision everywhere);
 3. every rank writes its vector into its own segment; ``Sync``, fence, ``Sync``;
 4. every rank returns views of its neighbours' segments. They stay valid until its next
@@ -119,9 +120,10 @@ class HostShare:
         """
         counts = np.zeros(self.host.Get_size(), dtype=np.int64)
         mine = np.array([vec.numel()], dtype=np.int64)
-        # the first fence waits for the host's slowest trainer: poll with pauses
-        self.watchdog.fence(self.host, "this host's ranks to reach the exchange", self.world_ranks)
-        self.host.Allgather([mine, MPI.INT64_T], [counts, MPI.INT64_T])
+        # the agreement on the counts is also the first fence: it waits for the host's slowest
+        # trainer (polled with pauses)
+        request = self.host.Iallgather([mine, MPI.INT64_T], [counts, MPI.INT64_T])
+        self.watchdog.wait(request.Test, "this host's ranks to reach the exchange", self.world_ranks)
         need = int(counts.max())
         if need > self.capacity:
             self._grow(need)
