@@ -123,7 +123,9 @@ class HostShare:
         # the agreement on the counts is also the first fence: it waits for the host's slowest
         # trainer (polled with pauses)
         request = self.host.Iallgather([mine, MPI.INT64_T], [counts, MPI.INT64_T])
-        self.watchdog.wait(request.Test, "this host's ranks to reach the exchange", self.world_ranks)
+        self.watchdog.wait(
+            request.Test, "this host's ranks to reach the exchange", self.world_ranks
+        )
         need = int(counts.max())
         if need > self.capacity:
             self._grow(need)
