@@ -71,6 +71,8 @@ class HostShare:
         self.world_ranks: list[int] = [int(r) for r in table[:, 0]]
         self.enabled = bool(table[:, 1].all()) and self.host.Get_size() > 1
         self._where = {r: i for i, r in enumerate(self.world_ranks)}
+        #: the other ranks of this host (named when a wait for them lasts too long)
+        self.peers = [r for i, r in enumerate(self.world_ranks) if i != self.index]
         self.capacity = 0  # values per segment
         self.win: MPI.Win | None = None
         self.segments: list[torch.Tensor] = []
@@ -123,9 +125,7 @@ class HostShare:
         # the agreement on the counts is also the first fence: it waits for the host's slowest
         # trainer (polled with pauses)
         request = self.host.Iallgather([mine, MPI.INT64_T], [counts, MPI.INT64_T])
-        self.watchdog.wait(
-            request.Test, "this host's ranks to reach the exchange", self.world_ranks
-        )
+        self.watchdog.wait(request.Test, "its backbone", self.peers)
         need = int(counts.max())
         if need > self.capacity:
             self._grow(need)
@@ -135,9 +135,7 @@ class HostShare:
         assert self.win is not None
         self.win.Sync()
         request = self.host.Ibarrier()
-        self.watchdog.wait(
-            request.Test, "this host's ranks to write their vectors", self.world_ranks, busy=True
-        )
+        self.watchdog.wait(request.Test, "the backbones under way", self.peers, busy=True)
         self.win.Sync()
         return {
             r: (self.segments[i][: int(counts[i])], int(counts[i]))
