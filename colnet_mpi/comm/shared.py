@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from colnet_mpi.comm.watchdog import Watchdog
+from colnet_mpi.comm.watchdog import SPIN, Watchdog
 
 SHM_FOLDER = "/dev/shm"  # where MPI libraries put shared windows on Linux
 
@@ -113,19 +113,22 @@ class HostShare:
             array = np.frombuffer(buf, dtype=np.float32, count=values)  # type: ignore[call-overload]
             self.segments.append(torch.from_numpy(array))
 
-    def publish(self, vec: torch.Tensor) -> dict[int, tuple[torch.Tensor, int]] | None:
+    def publish(
+        self, vec: torch.Tensor, *, spin: float = SPIN
+    ) -> dict[int, tuple[torch.Tensor, int]] | None:
         """(Collective over the host) write ``vec``; return ``{world rank: (segment, count)}``.
 
         The segment views hold ``count`` values written by that rank (unchecked: the caller
         checks them). None when the window could not be allocated (every rank of the host then
-        gets None, and falls back to messages).
+        gets None, and falls back to messages). ``spin``: seconds of polling without pauses
+        while waiting for the host's other ranks to arrive.
         """
         counts = np.zeros(self.host.Get_size(), dtype=np.int64)
         mine = np.array([vec.numel()], dtype=np.int64)
         # the agreement on the counts is also the first fence: it waits for the host's slowest
         # trainer (polled with pauses)
         request = self.host.Iallgather([mine, MPI.INT64_T], [counts, MPI.INT64_T])
-        self.watchdog.wait(request.Test, "its backbone", self.peers)
+        self.watchdog.wait(request.Test, "its backbone", self.peers, spin=spin)
         need = int(counts.max())
         if need > self.capacity:
             self._grow(need)

@@ -162,7 +162,7 @@ class Transport:
         # the host's ranks: the vector is written once into shared memory and read there in
         # place (None: no window on this host, every neighbour gets a message)
         share = self._host_share()
-        segments = share.publish(send) if share is not None else None
+        segments = share.publish(send, spin=EXCHANGE_SPIN) if share is not None else None
         local = [j for j in neighbours if segments is not None and j in segments]
         remote = [j for j in neighbours if j not in local]
         # Receives are posted before anything is sent, into buffers kept per sender with one
