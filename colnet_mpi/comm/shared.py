@@ -20,6 +20,8 @@ The window is only ever allocated when the host's shared-memory file system has 
 from __future__ import annotations
 
 import os
+import socket
+import sys
 
 import numpy as np
 import torch
@@ -37,6 +39,11 @@ def shm_free_bytes(folder: str = SHM_FOLDER) -> int:
     except (OSError, AttributeError):
         return 2**62
     return int(st.f_bavail) * int(st.f_frsize)
+
+
+def allocate(values: int, host: MPI.Intracomm) -> MPI.Win:
+    """(Collective) a shared window of ``values`` float32 per rank of ``host``."""
+    return MPI.Win.Allocate_shared(values * 4, 4, comm=host)
 
 
 class HostShare:
@@ -93,6 +100,17 @@ class HostShare:
             self.win = None
             self.capacity = 0
 
+    def _give_up(self, why: str) -> None:
+        """Messages from now on, said once per host in the job log."""
+        self.enabled = False
+        if self.index == 0:
+            print(
+                f"colnet-mpi: ranks {self.world_ranks} on {socket.gethostname()} exchange by "
+                f"messages, not shared memory: {why}",
+                file=sys.stderr,
+                flush=True,
+            )
+
     def _grow(self, values: int) -> None:
         """(Collective) a window of ``values`` per rank, or none at all when memory is short."""
         self._release()
@@ -100,12 +118,27 @@ class HostShare:
         room = np.array([shm_free_bytes()], dtype=np.int64)
         least = np.zeros(1, dtype=np.int64)
         self.host.Allreduce([room, MPI.INT64_T], [least, MPI.INT64_T], op=MPI.MIN)
-        if 2 * size * values * 4 > int(least[0]):
-            self.enabled = False  # the same decision on every rank: messages from now on
+        if 2 * size * values * 4 > int(least[0]):  # the same decision on every rank
+            need, free = size * values * 4, int(least[0])
+            self._give_up(
+                f"{SHM_FOLDER} has {free:,} bytes free; the window needs {need:,} (and twice that free)"
+            )
             return
         host = self.host
         assert isinstance(host, MPI.Intracomm)
-        self.win = MPI.Win.Allocate_shared(values * 4, 4, comm=host)
+        try:
+            win = allocate(values, host)
+        except (MPI.Exception, NotImplementedError):  # an MPI that cannot: messages instead
+            win = None
+        made = np.array([0 if win is None else 1], dtype=np.int64)
+        every = np.zeros(1, dtype=np.int64)
+        self.host.Allreduce([made, MPI.INT64_T], [every, MPI.INT64_T], op=MPI.MIN)
+        if not every[0]:  # not on every rank of the host: nobody uses it (a window made on some
+            # ranks only is left alone: freeing it would need them all)
+            self._give_up("the MPI library could not allocate a shared window")
+            return
+        assert win is not None
+        self.win = win
         self.win.Lock_all()
         self.capacity = values
         for i in range(size):

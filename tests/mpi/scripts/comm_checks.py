@@ -40,7 +40,7 @@ def partition(size: int) -> tuple[np.ndarray, np.ndarray]:
 # How the exchange reaches the neighbours: shared memory for the whole (one-host) job, messages
 # only, two pretend hosts (even and odd ranks: shared memory inside each, messages across), and
 # a host whose shared-memory file system has no room (every rank falls back to messages).
-VARIANTS = ("shared", "messages", "two_hosts", "no_room")
+VARIANTS = ("shared", "messages", "two_hosts", "no_room", "no_window")
 
 
 @contextlib.contextmanager
@@ -53,19 +53,25 @@ def transport(topo: Topology, variant: str) -> Iterator[Transport]:
         shared_memory="no" if variant == "messages" else "auto",
         host=host,
     )
-    real = shared.shm_free_bytes
+    real, real_allocate = shared.shm_free_bytes, shared.allocate
     if variant == "no_room":
         shared.shm_free_bytes = lambda folder=shared.SHM_FOLDER: 0
+    if variant == "no_window":  # an MPI without shared windows
+
+        def refuse(values: int, host: MPI.Intracomm) -> MPI.Win:
+            raise NotImplementedError("no shared windows here")
+
+        shared.allocate = refuse
     try:
         yield tr
     finally:
-        shared.shm_free_bytes = real
+        shared.shm_free_bytes, shared.allocate = real, real_allocate
         if host is not None:
             host.Free()
     share = tr._share
     if variant == "messages":
         assert share is None
-    elif variant == "no_room" or (variant == "two_hosts" and topo.size < 3):
+    elif variant in ("no_room", "no_window") or (variant == "two_hosts" and topo.size < 3):
         assert share is not None and not share.enabled, variant
     else:
         assert share is not None and share.enabled, variant
