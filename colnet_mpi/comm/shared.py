@@ -14,7 +14,8 @@ over the host's ranks, who must all take part in the same order:
    exchange and must not be written to (other ranks read the same memory).
 
 The window is only ever allocated when the host's shared-memory file system has room for it
-(twice what it needs is free); otherwise every rank of the host falls back to messages.
+(twice what it needs is free); otherwise, and when the MPI library cannot allocate it, every
+rank of the host falls back to messages (said once in the job log).
 """
 
 from __future__ import annotations
