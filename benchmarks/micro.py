@@ -3,7 +3,8 @@
     python benchmarks/micro.py cpu                 # augmentation, inference batch, memory format,
                                                    # the backbone cosine (full-width ResNet-18)
     mpiexec -n 6 python benchmarks/micro.py exchange [--values 44600]
-                                                   # our checked exchange against raw Isend/Irecv
+                                                   # our checked exchange (shared memory, then
+                                                   # messages only) against raw Isend/Irecv
     python benchmarks/micro.py steps --procs 6 --threads 1 [--repeats 4]
                                                    # full-width training steps of several
                                                    # processes at once (ranks sharing cores)
@@ -72,6 +73,7 @@ def exchange(values: int, repeats: int) -> None:
     world = MPI.COMM_WORLD
     with Topology(world, kind="full") as topo:
         transport = Transport(topo, torch.device("cpu"))
+        messages = Transport(topo, torch.device("cpu"), shared_memory="no")
         payload = torch.randn(values)
         inbox = [torch.empty(values) for _ in topo.neighbours]
 
@@ -87,7 +89,8 @@ def exchange(values: int, repeats: int) -> None:
 
         result = {}
         for name, fn in (
-            ("colnet (checked)", lambda: transport.exchange(payload)),
+            ("colnet (checked; shared memory on one host)", lambda: transport.exchange(payload)),
+            ("colnet (checked; messages only)", lambda: messages.exchange(payload)),
             ("raw Isend/Irecv", raw),
         ):
             times = []
