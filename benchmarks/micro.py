@@ -5,7 +5,7 @@
     mpiexec -n 6 python benchmarks/micro.py exchange [--values 44600]
                                                    # our checked exchange (shared memory, then
                                                    # messages only) against raw Isend/Irecv
-    python benchmarks/micro.py steps --procs 6 --threads 1 [--repeats 4]
+    python benchmarks/micro.py steps --procs 6 --threads 1 [--repeats 4] [--pin]
                                                    # full-width training steps of several
                                                    # processes at once (ranks sharing cores)
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -125,17 +126,29 @@ def _training_step_seconds(repeats: int) -> float:
     return _per(step, repeats)
 
 
-def steps(procs: int, threads: int, repeats: int) -> None:
+def steps(procs: int, threads: int, repeats: int, pin: bool = False) -> None:
     """``procs`` processes with ``threads`` threads each train at the same time; each prints its
-    seconds per step, then the step rate of all of them together."""
+    seconds per step, then the step rate of all of them together. ``pin``: process i runs on
+    CPU i mod (CPUs available) only, as a launcher that binds ranks to cores would place it."""
+    import os
     import subprocess
     import sys
 
     cmd = [sys.executable, __file__, "_step", "--threads", str(threads), "--repeats", str(repeats)]
-    runs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(procs)]
+    cpus = sorted(os.sched_getaffinity(0))
+
+    def placement(i: int) -> Callable[[], None] | None:
+        if not pin:
+            return None
+        return lambda: os.sched_setaffinity(0, {cpus[i % len(cpus)]})
+
+    runs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, preexec_fn=placement(i))
+        for i in range(procs)
+    ]
     per = [float(r.communicate()[0]) for r in runs]
     print(
-        f"{procs} process(es) x {threads} thread(s): "
+        f"{procs} process(es) x {threads} thread(s){', pinned' if pin else ''}: "
         + ", ".join(f"{s:.2f}" for s in per)
         + f" s per step each; together one step every {1 / sum(1 / s for s in per):.2f} s"
     )
@@ -149,6 +162,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--procs", type=int, default=6)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--pin", action="store_true", help="steps: process i on CPU i mod CPUs")
     args = p.parse_args()
     torch.set_num_threads(args.threads if args.what == "_step" else 1)
     if args.what == "cpu":
@@ -156,7 +170,7 @@ def main() -> None:
     elif args.what == "exchange":
         exchange(args.values, args.repeats or 30)
     elif args.what == "steps":
-        steps(args.procs, args.threads, args.repeats or 4)
+        steps(args.procs, args.threads, args.repeats or 4, args.pin)
     else:  # one worker of "steps"
         print(_training_step_seconds(args.repeats or 4))
 
