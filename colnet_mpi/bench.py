@@ -384,7 +384,7 @@ def text(fig: dict[str, Any], config_path: str) -> str:
         f"{img['total']:,.1f} in all",
         f"bytes per node and round: sent {_mb(b['sent'])}, received {_mb(b['received'])}",
         f"exchange of {_mb(ex['values_per_neighbour'] * 4)} with each of {ex['neighbours']} "
-        f"neighbours ({ex['transfer_path']} path, {ex.get('shared_memory_neighbours', 0)} of them "
+        f"neighbours ({ex['transfer_path']} path, {ex['shared_memory_neighbours']} of them "
         f"through shared memory; backbone {ex['backbone_values']:,} values), "
         "median of the slowest rank:",
         f"  colnet (checked)     {sec['colnet']:.4f} s  ({thr['colnet']:,.0f} MB/s per rank)",

@@ -78,7 +78,6 @@ class HostShare:
         #: world rank of every rank on this host, in host order
         self.world_ranks: list[int] = [int(r) for r in table[:, 0]]
         self.enabled = bool(table[:, 1].all()) and self.host.Get_size() > 1
-        self._where = {r: i for i, r in enumerate(self.world_ranks)}
         #: the other ranks of this host (named when a wait for them lasts too long)
         self.peers = [r for i, r in enumerate(self.world_ranks) if i != self.index]
         self.capacity = 0  # values per segment
@@ -87,11 +86,7 @@ class HostShare:
 
     def holds(self, world_rank: int) -> bool:
         """Whether ``world_rank``'s vectors reach this rank through the window."""
-        return (
-            self.enabled
-            and world_rank in self._where
-            and world_rank != self.world_ranks[self.index]
-        )
+        return self.enabled and world_rank in self.peers
 
     def _release(self) -> None:
         if self.win is not None:
@@ -112,15 +107,20 @@ class HostShare:
                 flush=True,
             )
 
+    def _least(self, value: int) -> int:
+        """(Collective) the smallest ``value`` over the host's ranks."""
+        out = np.zeros(1, dtype=np.int64)
+        self.host.Allreduce(
+            [np.array([value], dtype=np.int64), MPI.INT64_T], [out, MPI.INT64_T], op=MPI.MIN
+        )
+        return int(out[0])
+
     def _grow(self, values: int) -> None:
         """(Collective) a window of ``values`` per rank, or none at all when memory is short."""
         self._release()
         size = self.host.Get_size()
-        room = np.array([shm_free_bytes()], dtype=np.int64)
-        least = np.zeros(1, dtype=np.int64)
-        self.host.Allreduce([room, MPI.INT64_T], [least, MPI.INT64_T], op=MPI.MIN)
-        if 2 * size * values * 4 > int(least[0]):  # the same decision on every rank
-            need, free = size * values * 4, int(least[0])
+        need, free = size * values * 4, self._least(shm_free_bytes())
+        if 2 * need > free:  # the same decision on every rank
             self._give_up(
                 f"{SHM_FOLDER} has {free:,} bytes free; the window needs {need:,} (and twice that free)"
             )
@@ -131,11 +131,9 @@ class HostShare:
             win = allocate(values, host)
         except (MPI.Exception, NotImplementedError):  # an MPI that cannot: messages instead
             win = None
-        made = np.array([0 if win is None else 1], dtype=np.int64)
-        every = np.zeros(1, dtype=np.int64)
-        self.host.Allreduce([made, MPI.INT64_T], [every, MPI.INT64_T], op=MPI.MIN)
-        if not every[0]:  # not on every rank of the host: nobody uses it (a window made on some
-            # ranks only is left alone: freeing it would need them all)
+        # not made on every rank: nobody uses it (one made on some ranks only is left alone:
+        # freeing it would need them all)
+        if not self._least(0 if win is None else 1):
             self._give_up("the MPI library could not allocate a shared window")
             return
         assert win is not None

@@ -163,7 +163,8 @@ class Transport:
         # place (None: no window on this host, every neighbour gets a message)
         share = self._host_share()
         segments = share.publish(send, spin=EXCHANGE_SPIN) if share is not None else None
-        local = [j for j in neighbours if segments is not None and j in segments]
+        shared_from = segments or {}
+        local = [j for j in neighbours if j in shared_from]
         remote = [j for j in neighbours if j not in local]
         # Receives are posted before anything is sent, into buffers kept per sender with one
         # value to spare: a message of the right size lands directly, a longer one by one value
@@ -198,9 +199,8 @@ class Transport:
                 return
             received[src] = self._back(vec)
 
-        for src in local:
-            assert segments is not None
-            vec, count = segments[src]
+        for src in local:  # already written: check each in place
+            vec, count = shared_from[src]
             take(src, vec, count, count * 4, "")
 
         def arrived() -> bool:
