@@ -158,6 +158,7 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict:
         f"training.local_epochs={args.epochs}",
         "federation.grouping=tasks",
         f"run.evaluate_every={args.rounds}",
+        *args.set,
     ]
     cmd = [args.mpiexec, "-n", str(args.ranks), sys.executable, "-m", "colnet_mpi", "run"]
     cmd += [str(ROOT / "configs" / "cifar10_label_het.toml"), "--out", str(work / "ours.h5")]
@@ -177,6 +178,13 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--ranks", type=int, default=6)
     p.add_argument("--mpiexec", default=shutil.which("mpiexec") or "mpiexec")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one more config override for our run (repeatable), e.g. run.host_slots=1",
+    )
     p.add_argument("--skip", choices=("ours", "authors"), help="run only the other one")
     p.add_argument("--keep", type=Path, help="keep logs and outputs here (default: a temp folder)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

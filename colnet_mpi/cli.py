@@ -386,7 +386,7 @@ def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
     if callable(memory_now):  # the bench: what a rank holds before its data and model exist
         state["uss_after_imports"] = memory_now()[1]
     # Per-rank resources: threads from the CPUs this rank was given, GPU from the node-local rank.
-    torch.set_num_threads(topology.cpus_for_rank())
+    torch.set_num_threads(topology.cpus_for_rank(config.run.host_slots))
     if torch.cuda.is_available():
         device = torch.device("cuda", topology.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
@@ -407,12 +407,14 @@ def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
     stop_if_any(error)
     assert node is not None
     hosts = topology.hostnames()
+    slots = config.run.host_slots if config.federation.mode == "sync" else 0
     log(
         f"colnet-mpi {colnet_mpi.__version__}: {size} nodes, scheme={config.federation.scheme}, "
         f"dataset={config.data.dataset}, width={config.model.width}, BL-{config.model.privatization}, "
         f"{config.training.rounds} rounds x {config.training.local_epochs} epochs, device={device.type}, "
         f"threads/rank={torch.get_num_threads()}, {len(set(hosts))} host(s), "
-        f"backbone {node.flat.numel:,} values ({node.flat.nbytes / 2**20:.1f} MiB)"
+        + (f"{slots} rank(s) of a host computing at once, " if slots else "")
+        + f"backbone {node.flat.numel:,} values ({node.flat.nbytes / 2**20:.1f} MiB)"
     )
     if args.dry_run:
         log(

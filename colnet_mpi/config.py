@@ -62,6 +62,9 @@ class RunConfig:
     checkpoint_dir: str = ""  # empty: <results file>.ckpt/ next to the results file
     # test metrics every this many rounds, and always in the final round (NaN in the others)
     evaluate_every: int = 1
+    # ranks of one host that train and evaluate at the same time; the others wait their turn
+    # (each computing rank gets the host's cores / host_slots threads). 0 = all at once
+    host_slots: int = 0
 
     def __post_init__(self) -> None:
         if not self.name or any(c in self.name for c in "/\\ "):
@@ -74,6 +77,8 @@ class RunConfig:
         _at_most("run.checkpoint_every", self.checkpoint_every, MAX_ROUNDS, "a typo guard")
         _positive("run.evaluate_every", self.evaluate_every)
         _at_most("run.evaluate_every", self.evaluate_every, MAX_ROUNDS, "a typo guard")
+        _positive("run.host_slots", self.host_slots, allow_zero=True)
+        _at_most("run.host_slots", self.host_slots, 4096, "a typo guard")
 
     def output_path(self) -> Path:
         """Where the HDF5 results file of this run goes."""
@@ -718,6 +723,11 @@ def _async_problems(config: Config) -> None:
             c.loss_weight > 0,
             f"clustering.loss_weight = {c.loss_weight}",
             "loss profiles need an all-gather in every round",
+        ),
+        (
+            config.run.host_slots > 0,
+            f"run.host_slots = {config.run.host_slots}",
+            "turns would hold every node of a host to the pace of the slowest",
         ),
     ]
     for bad, what, why in checks:

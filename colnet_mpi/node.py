@@ -205,6 +205,8 @@ class Node:
             val.append(self.evaluate(self.val_loader)["loss"])
             if progress is not None:
                 progress(epoch, train[-1], val[-1], time.perf_counter() - t0)
+        # the last step's gradients are not needed again (every step starts by dropping them)
+        self.optimizer.zero_grad(set_to_none=True)
         return_free_memory()
         return train, val
 

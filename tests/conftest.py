@@ -25,10 +25,16 @@ def mpiexec() -> str:
 
 
 def run_mpi(
-    n: int, argv: list[str], *, timeout: float = 240, cwd: Path | None = None
+    n: int,
+    argv: list[str],
+    *,
+    timeout: float = 240,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``argv`` on ``n`` ranks; a hang fails the test instead of blocking the suite."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    """Run ``argv`` on ``n`` ranks (``env``: more environment variables); a hang fails the test
+    instead of blocking the suite."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     cmd = [mpiexec(), "-n", str(n), *argv]
     try:
         return subprocess.run(

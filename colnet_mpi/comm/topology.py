@@ -153,8 +153,9 @@ class Topology:
         self.world.Allgather([mine, MPI.UNSIGNED_CHAR], [allnames, MPI.UNSIGNED_CHAR])
         return [bytes(row).rstrip(b"\0").decode(errors="replace") for row in allnames]
 
-    def cpus_for_rank(self) -> int:
-        """CPU threads this rank may use: SLURM's grant, else its affinity shared among local ranks."""
+    def cpus_for_rank(self, at_once: int = 0) -> int:
+        """CPU threads this rank may use: SLURM's grant, else its affinity shared among the
+        host's ranks that compute at once (``at_once``; 0: all of them, see ``run.host_slots``)."""
         slurm = os.environ.get("SLURM_CPUS_PER_TASK")
         if slurm and slurm.isdigit() and int(slurm) > 0:
             return int(slurm)
@@ -165,7 +166,8 @@ class Topology:
         total = os.cpu_count() or affinity
         if affinity < total:  # the launcher already bound this rank to its own cores
             return max(1, affinity)
-        return max(1, affinity // self.local_size)
+        sharing = min(at_once, self.local_size) if at_once > 0 else self.local_size
+        return max(1, affinity // sharing)
 
 
 def mpi_library() -> str:

@@ -94,6 +94,7 @@ class Watchdog:
         *,
         busy: bool = False,
         spin: float = SPIN,
+        patience: float = 1.0,
     ) -> None:
         """Poll ``done`` until it returns True; past the limit raise :class:`WatchdogTimeout`.
 
@@ -101,12 +102,14 @@ class Watchdog:
         message; a list that the caller shrinks as peers answer names only the missing ones).
         While waiting, census questions from other ranks are answered. ``busy``: never sleep
         between polls, for transfers already under way (MPI moves data only while it is called);
-        ``spin``: seconds of polling without pauses before the sleeps begin.
+        ``spin``: seconds of polling without pauses before the sleeps begin; ``patience``: a
+        factor on the limit, for a wait known to span that many peers' work (a turn far down a
+        host's chain; at least 1).
         """
         if done():
             return
         start = time.perf_counter()
-        limit = self.limit()
+        limit = self.limit() * max(1.0, patience)
         pause = 0.0
         self._waiting = True
         try:
@@ -135,9 +138,12 @@ class Watchdog:
         peers: Sequence[int] = (),
         *,
         busy: bool = False,
+        patience: float = 1.0,
     ) -> None:
-        """Wait for every request in ``requests`` (``busy``: see :meth:`wait`)."""
-        self.wait(lambda: bool(MPI.Request.Testall(requests)), what, peers, busy=busy)
+        """Wait for every request in ``requests`` (``busy``, ``patience``: see :meth:`wait`)."""
+        self.wait(
+            lambda: bool(MPI.Request.Testall(requests)), what, peers, busy=busy, patience=patience
+        )
 
     def fence(self, comm: MPI.Comm, what: str, members: Sequence[int] = ()) -> None:
         """Wait until every member of ``comm`` reached this point (a polled non-blocking barrier).

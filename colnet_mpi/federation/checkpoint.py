@@ -100,7 +100,14 @@ def write_tree(group: h5py.Group, name: str, obj: Any) -> None:
     sub = group.create_group(name)
     sub.attrs["tree"] = json.dumps(tree, allow_nan=False)
     for dt, parts in blobs.items():
-        sub.create_dataset(dt, data=np.concatenate(parts))
+        # written part by part: a concatenated copy would double the state in memory, on every
+        # rank at the same moment
+        data = sub.create_dataset(dt, shape=(sizes[dt],), dtype=np.dtype(dt))
+        at = 0
+        for part in parts:
+            if part.size:
+                data[at : at + part.size] = part
+                at += part.size
 
 
 def _text(value: Any) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -11,6 +12,7 @@ import numpy as np
 from colnet_mpi.attacks.plan import AttackPlan
 from colnet_mpi.comm.topology import Topology
 from colnet_mpi.comm.transport import Transport
+from colnet_mpi.comm.turns import HostTurns
 from colnet_mpi.config import Config
 from colnet_mpi.data import dataset_tasks
 from colnet_mpi.federation import schemes, stages
@@ -25,7 +27,7 @@ from colnet_mpi.federation.state import FederationState
 from colnet_mpi.federation.stop import Preempted, StopRequest, test_hook
 from colnet_mpi.metrics.record import RecordSpec
 from colnet_mpi.metrics.writer import ResultsWriter
-from colnet_mpi.node import Node, derive_seed
+from colnet_mpi.node import Node, derive_seed, return_free_memory
 
 
 class Federation:
@@ -50,6 +52,11 @@ class Federation:
         )
         timeout = config.federation.timeout
         topology.watchdog.timeout = None if timeout == "auto" else float(timeout)
+        # run.host_slots: the host's ranks take turns at the stages that compute (collective)
+        self.turns: HostTurns | None = None
+        if config.run.host_slots > 0 and config.federation.mode == "sync":
+            self.turns = HostTurns(topology.world, topology.watchdog, config.run.host_slots)
+            topology.adopt(self.turns)
         n = topology.size
         tasks = dataset_tasks(config.data.dataset)
         self.true_groups = [tasks[nd.task].group for nd in config.nodes]
@@ -100,7 +107,9 @@ class Federation:
             watchdog.at(r, name)
             test_hook(f"stage.{name}", r, self.topology.rank)
             t = time.perf_counter()
-            if stage(self, ctx):
+            with self._turn(name):
+                ran = stage(self, ctx)
+            if ran:
                 ctx.seconds[name] += time.perf_counter() - t
             if name == "local_train" and self.stop is not None:
                 sig = self.stop.agreed(self.topology.world, watchdog)
@@ -111,6 +120,15 @@ class Federation:
         watchdog.round_finished(ctx.seconds["total"])
         self.state.finish_round(r, ctx.groups)
         return ctx
+
+    def _turn(self, stage: str) -> AbstractContextManager[None]:
+        """This rank's turn on its host for a stage that computes (``run.host_slots``); the
+        stages that talk MPI run outside turns."""
+        if self.turns is None or stage not in stages.TURN_STAGES:
+            return nullcontext()
+        if self.turns.active:
+            return_free_memory()  # what the stages before freed is not held while waiting
+        return self.turns.turn(stages.TURN_STAGES[stage])
 
     # -- state and checkpoints -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -161,3 +179,8 @@ class Federation:
                 watchdog.at(r, "checkpoint")
                 save_checkpoint(self, r)
                 self.saved_round = r
+            # the round's vectors (start, contribution, aggregates) are not needed any more, and
+            # the aggregation stages and the checkpoint freed their copies into the C heap: hand
+            # them back before the next round (a rank waiting for its turn would hold them)
+            del ctx
+            return_free_memory()

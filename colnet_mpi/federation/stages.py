@@ -242,3 +242,7 @@ ROUND: tuple[tuple[str, Stage], ...] = (
     ("redistribute", redistribute),
     ("evaluate", evaluate),
 )
+
+#: The stages that only compute (no MPI inside), which the ranks of a host take in turns under
+#: ``run.host_slots``: stage -> what the turn is for (in the watchdog's messages).
+TURN_STAGES = {"local_train": "train", "evaluate": "evaluate"}

@@ -21,6 +21,16 @@ def test_comm_layer(ranks: int) -> None:
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("ranks", [2, 4, 6])
+def test_host_turns(ranks: int) -> None:
+    """run.host_slots: at most k ranks of a host in a turn, chains in host order, refused
+    hand-overs, patience down a chain, a rank stopped in its turn named."""
+    proc = run_mpi(ranks, [sys.executable, str(SCRIPTS / "turn_checks.py")], timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count(f"ok on {ranks} ranks") == 5, proc.stdout
+
+
+@pytest.mark.mpi
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_async_mailbox_and_agreements(ranks: int) -> None:
     proc = run_mpi(ranks, [sys.executable, str(SCRIPTS / "mailbox_checks.py")], timeout=120)

@@ -140,6 +140,7 @@ def test_fedper_runs_async_and_strategies_without_an_async_form_are_refused():
         ("defense", {"screening": True}, "defense.screening = true"),
         ("defense", {"aggregation": "median"}, "defense.aggregation = 'median'"),
         ("clustering", {"loss_weight": 0.3}, "clustering.loss_weight = 0.3"),
+        ("run", {"host_slots": 2}, "run.host_slots = 2"),
     ],
 )
 def test_what_async_does_not_support_is_refused(section, values, fragment):

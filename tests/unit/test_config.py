@@ -346,6 +346,8 @@ def test_bad_choice_names_key_and_allowed_values(tmp_path, section, line, key, a
         ("run", "seed = -1", "run.seed"),
         ("run", 'name = "a b"', "run.name"),
         ("run", 'name = ""', "run.name"),
+        ("run", "host_slots = -1", "run.host_slots"),
+        ("run", "host_slots = 5000", "run.host_slots"),
         ("hca", "alpha = 1.0", "hca.alpha"),
         ("hca", "psi = -0.5", "hca.psi"),
         ("clustering", "k = 0", "clustering.k"),
