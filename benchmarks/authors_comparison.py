@@ -43,7 +43,7 @@ import threading
 import time
 from pathlib import Path
 
-from colnet_mpi.bench import memory_now
+from colnet_mpi.bench import memory_now, process_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,25 +83,6 @@ runpy.run_path({script!r}, run_name="__main__")
 """
 
 
-def _descendants(pid: int) -> list[int]:
-    """``pid`` and every process below it (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
-
-
 def _pss_mb(pids: list[int]) -> float:
     """Summed PSS of ``pids`` in MB (processes that are gone count nothing)."""
     return sum(p for p in (memory_now(pid)[0] for pid in pids) if p == p) / 2**20
@@ -117,7 +98,7 @@ def timed(cmd: list[str], cwd: Path, log: Path, env: dict[str, str] | None = Non
 
         def sample() -> None:
             while not stop.is_set():
-                peak[0] = max(peak[0], _pss_mb(_descendants(proc.pid)))
+                peak[0] = max(peak[0], _pss_mb(process_tree(proc.pid)))
                 stop.wait(0.2)
 
         sampler = threading.Thread(target=sample, daemon=True)

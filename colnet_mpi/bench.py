@@ -118,6 +118,26 @@ def memory_now(pid: int | str = "self") -> tuple[float, float]:
     return fields.get("Pss", math.nan), uss
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every process below it (Linux, from /proc; the benchmarks that sample the
+    memory of a whole launch use it)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
 #: Libraries of some size that a run loads only when its config needs them (``torch._dynamo``:
 #: torch's compiler, which its optimizers import unless bypassed); the bench names those a run
 #: did load (each costs tens of MB per rank and start-up time).

@@ -582,6 +582,18 @@ class Config:
             )
         if self.federation.mode == "async":
             _async_problems(self)
+        slow = [i for i, n in enumerate(self.nodes) if n.slowdown > 1.0]
+        if self.run.host_slots and (self.training.epoch_seconds or slow):
+            what = (
+                f"training.epoch_seconds = {self.training.epoch_seconds}"
+                if self.training.epoch_seconds
+                else f"nodes[{slow[0]}].slowdown = {self.nodes[slow[0]].slowdown}"
+            )
+            raise ConfigError(
+                f"run.host_slots = {self.run.host_slots} is not allowed with {what}: the "
+                "emulated device's waits would hold the turn and stall the host's other ranks; "
+                "set run.host_slots = 0 to emulate stragglers"
+            )
         if isinstance(self.clustering.k, int) and self.clustering.k > len(self.nodes):
             raise ConfigError(
                 f"clustering.k = {self.clustering.k} is not allowed with {len(self.nodes)} nodes; "

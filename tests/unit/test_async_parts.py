@@ -149,6 +149,25 @@ def test_what_async_does_not_support_is_refused(section, values, fragment):
     assert fragment in str(info.value) and 'federation.mode = "async"' in str(info.value)
 
 
+def test_turns_refuse_emulated_stragglers():
+    with pytest.raises(ConfigError) as info:
+        make(run={"host_slots": 2})  # node 2 has slowdown 3
+    assert "run.host_slots = 2" in str(info.value) and "nodes[2].slowdown = 3.0" in str(info.value)
+    nodes = [{"task": "attributes"}, {"task": "landmarks"}]
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(
+            {
+                "data": {"dataset": "synthetic_faces"},
+                "nodes": nodes,
+                "run": {"host_slots": 1},
+                "training": {"epoch_seconds": 2.0},
+            }
+        )
+    assert "training.epoch_seconds = 2.0" in str(info.value)
+    plain = {"data": {"dataset": "synthetic_faces"}, "nodes": nodes, "run": {"host_slots": 1}}
+    assert config_from_dict(plain).run.host_slots == 1
+
+
 @pytest.mark.parametrize("bad", [0.5, 0, "fast", True, 5000])
 def test_bad_slowdown_is_named(bad):
     nodes = [{"task": "attributes", "slowdown": bad}, {"task": "landmarks"}]

@@ -54,9 +54,7 @@ def check_at_most_slots_at_once_in_host_order(comm: MPI.Comm) -> None:
                 # at most `slots` of this host's ranks inside a turn at any start time
                 for r in members:
                     at = table[r, t, 0]
-                    inside = sum(
-                        1 for q in members if table[q, t, 0] <= at < table[q, t, 1]
-                    )
+                    inside = sum(1 for q in members if table[q, t, 0] <= at < table[q, t, 1])
                     assert inside <= slots, (name, slots, t, inside)
         if host is not None:
             host.Free()
