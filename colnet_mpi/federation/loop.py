@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
+import torch
 
 from colnet_mpi.attacks.plan import AttackPlan
 from colnet_mpi.comm.topology import Topology
@@ -121,14 +122,20 @@ class Federation:
         self.state.finish_round(r, ctx.groups)
         return ctx
 
-    def _turn(self, stage: str) -> AbstractContextManager[None]:
+    @contextmanager
+    def _turn(self, stage: str) -> Iterator[None]:
         """This rank's turn on its host for a stage that computes (``run.host_slots``); the
         stages that talk MPI run outside turns."""
-        if self.turns is None or stage not in stages.TURN_STAGES:
-            return nullcontext()
-        if self.turns.active:
+        turns = self.turns
+        if turns is None or stage not in stages.TURN_STAGES:
+            yield
+            return
+        if turns.active:
             return_free_memory()  # what the stages before freed is not held while waiting
-        return self.turns.turn(stages.TURN_STAGES[stage])
+        with turns.turn(stages.TURN_STAGES[stage]):
+            yield
+            if turns.active and self.node.device.type == "cuda":
+                torch.cuda.empty_cache()  # the next rank on a shared GPU gets the memory
 
     # -- state and checkpoints -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
