@@ -167,7 +167,12 @@ def main() -> None:
         help="one more config override for our run (repeatable), e.g. run.host_slots=1",
     )
     p.add_argument("--skip", choices=("ours", "authors"), help="run only the other one")
-    p.add_argument("--keep", type=Path, help="keep logs and outputs here (default: a temp folder)")
+    p.add_argument(
+        "--keep",
+        type=Path,
+        help="keep logs and outputs here (default: a temporary folder, deleted after a "
+        "successful run and kept after a failed one)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args()
     if not (args.data / "cifar-10-batches-py").is_dir():
@@ -187,6 +192,10 @@ def main() -> None:
         figures[who] = runner(args, work)
         if figures[who]["rc"] != 0:
             raise SystemExit(f"{who} run failed (exit {figures[who]['rc']}); see {work}")
+    if args.keep is None:  # a successful run's outputs (checkpoints: 0.5 GB) are not kept
+        shutil.rmtree(base, ignore_errors=True)
+        for f in figures.values():
+            f.pop("log")
     if "ours" in figures and "authors" in figures:
         figures["ratio"] = {
             "seconds": figures["ours"]["seconds"] / figures["authors"]["seconds"],
