@@ -407,7 +407,7 @@ def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
     stop_if_any(error)
     assert node is not None
     hosts = topology.hostnames()
-    slots = config.run.host_slots if config.federation.mode == "sync" else 0
+    slots = config.run.host_slots
     log(
         f"colnet-mpi {colnet_mpi.__version__}: {size} nodes, scheme={config.federation.scheme}, "
         f"dataset={config.data.dataset}, width={config.model.width}, BL-{config.model.privatization}, "

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from colnet_mpi.comm.topology import host_members
 from colnet_mpi.comm.watchdog import SPIN, Watchdog
 
 SHM_FOLDER = "/dev/shm"  # where MPI libraries put shared windows on Linux
@@ -65,19 +66,12 @@ class HostShare:
         host: MPI.Comm | None = None,
     ) -> None:
         self.watchdog = watchdog
-        self.host: MPI.Comm = (
-            host.Dup()
-            if host is not None
-            else world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
+        #: the host's communicator; the world rank of every rank on this host, in host order
+        self.host, self.world_ranks, wants = host_members(
+            world, watchdog, "shared memory", host=host, flag=wanted
         )
         self.index = self.host.Get_rank()
-        mine = np.array([world.Get_rank(), 1 if wanted else 0], dtype=np.int64)
-        table = np.zeros((self.host.Get_size(), 2), dtype=np.int64)
-        watchdog.fence(self.host, "the ranks of this host (shared memory)")
-        self.host.Allgather([mine, MPI.INT64_T], [table, MPI.INT64_T])
-        #: world rank of every rank on this host, in host order
-        self.world_ranks: list[int] = [int(r) for r in table[:, 0]]
-        self.enabled = bool(table[:, 1].all()) and self.host.Get_size() > 1
+        self.enabled = all(wants) and self.host.Get_size() > 1
         #: the other ranks of this host (named when a wait for them lasts too long)
         self.peers = [r for i, r in enumerate(self.world_ranks) if i != self.index]
         self.capacity = 0  # values per segment

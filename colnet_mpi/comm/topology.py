@@ -170,6 +170,30 @@ class Topology:
         return max(1, affinity // sharing)
 
 
+def host_members(
+    world: MPI.Comm,
+    watchdog: Watchdog,
+    what: str,
+    *,
+    host: MPI.Comm | None = None,
+    flag: bool = True,
+) -> tuple[MPI.Comm, list[int], list[bool]]:
+    """(Collective) the ranks of this rank's host: their communicator (the world's
+    ``COMM_TYPE_SHARED`` split, or a duplicate of ``host`` where a test pretends hosts), the
+    world rank of each in host order, and each one's ``flag``. ``what`` names the purpose in
+    the watchdog's messages."""
+    comm = (
+        host.Dup()
+        if host is not None
+        else world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
+    )
+    mine = np.array([world.Get_rank(), 1 if flag else 0], dtype=np.int64)
+    table = np.zeros((comm.Get_size(), 2), dtype=np.int64)
+    watchdog.fence(comm, f"the ranks of this host ({what})")
+    comm.Allgather([mine, MPI.INT64_T], [table, MPI.INT64_T])
+    return comm, [int(r) for r in table[:, 0]], [bool(f) for f in table[:, 1]]
+
+
 def mpi_library() -> str:
     """First line of the MPI library's version string."""
     return MPI.Get_library_version().strip().splitlines()[0].strip()

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 import numpy as np
 from mpi4py import MPI
 
+from colnet_mpi.comm.topology import host_members
 from colnet_mpi.comm.watchdog import Watchdog
 
 TURN = 3  # tag of the hand-over message
@@ -47,19 +48,9 @@ class HostTurns:
             raise ValueError(f"slots = {slots} is not allowed; use 1 or more")
         self.watchdog = watchdog
         self.slots = slots
-        self.comm: MPI.Comm = (
-            host.Dup()
-            if host is not None
-            else world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
-        )
+        #: the host's communicator; the world rank of every rank on this host, in host order
+        self.comm, self.world_ranks, _ = host_members(world, watchdog, "turns", host=host)
         index, size = self.comm.Get_rank(), self.comm.Get_size()
-        table = np.zeros(size, dtype=np.int64)
-        watchdog.fence(self.comm, "the ranks of this host (turns)")
-        self.comm.Allgather(
-            [np.array([world.Get_rank()], dtype=np.int64), MPI.INT64_T], [table, MPI.INT64_T]
-        )
-        #: world rank of every rank on this host, in host order
-        self.world_ranks: list[int] = [int(r) for r in table]
         self.before = index - slots if index >= slots else None  # host index handing over to us
         self.after = index + slots if index + slots < size else None  # the one we hand over to
         self.place = index // slots  # ranks ahead of this one in its chain

@@ -53,9 +53,10 @@ class Federation:
         )
         timeout = config.federation.timeout
         topology.watchdog.timeout = None if timeout == "auto" else float(timeout)
-        # run.host_slots: the host's ranks take turns at the stages that compute (collective)
+        # run.host_slots (synchronous mode only, the config makes sure): the host's ranks take
+        # turns at the stages that compute (collective)
         self.turns: HostTurns | None = None
-        if config.run.host_slots > 0 and config.federation.mode == "sync":
+        if config.run.host_slots > 0:
             self.turns = HostTurns(topology.world, topology.watchdog, config.run.host_slots)
             topology.adopt(self.turns)
         n = topology.size
