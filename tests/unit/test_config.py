@@ -274,6 +274,7 @@ def test_section_that_is_not_a_table(tmp_path):
         ("model", "width = false", "model.width", "int"),
         ("run", "name = 5", "run.name", "str"),
         ("run", "deterministic = 1", "run.deterministic", "bool"),
+        ("run", 'keep_heap = "yes"', "run.keep_heap", "bool"),
         ("hca", 'psi = "big"', "hca.psi", "float"),
         ("hca", "psi = true", "hca.psi", "float"),
         ("clustering", "k = 2.0", "clustering.k", "int"),

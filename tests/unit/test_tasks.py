@@ -441,3 +441,36 @@ def test_return_free_memory_gives_freed_heap_pages_back() -> None:
         "print(held - memory_now()[1])\n"
     )
     assert float(run_python(code).stdout) > 120e6  # 20 holes of 8 MB back to the system
+
+
+_FREED_STEP = (
+    "import torch\n"
+    "from colnet_mpi.bench import memory_now\n"
+    "from colnet_mpi.node import keep_heap_between_steps\n"
+    "applied = keep_heap_between_steps() if MODE == 'keep' else None\n"
+    "blocks = [torch.ones(n * 1_000_000 // 4) for n in (16, 8, 4, 2) * 8]  # a step's activations\n"
+    "held = memory_now()[1]\n"
+    "del blocks  # the end of its backward pass\n"
+    "print(applied, held - memory_now()[1])\n"
+)
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+    reason="mallopt's thresholds are glibc's; elsewhere keep_heap_between_steps does nothing",
+)
+def test_kept_heap_holds_a_steps_freed_blocks_for_the_next_one() -> None:
+    default = run_python("MODE = 'system'\n" + _FREED_STEP).stdout.split()
+    kept = run_python("MODE = 'keep'\n" + _FREED_STEP).stdout.split()
+    # 240 MB freed: by default glibc hands it back to the system (the next step faults it in
+    # again, page by page); kept, it stays with the process
+    assert float(default[1]) > 200e6
+    assert kept[0] == "True"
+    assert float(kept[1]) < 20e6
+
+
+def test_kept_heap_leaves_a_users_malloc_settings_alone(monkeypatch) -> None:
+    from colnet_mpi.node import keep_heap_between_steps
+
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000")
+    assert keep_heap_between_steps() is False
