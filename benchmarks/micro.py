@@ -5,7 +5,7 @@
     mpiexec -n 6 python benchmarks/micro.py exchange [--values 44600]
                                                    # our checked exchange (shared memory, then
                                                    # messages only) against raw Isend/Irecv
-    python benchmarks/micro.py steps --procs 6 --threads 1 [--repeats 4] [--pin]
+    python benchmarks/micro.py steps --procs 6 --threads 1 [--repeats 4] [--pin] [--heap system]
                                                    # full-width training steps of several
                                                    # processes at once (ranks sharing cores)
 
@@ -109,10 +109,17 @@ def exchange(values: int, repeats: int) -> None:
                 )
 
 
-def _training_step_seconds(repeats: int) -> float:
-    """Seconds per training step of 64 CIFAR-sized images, full-width ResNet-18 (one process)."""
+def _training_step_seconds(repeats: int, heap: str) -> tuple[float, float]:
+    """Seconds and minor page faults per training step of 64 CIFAR-sized images, full-width
+    ResNet-18 (one process); ``heap`` = "keep" applies ``run.keep_heap`` as runs do."""
+    import resource
+
     from colnet_mpi.models.resnet import resnet18
+    from colnet_mpi.node import keep_heap_between_steps
     from colnet_mpi.tasks import make_optimizer
+
+    if heap == "keep":
+        keep_heap_between_steps()
 
     model = resnet18(num_outputs=6, width=64, stem="cifar").train()
     opt = make_optimizer("sgd", model.parameters(), lr=0.01, momentum=0.9)
@@ -123,10 +130,14 @@ def _training_step_seconds(repeats: int) -> float:
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
 
-    return _per(step, repeats)
+    step()  # warm-up
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    sec = _per(step, repeats)  # its own warm-up step is counted among the faults
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    return sec, faults / (repeats + 1)
 
 
-def steps(procs: int, threads: int, repeats: int, pin: bool = False) -> None:
+def steps(procs: int, threads: int, repeats: int, pin: bool = False, heap: str = "keep") -> None:
     """``procs`` processes with ``threads`` threads each train at the same time; each prints its
     seconds per step, then the step rate of all of them together. ``pin``: process i runs on
     CPU i mod (CPUs available) only, as a launcher that binds ranks to cores would place it."""
@@ -135,6 +146,7 @@ def steps(procs: int, threads: int, repeats: int, pin: bool = False) -> None:
     import sys
 
     cmd = [sys.executable, __file__, "_step", "--threads", str(threads), "--repeats", str(repeats)]
+    cmd += ["--heap", heap]
     cpus = sorted(os.sched_getaffinity(0))
 
     def placement(i: int) -> Callable[[], None] | None:
@@ -146,11 +158,13 @@ def steps(procs: int, threads: int, repeats: int, pin: bool = False) -> None:
         subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, preexec_fn=placement(i))
         for i in range(procs)
     ]
-    per = [float(r.communicate()[0]) for r in runs]
+    out = [[float(v) for v in r.communicate()[0].split()] for r in runs]
+    per = [sec for sec, _ in out]
     print(
-        f"{procs} process(es) x {threads} thread(s){', pinned' if pin else ''}: "
+        f"{procs} process(es) x {threads} thread(s){', pinned' if pin else ''}, heap {heap}: "
         + ", ".join(f"{s:.2f}" for s in per)
-        + f" s per step each; together one step every {1 / sum(1 / s for s in per):.2f} s"
+        + f" s per step each; together one step every {1 / sum(1 / s for s in per):.2f} s; "
+        + f"{np.mean([f for _, f in out]):,.0f} minor page faults per step and process"
     )
 
 
@@ -163,6 +177,12 @@ def main() -> None:
     p.add_argument("--procs", type=int, default=6)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--pin", action="store_true", help="steps: process i on CPU i mod CPUs")
+    p.add_argument(
+        "--heap",
+        choices=("keep", "system"),
+        default="keep",
+        help="steps: keep freed heap pages between steps (run.keep_heap = true) or glibc's default",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads if args.what == "_step" else 1)
     if args.what == "cpu":
@@ -170,9 +190,9 @@ def main() -> None:
     elif args.what == "exchange":
         exchange(args.values, args.repeats or 30)
     elif args.what == "steps":
-        steps(args.procs, args.threads, args.repeats or 4, args.pin)
+        steps(args.procs, args.threads, args.repeats or 4, args.pin, args.heap)
     else:  # one worker of "steps"
-        print(_training_step_seconds(args.repeats or 4))
+        print(*_training_step_seconds(args.repeats or 4, args.heap))
 
 
 if __name__ == "__main__":
