@@ -380,13 +380,15 @@ def _run(args: argparse.Namespace, state: dict[str, object]) -> int:
     from colnet_mpi.federation.loop import Federation
     from colnet_mpi.federation.stop import EXIT_PREEMPTED, Preempted, StopRequest
     from colnet_mpi.metrics.writer import ResultsWriter, now_iso
-    from colnet_mpi.node import Node
+    from colnet_mpi.node import Node, keep_heap_between_steps
 
     memory_now = state.get("memory_now")
     if callable(memory_now):  # the bench: what a rank holds before its data and model exist
         state["uss_after_imports"] = memory_now()[1]
     # Per-rank resources: threads from the CPUs this rank was given, GPU from the node-local rank.
     torch.set_num_threads(topology.cpus_for_rank(config.run.host_slots))
+    if config.run.keep_heap:
+        keep_heap_between_steps()
     if torch.cuda.is_available():
         device = torch.device("cuda", topology.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)

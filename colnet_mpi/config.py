@@ -65,8 +65,7 @@ class RunConfig:
     # ranks of one host that train and evaluate at the same time; the others wait their turn
     # (each computing rank gets the host's cores / host_slots threads). 0 = all at once
     host_slots: int = 0
-    # in training and evaluation, keep the C heap's freed pages from one batch to the next
-    # (glibc; results unchanged)
+    # keep the C heap's freed pages from one training step to the next (glibc; results unchanged)
     keep_heap: bool = True
 
     def __post_init__(self) -> None:

@@ -8,8 +8,7 @@ import functools
 import os
 import random
 import time
-from collections.abc import Callable, Iterator, Sized
-from contextlib import contextmanager
+from collections.abc import Callable, Sized
 from typing import Any, cast
 
 import numpy as np
@@ -49,23 +48,6 @@ def _malloc_trim() -> Callable[[int], int] | None:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 # The largest block glibc will serve from the heap instead of a fresh mapping (32 MiB on 64-bit).
 _MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
-# Outside the compute stages: blocks from 1 MiB up get mappings of their own (given back on
-# free), and a free top of the heap over 2 MiB is trimmed (glibc's rule of twice the threshold).
-_MAPPED_BLOCKS, _MAPPED_TRIM = 1024 * 1024, 2 * 1024 * 1024
-
-
-def _mallopt() -> Callable[[int, int], int] | None:
-    """glibc's ``mallopt`` where the heap may be tuned; None without glibc, or when the user set
-    ``MALLOC_TRIM_THRESHOLD_`` or ``MALLOC_MMAP_THRESHOLD_`` (their choice wins)."""
-    if any(f"MALLOC_{k}_THRESHOLD_" in os.environ for k in ("TRIM", "MMAP")):
-        return None
-    try:
-        mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    except OSError:
-        return None
-    if _malloc_trim() is None:  # musl has no trim and ignores these settings
-        return None
-    return cast(Callable[[int, int], int] | None, mallopt)
 
 
 def keep_heap_between_steps() -> bool:
@@ -76,46 +58,23 @@ def keep_heap_between_steps() -> bool:
     the step's activations go back to the system and the next step faults them in again, page
     by page (about 65,000 minor faults and 0.1 s of kernel time per 64-image step at ResNet-18
     full width). With a fixed threshold for fresh mappings and no automatic trim, those pages
-    stay with the process from step to step. Nothing computed changes. Returns whether the
-    settings were applied (see ``_mallopt``). :func:`map_big_blocks` undoes it.
+    stay with the process from step to step; ``return_free_memory`` still hands them back
+    between stages. Nothing computed changes. Returns whether the settings were applied: not
+    without glibc, and not when the user set ``MALLOC_TRIM_THRESHOLD_`` or
+    ``MALLOC_MMAP_THRESHOLD_`` (their choice wins).
     """
-    mallopt = _mallopt()
-    # the trim threshold is an unsigned long in glibc: the largest int mallopt takes, 2 GiB - 1
-    return (
-        mallopt is not None
-        and bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX))
-        and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-    )
-
-
-def map_big_blocks() -> bool:
-    """The heap for the stages between the compute ones: every block of 1 MiB or more gets a
-    mapping of its own, handed back when it is freed, and the heap's free top is trimmed.
-
-    The aggregation stages allocate a few vectors the size of the backbone (11-22 MB each at
-    full width) while every rank of a host is awake; mapped, what they free does not stay
-    resident until the next trim. Returns whether the settings were applied (see ``_mallopt``).
-    """
-    mallopt = _mallopt()
-    return (
-        mallopt is not None
-        and bool(mallopt(_M_MMAP_THRESHOLD, _MAPPED_BLOCKS))
-        and bool(mallopt(_M_TRIM_THRESHOLD, _MAPPED_TRIM))
-    )
-
-
-@contextmanager
-def compute_heap(keep: bool) -> Iterator[None]:
-    """Around a compute stage (training, evaluation): with ``keep`` (``run.keep_heap``) the heap
-    is kept from one batch to the next, and afterwards big blocks are mapped again; in every
-    case the freed pages are handed back at the end (:func:`return_free_memory`)."""
-    kept = keep and keep_heap_between_steps()
+    if any(f"MALLOC_{k}_THRESHOLD_" in os.environ for k in ("TRIM", "MMAP")):
+        return False
     try:
-        yield
-    finally:
-        if kept:
-            map_big_blocks()
-        return_free_memory()
+        mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    except OSError:
+        return False
+    if mallopt is None or _malloc_trim() is None:  # musl has no trim and ignores these
+        return False
+    # the trim threshold is an unsigned long in glibc: the largest int mallopt takes, 2 GiB - 1
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    )
 
 
 def return_free_memory() -> None:
@@ -260,15 +219,6 @@ class Node:
         ``batch_hook`` (an attack's) may replace each training batch before its step.
         ``progress(epoch, train_loss, val_loss, seconds)`` is called after each epoch (1-based).
         """
-        with compute_heap(self.config.run.keep_heap):
-            return self._train_epochs(epochs, batch_hook, progress)
-
-    def _train_epochs(
-        self,
-        epochs: int,
-        batch_hook: BatchHook | None,
-        progress: Callable[[int, float, float, float], None] | None,
-    ) -> tuple[list[float], list[float]]:
         train, val = [], []
         clip = self.config.training.grad_clip or None
         for epoch in range(1, epochs + 1):
@@ -291,6 +241,7 @@ class Node:
                 progress(epoch, train[-1], val[-1], time.perf_counter() - t0)
         # the last step's gradients are not needed again (every step starts by dropping them)
         self.optimizer.zero_grad(set_to_none=True)
+        return_free_memory()
         return train, val
 
     def evaluate(self, loader: DataLoader[tuple[torch.Tensor, ...]]) -> dict[str, float]:

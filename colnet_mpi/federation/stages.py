@@ -17,7 +17,7 @@ from colnet_mpi.algorithms.clustering import canonical_labels, leader_flags
 from colnet_mpi.comm.buffers import checksum
 from colnet_mpi.federation.context import RoundContext
 from colnet_mpi.metrics.names import METRIC_NAMES
-from colnet_mpi.node import compute_heap
+from colnet_mpi.node import return_free_memory
 
 if TYPE_CHECKING:
     from colnet_mpi.config import Config
@@ -220,8 +220,8 @@ def evaluate(fed: Federation, ctx: RoundContext) -> bool:
     if fed.intra is not None:
         node.flat.unpack(ctx.new, keep_batchnorm=local_bn)
     if tested(fed.config, ctx.r):
-        with compute_heap(fed.config.run.keep_heap):
-            ctx.test = node.evaluate(node.test_loader)
+        ctx.test = node.evaluate(node.test_loader)
+        return_free_memory()
     else:
         ctx.test = {m: math.nan for m in METRIC_NAMES}
     ctx.checksum = checksum(node.flat.shared_part(node.flat.pack(), local_batchnorm=local_bn))

@@ -446,40 +446,31 @@ def test_return_free_memory_gives_freed_heap_pages_back() -> None:
 _FREED_STEP = (
     "import torch\n"
     "from colnet_mpi.bench import memory_now\n"
-    "from colnet_mpi.node import compute_heap\n"
-    "def freed():  # MB a step's activations leave resident once the step has freed them\n"
-    "    blocks = [torch.ones(n * 1_000_000 // 4) for n in (16, 8, 4, 2) * 8]\n"
-    "    held = memory_now()[1]\n"
-    "    del blocks\n"
-    "    return (held - memory_now()[1]) / 1e6\n"
-    "if MODE == 'keep':\n"
-    "    with compute_heap(True):\n"
-    "        inside = freed()\n"
-    "        before_exit = memory_now()[1]\n"
-    "    print(inside, (before_exit - memory_now()[1]) / 1e6, freed())\n"
-    "else:\n"
-    "    print(freed())\n"
+    "from colnet_mpi.node import keep_heap_between_steps\n"
+    "applied = keep_heap_between_steps() if MODE == 'keep' else None\n"
+    "blocks = [torch.ones(n * 1_000_000 // 4) for n in (16, 8, 4, 2) * 8]  # a step's activations\n"
+    "held = memory_now()[1]\n"
+    "del blocks  # the end of its backward pass\n"
+    "print(applied, held - memory_now()[1])\n"
 )
 
 
 @pytest.mark.skipif(
     not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
-    reason="mallopt's thresholds are glibc's; elsewhere compute_heap only trims",
+    reason="mallopt's thresholds are glibc's; elsewhere keep_heap_between_steps does nothing",
 )
-def test_compute_stages_keep_a_steps_freed_blocks_and_the_others_do_not() -> None:
-    (default,) = map(float, run_python("MODE = 'system'\n" + _FREED_STEP).stdout.split())
-    inside, at_exit, after = map(float, run_python("MODE = 'keep'\n" + _FREED_STEP).stdout.split())
+def test_kept_heap_holds_a_steps_freed_blocks_for_the_next_one() -> None:
+    default = run_python("MODE = 'system'\n" + _FREED_STEP).stdout.split()
+    kept = run_python("MODE = 'keep'\n" + _FREED_STEP).stdout.split()
     # 240 MB freed: by default glibc hands it back to the system (the next step faults it in
-    # again, page by page)
-    assert default > 200
-    assert inside < 20  # kept for the next step
-    assert at_exit > 200  # handed back when the stage ends
-    assert after > 200  # and after it, big blocks are mapped and given back on free again
+    # again, page by page); kept, it stays with the process
+    assert float(default[1]) > 200e6
+    assert kept[0] == "True"
+    assert float(kept[1]) < 20e6
 
 
 def test_kept_heap_leaves_a_users_malloc_settings_alone(monkeypatch) -> None:
-    from colnet_mpi.node import keep_heap_between_steps, map_big_blocks
+    from colnet_mpi.node import keep_heap_between_steps
 
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000")
     assert keep_heap_between_steps() is False
-    assert map_big_blocks() is False
