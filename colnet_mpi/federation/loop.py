@@ -130,6 +130,10 @@ class Federation:
         turns = self.turns
         if turns is None or stage not in stages.TURN_STAGES:
             yield
+            if turns is not None and turns.active:
+                # every rank of the host is awake in these stages: what each one freed goes
+                # back at once rather than at the end of the round (peak memory, not speed)
+                return_free_memory()
             return
         if turns.active:
             return_free_memory()  # what the stages before freed is not held while waiting
