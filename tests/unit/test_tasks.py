@@ -474,3 +474,33 @@ def test_kept_heap_leaves_a_users_malloc_settings_alone(monkeypatch) -> None:
 
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000")
     assert keep_heap_between_steps() is False
+
+
+@pytest.mark.parametrize(
+    ("active", "stage", "trims"),
+    [
+        (True, "intra", 1),  # every rank of the host is awake: freed pages go back at once
+        (True, "exchange", 1),
+        (True, "local_train", 1),  # before waiting for the turn
+        (False, "intra", 0),  # one rank per slot anyway: no turns, no extra trims
+        (None, "intra", 0),  # host_slots = 0
+    ],
+)
+def test_turns_hand_the_heap_back_around_the_stages(monkeypatch, active, stage, trims) -> None:
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    from colnet_mpi.federation import loop
+
+    calls: list[int] = []
+    monkeypatch.setattr(loop, "return_free_memory", lambda: calls.append(1))
+
+    @contextmanager
+    def turn(what):
+        yield
+
+    turns = None if active is None else SimpleNamespace(active=active, turn=turn)
+    fed = SimpleNamespace(turns=turns, node=SimpleNamespace(device=torch.device("cpu")))
+    with loop.Federation._turn(fed, stage):
+        assert calls == ([1] if stage == "local_train" and active else [])
+    assert len(calls) == trims
