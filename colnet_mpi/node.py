@@ -30,16 +30,17 @@ from colnet_mpi.tasks import (
 )
 
 
-@functools.lru_cache(maxsize=1)
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None where the C library has none (macOS, musl).
+@functools.cache
+def _libc(name: str) -> Callable[..., int] | None:
+    """A function of the C library (``malloc_trim``, ``mallopt``), or None where it has none
+    (macOS, musl).
 
     Looked up among the symbols the process has loaded already (``dlopen(NULL)``), not with
     ``ctypes.util.find_library``, which may start a subprocess: some MPI libraries warn about or
     break on a fork after ``MPI_Init``.
     """
     try:
-        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+        return getattr(ctypes.CDLL(None), name, None)
     except OSError:
         return None
 
@@ -65,11 +66,8 @@ def keep_heap_between_steps() -> bool:
     """
     if any(f"MALLOC_{k}_THRESHOLD_" in os.environ for k in ("TRIM", "MMAP")):
         return False
-    try:
-        mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    except OSError:
-        return False
-    if mallopt is None or _malloc_trim() is None:  # musl has no trim and ignores these
+    mallopt = _libc("mallopt")
+    if mallopt is None or _libc("malloc_trim") is None:  # musl has no trim and ignores these
         return False
     # the trim threshold is an unsigned long in glibc: the largest int mallopt takes, 2 GiB - 1
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(
@@ -86,7 +84,7 @@ def return_free_memory() -> None:
     400 MB per rank that the exchange, clustering and evaluation would hold on top). Trimming
     takes 5-30 ms; the next training stage faults those pages back in.
     """
-    trim = _malloc_trim()
+    trim = _libc("malloc_trim")
     if trim is not None:
         trim(0)
 
