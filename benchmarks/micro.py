@@ -6,6 +6,7 @@
                                                    # our checked exchange (shared memory, then
                                                    # messages only) against raw Isend/Irecv
     python benchmarks/micro.py steps --procs 6 --threads 1 [--repeats 4] [--pin] [--heap system]
+                                                   # [--slice-ms 50]
                                                    # full-width training steps of several
                                                    # processes at once (ranks sharing cores)
 
@@ -137,7 +138,28 @@ def _training_step_seconds(repeats: int, heap: str) -> tuple[float, float]:
     return sec, faults / (repeats + 1)
 
 
-def steps(procs: int, threads: int, repeats: int, pin: bool = False, heap: str = "keep") -> None:
+def _set_slice(ms: float) -> None:
+    """Ask the kernel (Linux 6.6 or later, EEVDF) for a time slice of ``ms`` milliseconds for this
+    process and its children (``sched_setattr``, x86-64 syscall 314, policy SCHED_OTHER)."""
+    import ctypes
+    import struct
+
+    # struct sched_attr: size, policy, flags, nice, priority, runtime (the slice), deadline,
+    # period, util_min, util_max
+    attr = struct.pack("IIQiIQQQII", 56, 0, 0, 0, 0, int(ms * 1e6), 0, 0, 0, 0)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(314, 0, ctypes.create_string_buffer(attr, 56), 0) != 0:
+        raise OSError(ctypes.get_errno(), "sched_setattr failed")
+
+
+def steps(
+    procs: int,
+    threads: int,
+    repeats: int,
+    pin: bool = False,
+    heap: str = "keep",
+    slice_ms: float = 0.0,
+) -> None:
     """``procs`` processes with ``threads`` threads each train at the same time; each prints its
     seconds per step, then the step rate of all of them together. ``pin``: process i runs on
     CPU i mod (CPUs available) only, as a launcher that binds ranks to cores would place it."""
@@ -150,9 +172,16 @@ def steps(procs: int, threads: int, repeats: int, pin: bool = False, heap: str =
     cpus = sorted(os.sched_getaffinity(0))
 
     def placement(i: int) -> Callable[[], None] | None:
-        if not pin:
+        if not pin and not slice_ms:
             return None
-        return lambda: os.sched_setaffinity(0, {cpus[i % len(cpus)]})
+
+        def place() -> None:
+            if pin:
+                os.sched_setaffinity(0, {cpus[i % len(cpus)]})
+            if slice_ms:
+                _set_slice(slice_ms)
+
+        return place
 
     runs = [
         subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, preexec_fn=placement(i))
@@ -161,7 +190,9 @@ def steps(procs: int, threads: int, repeats: int, pin: bool = False, heap: str =
     out = [[float(v) for v in r.communicate()[0].split()] for r in runs]
     per = [sec for sec, _ in out]
     print(
-        f"{procs} process(es) x {threads} thread(s){', pinned' if pin else ''}, heap {heap}: "
+        f"{procs} process(es) x {threads} thread(s){', pinned' if pin else ''}, heap {heap}"
+        + (f", {slice_ms:g} ms slices" if slice_ms else "")
+        + ": "
         + ", ".join(f"{s:.2f}" for s in per)
         + f" s per step each; together one step every {1 / sum(1 / s for s in per):.2f} s; "
         + f"{np.mean([f for _, f in out]):,.0f} minor page faults per step and process"
@@ -183,6 +214,12 @@ def main() -> None:
         default="keep",
         help="steps: keep freed heap pages between steps (run.keep_heap = true) or glibc's default",
     )
+    p.add_argument(
+        "--slice-ms",
+        type=float,
+        default=0.0,
+        help="steps: ask for this scheduler time slice per process (Linux 6.6+); 0 = the kernel's",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads if args.what == "_step" else 1)
     if args.what == "cpu":
@@ -190,7 +227,7 @@ def main() -> None:
     elif args.what == "exchange":
         exchange(args.values, args.repeats or 30)
     elif args.what == "steps":
-        steps(args.procs, args.threads, args.repeats or 4, args.pin, args.heap)
+        steps(args.procs, args.threads, args.repeats or 4, args.pin, args.heap, args.slice_ms)
     else:  # one worker of "steps"
         print(*_training_step_seconds(args.repeats or 4, args.heap))
 
