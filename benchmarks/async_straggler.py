@@ -43,13 +43,18 @@ QUICK = (ROOT / "configs" / "quickstart.toml").read_text()
 GROUPS = {"attributes": ("round/test_f1_micro", 1), "landmarks": ("round/test_loss", -1)}
 
 
-def config(folder: Path, slow: bool) -> Path:
-    """The quickstart with node 0 three times slower (``slow``) or not."""
+# scenario -> the node that is three times slower (None: no slow node)
+SLOW_NODE = {"slow": 0, "slow_landmarks": 3, "even": None}
+
+
+def config(folder: Path, scenario: str) -> Path:
+    """The quickstart with the scenario's straggler: node 0 (attributes) for ``slow``, node 3
+    (landmarks) for ``slow_landmarks``, none for ``even``."""
     head = QUICK[: QUICK.index("[[nodes]]")]
-    nodes = [("attributes", 3.0 if slow else 1.0), ("attributes", 1.0), ("attributes", 1.0)]
-    nodes += [("landmarks", 1.0)] * 3
+    tasks = ["attributes"] * 3 + ["landmarks"] * 3
+    nodes = [(t, 3.0 if i == SLOW_NODE[scenario] else 1.0) for i, t in enumerate(tasks)]
     text = "".join(f'[[nodes]]\ntask = "{t}"\nslowdown = {s}\n\n' for t, s in nodes)
-    path = folder / f"quickstart_{'slow' if slow else 'even'}.toml"
+    path = folder / f"quickstart_{scenario}.toml"
     path.write_text(head + text)
     return path
 
@@ -245,9 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--scenarios",
         nargs="+",
-        choices=("slow", "even"),
+        choices=tuple(SLOW_NODE),
         default=["slow", "even"],
-        help="which scenarios to run (default both)",
+        help="which scenarios to run: slow (an attributes node 3x slower), slow_landmarks "
+        "(a landmarks node 3x slower), even (none); default slow and even",
     )
     p.add_argument("--table", action="store_true", help="print the tables of summary.json only")
     args = p.parse_args(argv)
@@ -263,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for seed in args.seeds:
         for scenario in args.scenarios:
-            cfg = config(folder, scenario == "slow")
+            cfg = config(folder, scenario)
+            slow = SLOW_NODE[scenario] is not None
             base = [*common, f"run.seed={seed}"]
             sync = folder / f"{scenario}_sync_s{seed}.h5"
             run(cfg, sync, base)
@@ -272,13 +279,13 @@ def main(argv: list[str] | None = None) -> int:
             target = curve[-1][1]
             budget = wall(ref)
             variants = [("sync", sync, ref)]
-            stalenesses = args.staleness if scenario == "slow" else ["1"]
+            stalenesses = args.staleness if slow else ["1"]
             for s in stalenesses:
                 tail = f"_c{args.catch_up}" if args.catch_up else ""
                 out = folder / f"{scenario}_async{s}{tail}_s{seed}.h5"
                 sets = [*base, "federation.mode=async", f"federation.max_staleness={s}"]
                 sets += [f"federation.catch_up={args.catch_up}"] if args.catch_up else []
-                if scenario == "slow":
+                if slow:
                     sets += [f"training.rounds={args.async_rounds}"]
                     sets += [f"federation.time_budget={budget:.1f}"]
                 run(cfg, out, sets)

@@ -1,0 +1,69 @@
+"""benchmarks/async_straggler.py: where its scenarios put the straggler, and how it reads the time
+at which every task group reaches its target."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from colnet_mpi.config import load_config
+from tests.conftest import ROOT
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location(
+        "async_straggler", ROOT / "benchmarks" / "async_straggler.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("scenario", "slow_task", "slow_index"),
+    [("slow", "attributes", 0), ("slow_landmarks", "landmarks", 3), ("even", None, None)],
+)
+def test_each_scenario_slows_the_node_of_its_group(tmp_path, scenario, slow_task, slow_index):
+    bench = _bench()
+    config = load_config(bench.config(tmp_path, scenario))
+    tasks = [n.task for n in config.nodes]
+    assert tasks == ["attributes"] * 3 + ["landmarks"] * 3  # the quickstart's nodes, in order
+    slow = [i for i, n in enumerate(config.nodes) if n.slowdown != 1.0]
+    assert slow == ([] if slow_index is None else [slow_index])
+    if slow_task is not None:
+        assert tasks[slow_index] == slow_task and config.nodes[slow_index].slowdown == 3.0
+    # the rest of the quickstart is kept
+    assert config.training.rounds == 5 and config.model.width == 8
+
+
+def _runs(clock: list[list[float]], f1: list[list[float]], loss: list[list[float]]) -> dict:
+    """A results file's datasets as the benchmark loads them: 2 attributes + 2 landmarks nodes."""
+    return {
+        "round/clock": np.array(clock),
+        "round/test_f1_micro": np.array(f1),
+        "round/test_loss": np.array(loss),
+        "task": ["attributes", "attributes", "landmarks", "landmarks"],
+    }
+
+
+def test_time_to_target_waits_for_the_slow_members_evaluation():
+    bench = _bench()
+    nan = float("nan")
+    # node 3 (landmarks) is slow: one round while the others do two; its rows end with NaN
+    d = _runs(
+        clock=[[1.0, 1.0, 1.0, 3.0], [2.0, 2.0, 2.0, nan]],
+        f1=[[0.5, 0.6, nan, nan], [0.7, 0.8, nan, nan]],
+        loss=[[nan, nan, 2.0, 4.0], [nan, nan, 0.5, nan]],
+    )
+    curve = bench.group_curve(d)
+    target = {"attributes": 0.7, "landmarks": 2.5}
+    # attributes reach 0.75 >= 0.7 at t = 2; landmarks only when node 3 reports (mean 2.25 at
+    # t = 3): before, its group has no mean at all, and the node-round with NaN is no event
+    assert bench.time_to(curve, target, ("attributes",)) == 2.0
+    assert bench.time_to(curve, target, ("landmarks",)) == 3.0
+    assert bench.time_to(curve, target) == 3.0
+    # a landmarks target below what the group reaches: never
+    assert np.isnan(bench.time_to(curve, {"attributes": 0.7, "landmarks": 2.0}))
+    assert bench.at(curve, 2.5) == {"attributes": pytest.approx(0.75)}
