@@ -6,6 +6,7 @@ both modes:
 * ``slow``: node 0 (an attributes node) 3x slower (``[[nodes]] slowdown = 3``): synchronous for
   ``training.rounds`` rounds, then asynchronous with S = 1, 2 and unbounded, each with up to
   ``--async-rounds`` rounds per node and a time budget equal to the synchronous run's wall time;
+* ``slow_landmarks``: the same with node 3 (a landmarks node) 3x slower instead;
 * ``even``: no slow node, synchronous against asynchronous S = 1, the same rounds.
 
 and prints, per run: wall time (the last node's last round), the time at which the mean test
