@@ -152,6 +152,14 @@ def _ms(values: list[float], digits: int = 2) -> str:
     return text if len(finite) == len(values) else f"{text} ({len(finite)} of {len(values)})"
 
 
+def run_order(rows: list[dict]) -> list[tuple[str, str]]:
+    """The (scenario, run) pairs of ``rows`` in the order they first appear, each scenario's
+    synchronous run first."""
+    keys = list(dict.fromkeys((r["scenario"], r["run"]) for r in rows))
+    scenarios = list(dict.fromkeys(s for s, _ in keys))
+    return sorted(keys, key=lambda k: (scenarios.index(k[0]), k[1] != "sync"))
+
+
 def tables(rows: list[dict]) -> str:
     """Markdown tables over seeds: times, metrics, rounds, staleness and bytes per run."""
     out = []
@@ -161,7 +169,7 @@ def tables(rows: list[dict]) -> str:
         "| rounds per node |"
     )
     out += [head, "|" + "---|" * 11]
-    keys = dict.fromkeys((r["scenario"], r["run"]) for r in rows)
+    keys = run_order(rows)
     for scenario, name in keys:
         rs = [r for r in rows if r["scenario"] == scenario and r["run"] == name]
         rounds = np.mean([r["rounds_per_node"] for r in rs], axis=0)
@@ -196,6 +204,34 @@ def tables(rows: list[dict]) -> str:
             k, n = (sum(int(x.split(" of ")[i]) for x in late) for i in (0, 1))
             over = f"{k} of {n}"
         out.append(f"| {scenario} | {name} | {hist} | {sent / 1e6:.2f} MB | {over} |")
+    out += ["", per_node_table(rows)]
+    return "\n".join(out)
+
+
+def per_node_table(rows: list[dict]) -> str:
+    """Markdown table of the staleness each node used (pooled over seeds): its distribution,
+    median and largest value, one row per node of every asynchronous run."""
+    out = [
+        "| scenario | run | node | staleness used: count (pooled over seeds) | median | max |",
+        "|---|---|---|---|---|---|",
+    ]
+    for scenario, name in run_order(rows):
+        rs = [r for r in rows if r["scenario"] == scenario and r["run"] == name]
+        if name == "sync" or not all("staleness_per_node" in r for r in rs):
+            continue  # no staleness, or rows of an older version of this script
+        for i, label in enumerate(rs[0]["node_labels"]):
+            pooled: dict[int, int] = {}
+            for r in rs:
+                for k, v in r["staleness_per_node"][i].items():
+                    pooled[int(k)] = pooled.get(int(k), 0) + v
+            if not pooled:
+                continue
+            values = np.repeat(list(pooled), list(pooled.values()))
+            hist = ", ".join(f"{k}: {pooled[k]}" for k in sorted(pooled))
+            out.append(
+                f"| {scenario} | {name} | {label} | {hist} "
+                f"| {np.median(values):g} | {values.max()} |"
+            )
     return "\n".join(out)
 
 
@@ -313,6 +349,13 @@ def main(argv: list[str] | None = None) -> int:
                         "final": c[-1][1],
                         "rounds_per_node": rounds_done,
                         "staleness_hist": histogram(finite),
+                        "staleness_per_node": [
+                            histogram(st[:, i][~np.isnan(st[:, i])]) for i in range(st.shape[1])
+                        ],
+                        "node_labels": [
+                            f"{i} {t}" + (f" ({s:g}x)" if s != 1 else "")
+                            for i, (t, s) in enumerate(zip(d["task"], d["slowdown"], strict=True))
+                        ],
                         "bytes_per_node_round": float(np.nanmean(sent)),
                         "pace_overruns": overruns(d),
                     }

@@ -67,3 +67,43 @@ def test_time_to_target_waits_for_the_slow_members_evaluation():
     # a landmarks target below what the group reaches: never
     assert np.isnan(bench.time_to(curve, {"attributes": 0.7, "landmarks": 2.0}))
     assert bench.at(curve, 2.5) == {"attributes": pytest.approx(0.75)}
+
+
+def _row(seed: int, run: str, per_node: list[dict[str, int]]) -> dict:
+    return {
+        "seed": seed,
+        "scenario": "slow",
+        "run": run,
+        "wall_s": 1.0,
+        "to_target_ratio": 0.5,
+        "group_ratio": {"attributes": 0.5, "landmarks": 0.5},
+        "at_0.6": {},
+        "final": {"attributes": 0.7, "landmarks": 1.0},
+        "rounds_per_node": [2, 2],
+        "staleness_hist": {},
+        "bytes_per_node_round": 1e6,
+        "staleness_per_node": per_node,
+        "node_labels": ["0 attributes (3x)", "1 attributes"],
+    }
+
+
+def test_tables_pool_each_nodes_staleness_over_seeds_and_put_sync_first():
+    bench = _bench()
+    rows = [
+        _row(0, "async S=inf", [{"-2": 1, "0": 1}, {"0": 2, "3": 1}]),
+        _row(0, "sync", [{}, {}]),
+        _row(1, "async S=inf", [{"-1": 2}, {"1": 1, "3": 2}]),
+        _row(1, "sync", [{}, {}]),
+    ]
+    text = bench.tables(rows)
+    main = [line for line in text.splitlines() if line.startswith("| slow |")]
+    assert [line.split(" | ")[1] for line in main[:2]] == ["sync", "async S=inf"]
+    node_rows = [line for line in text.splitlines() if "attributes" in line and "S=inf" in line]
+    # node 0: -2 once, -1 twice, 0 once (median of -2 -1 -1 0 = -1); node 1: 0 0 1 3 3 3
+    assert node_rows[-2].endswith("| 0 attributes (3x) | -2: 1, -1: 2, 0: 1 | -1 | 0 |")
+    assert node_rows[-1].endswith("| 1 attributes | 0: 2, 1: 1, 3: 3 | 2 | 3 |")
+    # summaries written by an older version of the script (no per-node staleness) still print
+    old = [
+        {k: v for k, v in r.items() if k not in ("staleness_per_node", "node_labels")} for r in rows
+    ]
+    assert "| slow | async S=inf |" in bench.tables(old)
