@@ -12,7 +12,8 @@ both modes:
 and prints, per run: wall time (the last node's last round), the time at which the mean test
 metric of every task group first reaches the synchronous run's final value (attributes: F1
 micro at least as high; landmarks: loss at most as high), each group's metric at 0.6x the
-synchronous wall time, the staleness used (distribution) and the bytes sent per node-round.
+synchronous wall time, the staleness used (distribution, pooled and per node) and the bytes
+sent per node-round.
 
     python benchmarks/async_straggler.py --seeds 0 1 2 --out results/async_runs
 
@@ -161,7 +162,8 @@ def run_order(rows: list[dict]) -> list[tuple[str, str]]:
 
 
 def tables(rows: list[dict]) -> str:
-    """Markdown tables over seeds: times, metrics, rounds, staleness and bytes per run."""
+    """Markdown tables over seeds: times, metrics, rounds, staleness (pooled and per node) and
+    bytes per run."""
     out = []
     head = (
         "| scenario | run | wall s | to target / sync wall | attributes | landmarks "
