@@ -30,6 +30,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import h5py
@@ -161,6 +162,20 @@ def run_order(rows: list[dict]) -> list[tuple[str, str]]:
     return sorted(keys, key=lambda k: (scenarios.index(k[0]), k[1] != "sync"))
 
 
+def _pool(histograms: Iterable[dict[str, int]]) -> dict[int, int]:
+    """{staleness: count} summed over ``histograms`` (as ``histogram`` writes them)."""
+    pooled: dict[int, int] = {}
+    for h in histograms:
+        for k, v in h.items():
+            pooled[int(k)] = pooled.get(int(k), 0) + v
+    return pooled
+
+
+def _counts_text(pooled: dict[int, int]) -> str:
+    """``k: count, …`` in increasing k ("" when empty)."""
+    return ", ".join(f"{k}: {pooled[k]}" for k in sorted(pooled))
+
+
 def tables(rows: list[dict]) -> str:
     """Markdown tables over seeds: times, metrics, rounds, staleness (pooled and per node) and
     bytes per run."""
@@ -194,11 +209,7 @@ def tables(rows: list[dict]) -> str:
     out += ["|---|---|---|---|---|"]
     for scenario, name in keys:
         rs = [r for r in rows if r["scenario"] == scenario and r["run"] == name]
-        pooled: dict[int, int] = {}
-        for r in rs:
-            for k, v in r["staleness_hist"].items():
-                pooled[int(k)] = pooled.get(int(k), 0) + v
-        hist = ", ".join(f"{k}: {pooled[k]}" for k in sorted(pooled)) or "—"
+        hist = _counts_text(_pool(r["staleness_hist"] for r in rs)) or "—"
         sent = np.mean([r["bytes_per_node_round"] for r in rs])
         late = [r.get("pace_overruns", "") for r in rs]
         over = "—"
@@ -222,16 +233,12 @@ def per_node_table(rows: list[dict]) -> str:
         if name == "sync" or not all("staleness_per_node" in r for r in rs):
             continue  # no staleness, or rows of an older version of this script
         for i, label in enumerate(rs[0]["node_labels"]):
-            pooled: dict[int, int] = {}
-            for r in rs:
-                for k, v in r["staleness_per_node"][i].items():
-                    pooled[int(k)] = pooled.get(int(k), 0) + v
+            pooled = _pool(r["staleness_per_node"][i] for r in rs)
             if not pooled:
                 continue
             values = np.repeat(list(pooled), list(pooled.values()))
-            hist = ", ".join(f"{k}: {pooled[k]}" for k in sorted(pooled))
             out.append(
-                f"| {scenario} | {name} | {label} | {hist} "
+                f"| {scenario} | {name} | {label} | {_counts_text(pooled)} "
                 f"| {np.median(values):g} | {values.max()} |"
             )
     return "\n".join(out)
