@@ -19,7 +19,9 @@ sent per node-round.
 
 With ``--epoch-seconds X`` every node's local epoch lasts X seconds (the straggler's 3X), long
 enough for the six ranks' work to fit on the machine's cores, so that the ranks behave like
-nodes with one device each instead of competing for the same cores.
+nodes with one device each instead of competing for the same cores. ``--catch-up L`` sets
+``federation.catch_up`` in the asynchronous runs, and ``--catch-up-train head`` makes a node
+behind train its private head alone (an epoch of it paced at its cost).
 """
 
 from __future__ import annotations
@@ -291,7 +293,14 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=0,
         help="federation.catch_up of the asynchronous runs (0: off): a node that many rounds "
-        "behind its most advanced neighbour trains one local epoch per round",
+        "behind its most advanced neighbour catches up (see --catch-up-train)",
+    )
+    p.add_argument(
+        "--catch-up-train",
+        choices=("epochs", "head"),
+        default="epochs",
+        help="federation.catch_up_train with --catch-up: a node behind trains one local epoch "
+        "per round (epochs) or its private head alone (head)",
     )
     p.add_argument(
         "--scenarios",
@@ -327,16 +336,20 @@ def main(argv: list[str] | None = None) -> int:
             variants = [("sync", sync, ref)]
             stalenesses = args.staleness if slow else ["1"]
             for s in stalenesses:
+                head = args.catch_up and args.catch_up_train == "head"
                 tail = f"_c{args.catch_up}" if args.catch_up else ""
+                tail += "h" if head else ""
                 out = folder / f"{scenario}_async{s}{tail}_s{seed}.h5"
                 sets = [*base, "federation.mode=async", f"federation.max_staleness={s}"]
                 sets += [f"federation.catch_up={args.catch_up}"] if args.catch_up else []
+                sets += ["federation.catch_up_train=head"] if head else []
                 if slow:
                     sets += [f"training.rounds={args.async_rounds}"]
                     sets += [f"federation.time_budget={budget:.1f}"]
                 run(cfg, out, sets)
                 name = f"async S={'inf' if s == '-1' else s}"
                 name += f", catch-up {args.catch_up}" if args.catch_up else ""
+                name += " (head)" if head else ""
                 variants.append((name, out, load(out)))
             for name, _, d in variants:
                 c = group_curve(d)

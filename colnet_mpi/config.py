@@ -236,6 +236,10 @@ class TrainingConfig:
         return typing.cast(OptimizerConfig, getattr(self, kind))
 
 
+#: How an asynchronous node that is behind trains its rounds (``federation.catch_up_train``).
+CATCH_UP_TRAINING = ("epochs", "head")
+
+
 @dataclass(frozen=True, kw_only=True)
 class FederationConfig:
     """[federation]: aggregation scheme and communication topology."""
@@ -266,8 +270,12 @@ class FederationConfig:
     # training.rounds still caps every node's rounds
     time_budget: float = 0.0
     # async: a node at least this many rounds behind the most advanced of its neighbours
-    # trains one local epoch per round instead of training.local_epochs (0 = off)
+    # catches up (0 = off), in the way catch_up_train says
     catch_up: int = 0
+    # async, with catch_up: how a node behind trains its rounds. epochs: one local epoch
+    # instead of training.local_epochs; head: training.local_epochs of its private head alone,
+    # the backbone frozen (cheaper steps: no backward pass through the backbone)
+    catch_up_train: str = "epochs"
 
     def __post_init__(self) -> None:
         _choice("federation.mode", self.mode, ("sync", "async"))
@@ -288,6 +296,12 @@ class FederationConfig:
                 "(rounds behind; 0 = off)"
             )
         _positive("federation.catch_up", self.catch_up, allow_zero=True)
+        _choice("federation.catch_up_train", self.catch_up_train, CATCH_UP_TRAINING)
+        if self.catch_up_train != "epochs" and not self.catch_up:
+            raise ConfigError(
+                f"federation.catch_up_train = {self.catch_up_train!r} needs "
+                "federation.catch_up >= 1 (the rounds behind at which a node catches up)"
+            )
         async_only = (
             ("time_budget", self.time_budget, "synchronous rounds stop after training.rounds"),
             ("catch_up", self.catch_up, "synchronous nodes are never behind"),

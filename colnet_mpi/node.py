@@ -20,6 +20,7 @@ from colnet_mpi.comm.buffers import FlatState
 from colnet_mpi.config import Config
 from colnet_mpi.data import DataSizes, NodeData, TaskSpec, build_node_data, dataset_tasks
 from colnet_mpi.models import build_backbone, build_head
+from colnet_mpi.models.cost import head_only_cost
 from colnet_mpi.tasks import (
     BatchHook,
     evaluate,
@@ -211,15 +212,21 @@ class Node:
         epochs: int,
         batch_hook: BatchHook | None = None,
         progress: Callable[[int, float, float, float], None] | None = None,
+        head_only: Callable[[int], bool] | None = None,
+        between_steps: Callable[[], object] | None = None,
     ) -> tuple[list[float], list[float]]:
         """Stage 1: E local epochs; returns per-epoch training and validation losses.
 
         ``batch_hook`` (an attack's) may replace each training batch before its step.
         ``progress(epoch, train_loss, val_loss, seconds)`` is called after each epoch (1-based).
+        ``head_only(epoch)``, asked before each epoch: True for an epoch in which the backbone
+        stays frozen and only the private head learns. ``between_steps()`` is called after every
+        training step.
         """
         train, val = [], []
         clip = self.config.training.grad_clip or None
         for epoch in range(1, epochs + 1):
+            alone = head_only is not None and head_only(epoch)
             t0 = time.perf_counter()
             train.append(
                 train_epoch(
@@ -231,6 +238,8 @@ class Node:
                     self.device,
                     grad_clip=clip,
                     batch_hook=batch_hook,
+                    head_only=alone,
+                    between_steps=between_steps,
                 )
             )
             self.scheduler.step()
@@ -241,6 +250,12 @@ class Node:
         self.optimizer.zero_grad(set_to_none=True)
         return_free_memory()
         return train, val
+
+    @functools.cached_property
+    def head_only_cost(self) -> float:
+        """What an epoch of the head alone costs, as a fraction of a full epoch (multiply-adds of
+        a step on the first probe batch; see :func:`colnet_mpi.models.cost.head_only_cost`)."""
+        return head_only_cost(self.backbone, self.head, self.probe_batches[0][0])
 
     def evaluate(self, loader: DataLoader[tuple[torch.Tensor, ...]]) -> dict[str, float]:
         """Task metrics of the current (backbone, head) on a loader."""

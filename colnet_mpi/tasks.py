@@ -230,14 +230,22 @@ def train_epoch(
     *,
     grad_clip: float | None,
     batch_hook: BatchHook | None = None,
+    head_only: bool = False,
+    between_steps: Callable[[], object] | None = None,
 ) -> float:
     """Train ``head(backbone(x))`` for one pass over ``loader``; return the mean loss per sample.
 
-    Both modules are put in train mode (and left there). If ``grad_clip`` is given, the gradient
+    Both modules are put in train mode (and left there; the backbone in eval mode with
+    ``head_only``). If ``grad_clip`` is given, the gradient
     norm over all parameters of both modules is clipped to it before every step. Returns NaN for
     an empty loader. ``batch_hook`` (used by the attacks) is called as ``hook(i, x, y)`` with the
     0-based batch index and the batch already on ``device``, before the gradients are zeroed; the
     step is taken on the ``(x, y)`` it returns.
+
+    ``head_only``: the backbone is frozen instead: it runs in eval mode without gradients (its
+    weights and BatchNorm statistics stay as they are, bit for bit) and only the head learns;
+    the optimizer skips parameters without a gradient. ``between_steps()`` is called after
+    every step (asynchronous mode serves its mailbox there).
 
     Raises:
         ValueError: on an unknown kind or a ``grad_clip`` that is not a finite number > 0.
@@ -247,8 +255,9 @@ def train_epoch(
         isinstance(grad_clip, (int, float)) and math.isfinite(grad_clip) and grad_clip > 0
     ):
         raise ValueError(f"grad_clip must be None or a finite number > 0, got {grad_clip!r}")
-    params = [p for p in chain(backbone.parameters(), head.parameters()) if p.requires_grad]
-    backbone.train()
+    trained = head.parameters() if head_only else chain(backbone.parameters(), head.parameters())
+    params = [p for p in trained if p.requires_grad]
+    backbone.train(not head_only)
     head.train()
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
@@ -257,11 +266,18 @@ def train_epoch(
         if batch_hook is not None:
             x, y = batch_hook(i, x, y)
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(head(backbone(x)), y)
+        if head_only:
+            with torch.no_grad():
+                z = backbone(x)
+            loss = loss_fn(head(z), y)
+        else:
+            loss = loss_fn(head(backbone(x)), y)
         loss.backward()
         if grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
+        if between_steps is not None:
+            between_steps()
         n = int(x.shape[0])
         total += loss.detach().to(torch.float64) * n
         count += n

@@ -2,14 +2,16 @@
 
 No collective or barrier over the world runs per round. A node's round ``r``:
 
-1. trains locally (``stages.train``; with ``federation.catch_up = L`` one epoch only while it is
-   ``L`` or more rounds behind the most advanced neighbour it has heard of: every node posts a
-   small progress note to its neighbours after each round) and posts its backbone, versioned
-   ``r``, to its neighbours
-   (non-blocking; only the newest version per sender is kept by the receivers); with
-   ``clustering.backbone_sketch`` it posts the clustering payload alone (with the backbone's
-   sketch) and, once the round's partition is known (step 3), the whole backbone to its
-   group-mates only;
+1. trains locally (``stages.train``, serving its mailbox after every training step, so that
+   what it sends keeps moving and what comes in is taken in while it trains; with
+   ``federation.catch_up = L``, while it is ``L`` or more rounds behind the most advanced
+   neighbour it has heard of, one epoch only or, with ``federation.catch_up_train = "head"``,
+   its private head alone on the mix of its group-mates' newest versions, the backbone frozen:
+   every node posts a small progress note to its neighbours after each round) and posts its
+   backbone, versioned ``r``, to its neighbours (non-blocking; only the newest version per
+   sender is kept by the receivers); with ``clustering.backbone_sketch`` it posts the
+   clustering payload alone (with the backbone's sketch) and, once the round's partition is
+   known (step 3), the whole backbone to its group-mates only;
 2. in the rounds that cluster, waits until it holds every neighbour's version ``>= r - S``
    (``federation.max_staleness``; -1: any version, so only until a first one is in), proposes
    a partition from those versions and starts the agreement of epoch ``r``: a non-blocking
@@ -40,6 +42,7 @@ start) until every rank is done. Waits count a done peer as present.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -99,11 +102,17 @@ def epoch_for(r: int, lag: int, start: int, until: int) -> int | None:
     return e if e >= start else None
 
 
+def behind(r: int, catch_up: int, newest: int) -> bool:
+    """Whether a node that has finished ``r - 1`` rounds catches up in round ``r``: the most
+    advanced neighbour it has heard of has finished ``newest``, ``catch_up`` or more rounds
+    ahead (``catch_up`` 0: never)."""
+    return bool(catch_up) and newest - (r - 1) >= catch_up
+
+
 def catch_up_epochs(r: int, full: int, catch_up: int, newest: int) -> int:
-    """Local epochs of round ``r`` for a node that has finished ``r - 1`` rounds while the most
-    advanced neighbour it has heard of has finished ``newest``: one while it is ``catch_up`` or
-    more rounds behind (``catch_up`` 0: never), else ``full``."""
-    return 1 if catch_up and newest - (r - 1) >= catch_up else full
+    """Local epochs of round ``r`` under ``federation.catch_up_train = "epochs"``: one while the
+    node is behind (:func:`behind`), else ``full``."""
+    return 1 if behind(r, catch_up, newest) else full
 
 
 class AsyncRounds:
@@ -290,14 +299,33 @@ class AsyncRounds:
             return True
         return j in self.refused_in and self.recent(self.refused_in[j], r)
 
-    def local_epochs(self, r: int) -> int:
-        """Local epochs of round ``r`` (see :func:`catch_up_epochs`), from every progress note
-        that has arrived."""
+    def local_training(self, r: int) -> tuple[int, Callable[[int], bool] | None]:
+        """Local epochs of round ``r`` and which of them train the head alone (see
+        :func:`stages.train`), from the progress notes that have arrived. Behind
+        (:func:`behind`), a node trains one epoch (``federation.catch_up_train = "epochs"``,
+        decided before the round) or the head alone (``"head"``, decided before each epoch:
+        a head-only epoch costs less, so a node that falls behind during its round switches at
+        once; before the first such epoch it takes the mix of its group-mates, :meth:`_pull`)."""
         full = self.fed.config.training.local_epochs
         if not self.catch_up:
-            return full
-        self.drain()
-        return catch_up_epochs(r, full, self.catch_up, max(self.progress.values(), default=0))
+            return full, None
+        if self.fed.config.federation.catch_up_train == "epochs":
+            self.drain()
+            newest = max(self.progress.values(), default=0)
+            return catch_up_epochs(r, full, self.catch_up, newest), None
+        pulled = False
+
+        def head_only(_epoch: int) -> bool:
+            nonlocal pulled
+            self.drain()
+            if not behind(r, self.catch_up, max(self.progress.values(), default=0)):
+                return False
+            if not pulled:
+                self._pull(r)
+                pulled = True
+            return True
+
+        return full, head_only
 
     # -- the round -----------------------------------------------------------------------------
     def round(self, r: int) -> RoundContext:
@@ -315,7 +343,7 @@ class AsyncRounds:
             return time.perf_counter()
 
         t = stage("local_train")
-        stages.train(fed, ctx, self.local_epochs(r))
+        stages.train(fed, ctx, *self.local_training(r), idle=self.serve)
         ctx.seconds["local_train"] = time.perf_counter() - t
         self.serve()
         groups = self._exchange_and_group(ctx)
@@ -333,6 +361,29 @@ class AsyncRounds:
         watchdog.round_finished(ctx.seconds["total"])
         fed.state.finish_round(r, ctx.groups)
         return ctx
+
+    def _pull(self, r: int) -> None:
+        """Before the first epoch of round ``r`` that trains the head alone: take the
+        staleness-weighted mix of the own backbone and the newest versions held of the last
+        partition's group-mates (weighed as in step 4). The backbone does not change while the
+        head trains, so the head learns on the backbone the round ends near instead of the one
+        it started from."""
+        fed = self.fed
+        groups = fed.state.home_groups
+        mates = [
+            int(j)
+            for j in np.flatnonzero(groups == groups[self.rank])
+            if j != self.rank and int(j) in fed.topology.neighbours and self.fresh(int(j), r)
+        ]
+        if fed.intra is None or not mates:
+            return
+        own = fed.node.flat.pack()
+        rows = [own, *(self.held[j][1] for j in mates)]
+        age = [0, *(r - self.held[j][0] for j in mates)]
+        base = [fed.weight(), *(self.held[j][3] for j in mates)]
+        w = staleness_weights(base, age, fed.config.federation.staleness_decay)
+        mix = streamed_average(rows, w).to(own.dtype)
+        fed.node.flat.unpack(mix, keep_batchnorm=fed.config.federation.local_bn)
 
     def _exchange_and_group(self, ctx: RoundContext) -> np.ndarray:
         """Post the backbone, propose (in clustering rounds), take the round's partition."""

@@ -61,6 +61,7 @@ class RoundContext:
     own: torch.Tensor = field(default_factory=_tensor)  # backbone after local training
     train_loss: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
+    head_epochs: int = 0  # asynchronous catch-up: local epochs that trained the head alone
     # stage 2
     received: dict[int, torch.Tensor] = field(default_factory=dict)  # neighbours' backbones
     payload: torch.Tensor | None = None  # what the grouper sent with the own backbone

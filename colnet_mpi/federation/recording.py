@@ -32,6 +32,7 @@ def round_values(fed: Federation, ctx: RoundContext) -> dict[str, Any]:
         "round/partition_stamp": partition_stamp(ctx.groups),
         "async/staleness": ctx.staleness,
         "async/leader_staleness": ctx.leader_staleness,
+        "async/head_epochs": ctx.head_epochs,
         **ctx.hca,
         "clustering/k": ctx.k,
         "attack/active": int(fed.attack.active(ctx.r)),

@@ -37,6 +37,11 @@ MAY_CHANGE: frozenset[str] = frozenset(
 )
 
 
+#: Keys added after files were written without them, with the value that reproduces what the
+#: older version did (a file that lacks one ran as if it were set to this).
+ADDED_AS: dict[str, object] = {"federation.catch_up_train": "epochs"}
+
+
 class ResumeError(ValueError):
     """The run cannot continue from this results file; the message says why."""
 
@@ -57,10 +62,13 @@ def _text(value: Any) -> str:
 
 
 def config_differences(stored_toml: str, config: Config) -> list[str]:
-    """``key: stored -> new`` for every key that differs and may not change on resume."""
+    """``key: stored -> new`` for every key that differs and may not change on resume. A key the
+    stored config lacks (a file of an older version) is reported, unless :data:`ADDED_AS` says
+    what the older version did."""
     old = tomllib.loads(stored_toml)
     new = tomllib.loads(to_toml(config))
     a, b = flatten_config(old), flatten_config(new)
+    a = {**{k: v for k, v in ADDED_AS.items() if k in b}, **a}
     out = [
         f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}"
         for k in sorted(set(a) | set(b))

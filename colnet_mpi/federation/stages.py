@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from colnet_mpi.federation.loop import Federation
 
 
+#: Seconds between two calls of the idle callback while an emulated straggler waits.
+IDLE_SLICE = 0.02
 #: A local epoch that takes at least this long gets a progress line (rank 0's, in the job log),
 #: so that a long GPU round does not look hung.
 EPOCH_LINE_SECONDS = 10.0
@@ -39,19 +41,25 @@ def epoch_line(
     )
 
 
-def straggler(fed: Federation, on_cpu: bool) -> Callable[[float], float]:
+def straggler(
+    fed: Federation, on_cpu: bool, idle: Callable[[], object] | None = None
+) -> Callable[..., float]:
     """The simulation aids for stragglers on one machine, applied after each local epoch:
     ``[[nodes]] slowdown`` alone stretches the epoch to ``slowdown`` times its work (on CPU its
     CPU time, so that ranks sharing the cores do not make the simulated hardware slower still);
-    with ``training.epoch_seconds`` the epoch lasts ``slowdown x epoch_seconds`` of wall time
-    (one device of a set speed per node). Returns the epoch's seconds after the wait."""
+    with ``training.epoch_seconds`` the epoch lasts ``slowdown x epoch_seconds x cost`` of wall
+    time (one device of a set speed per node; ``cost``, given with each epoch: its work as a
+    fraction of a full epoch's, below 1 for an epoch of the head alone). Returns the epoch's
+    seconds after the wait. ``idle`` (asynchronous mode: serving the mailbox) is called every
+    :data:`IDLE_SLICE` seconds of the wait instead of sleeping through it."""
     slowdown = fed.config.nodes[fed.topology.rank].slowdown
-    pace = fed.config.training.epoch_seconds * slowdown
+    full_pace = fed.config.training.epoch_seconds * slowdown
     cpu_mark = time.process_time()
     warned = False
 
-    def stretch(seconds: float) -> float:
+    def stretch(seconds: float, cost: float = 1.0) -> float:
         nonlocal cpu_mark, warned
+        pace = full_pace * cost
         if pace > 0.0:
             if seconds > pace and not warned:
                 warned = True
@@ -66,32 +74,52 @@ def straggler(fed: Federation, on_cpu: bool) -> Callable[[float], float]:
             wait = (slowdown - 1.0) * work
         else:
             return seconds
-        time.sleep(wait)
+        end = time.perf_counter() + wait
+        while (left := end - time.perf_counter()) > 0.0:
+            if idle is not None:
+                idle()
+            time.sleep(min(left, IDLE_SLICE) if idle is not None else left)
         cpu_mark = time.process_time()
         return seconds + wait
 
     return stretch
 
 
-def train(fed: Federation, ctx: RoundContext, epochs: int | None = None) -> bool:
+def train(
+    fed: Federation,
+    ctx: RoundContext,
+    epochs: int | None = None,
+    head_only: Callable[[int], bool] | None = None,
+    idle: Callable[[], object] | None = None,
+) -> bool:
     """Stage 1: local training (attack hooks: poisoned batches, then boost / weight clipping).
 
     ``epochs``: fewer than ``training.local_epochs`` (asynchronous catch-up); the epochs not
-    trained are recorded as NaN."""
+    trained are recorded as NaN. ``head_only(epoch)`` (asynchronous catch-up of the head),
+    asked before each epoch: True for an epoch in which the backbone stays frozen and only the
+    private head learns (counted in ``ctx.head_epochs``; paced at its cost). ``idle``
+    (asynchronous mode: serving the mailbox) is called after every training step and while an
+    emulated straggler waits, so that messages keep moving while the node trains."""
     node, attack, r = fed.node, fed.attack, ctx.r
     t = fed.config.training
     epochs = t.local_epochs if epochs is None else epochs
+    stretch = straggler(fed, node.device.type == "cpu", idle)
+    alone: list[bool] = []
 
-    stretch = straggler(fed, node.device.type == "cpu")
+    def decide(epoch: int) -> bool:
+        alone.append(head_only is not None and head_only(epoch))
+        return alone[-1]
 
     def progress(epoch: int, train_loss: float, val_loss: float, seconds: float) -> None:
-        seconds = stretch(seconds)
+        cost = node.head_only_cost if alone[epoch - 1] and t.epoch_seconds else 1.0
+        seconds = stretch(seconds, cost)
         if seconds >= EPOCH_LINE_SECONDS:
             fed.log(epoch_line(r, t.rounds, epoch, epochs, (train_loss, val_loss), seconds))
 
     ctx.start = node.flat.pack().clone()
     hook = attack.batch_hook(r, node.backbone, node.head)
-    train_loss, val_loss = node.train_local(epochs, hook, progress)
+    train_loss, val_loss = node.train_local(epochs, hook, progress, decide, idle)
+    ctx.head_epochs = sum(alone)
     missing = [math.nan] * (t.local_epochs - epochs)
     ctx.train_loss, ctx.val_loss = train_loss + missing, val_loss + missing
     attack.after_training(r, ctx.start, node.flat, (node.backbone, node.head), node.train_loader)

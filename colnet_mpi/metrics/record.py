@@ -198,6 +198,14 @@ FIELDS: tuple[Field, ...] = (
         "node applied; NaN where none was applied and in synchronous mode",
     ),
     Field(
+        "async/head_epochs",
+        "i2",
+        default=0,
+        description="asynchronous mode: local epochs of the round in which the node, catching "
+        "up, trained its private head alone with the backbone frozen (federation.catch_up_train "
+        '= "head")',
+    ),
+    Field(
         "hca/weights",
         "f8",
         unit="1",

@@ -2,10 +2,10 @@
 a hang, every node-round is recorded exactly once, every rank used the same partition in the
 same round, no version older than max_staleness was used, a NaN backbone is refused, S = 0
 groups and leads like synchronous mode (and fedper at S = 0 learns what synchronous fedper
-learns), a time budget lets fast nodes do more rounds,
-training.epoch_seconds sets each node's pace, a node behind by federation.catch_up rounds
-trains one epoch per round, and a run stopped by a signal or killed mid-way
-continues with --resume to a file with every record present."""
+learns), a time budget lets fast nodes do more rounds, training.epoch_seconds sets each node's
+pace, a node behind by federation.catch_up rounds trains one epoch per round (or, with
+catch_up_train = "head", its head alone, paced at that cost), and a run stopped by a signal or
+killed mid-way continues with --resume to a file with every record present."""
 
 from __future__ import annotations
 
@@ -18,8 +18,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from colnet_mpi.algorithms.clustering import partition_stamp
+from colnet_mpi.models import build_backbone, build_head
+from colnet_mpi.models.cost import head_only_cost
 from tests.conftest import ROOT, colnet, colnet_batch, run_mpi
 
 QUICK = (ROOT / "configs" / "quickstart.toml").read_text()
@@ -72,7 +75,7 @@ def read(path: Path) -> dict[str, np.ndarray]:
         out = {k: np.asarray(f[k][()]) for k in (
             "round/group", "round/leader", "round/clock", "round/partition_stamp",
             "round/test_loss", "async/staleness", "async/leader_staleness", "defense/refused",
-            "epoch/val_loss", "round/seconds/local_train", "round/bytes_sent",
+            "epoch/val_loss", "round/seconds/local_train", "round/bytes_sent", "async/head_epochs",
         )}  # fmt: skip
         out["status"] = np.asarray(f.attrs["status"])
         out["checkpoint_round"] = np.asarray(f.attrs.get("checkpoint_round", 0))
@@ -228,6 +231,45 @@ def test_catch_up_gives_a_straggler_one_epoch_rounds_once_behind(tmp_path: Path)
     # a one-epoch round takes one paced epoch (0.9 s), not two
     train = d["round/seconds/local_train"][:, 0]
     assert (train[slow] < 1.5).all() and (train[~slow] >= 1.8).all(), (train, slow)
+
+
+@pytest.mark.mpi
+def test_catch_up_with_the_head_trains_a_stragglers_head_alone_at_its_cost(tmp_path: Path):
+    """federation.catch_up = 2 with catch_up_train = "head", the same straggler: once two rounds
+    behind (asked before each local epoch), its epochs train its private head alone (counted in
+    async/head_epochs; none skipped), each paced at the cost of a head-only step (about half of
+    a full one at BL-1). Round 1 (agreed in lock-step) and every fast node's rounds train
+    everything."""
+    out = tmp_path / "h.h5"
+    proc = launch(
+        config(tmp_path, [3.0, 1.0, 1.0, 1.0]),
+        out,
+        "training.rounds=6",
+        "training.local_epochs=2",
+        "training.epoch_seconds=0.3",
+        "federation.max_staleness=-1",
+        "clustering.until=1",
+        "federation.catch_up=2",
+        "federation.catch_up_train=head",
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    d = read(out)
+    check_records(d, np.full(4, 6), -1)
+    assert not np.isnan(d["epoch/val_loss"]).any()  # no epoch skipped
+    head = d["async/head_epochs"]
+    assert head[0, 0] == 0 and head[2:, 0].sum() >= 4, head[:, 0]
+    assert not head[:, 1:].any(), head[:, 1:]
+    # each epoch lasts 0.9 s, or 0.9 s x the cost of a head-only step
+    torch.manual_seed(0)
+    cost = head_only_cost(
+        build_backbone(width=4, stem="cifar", in_channels=3, privatization=1),
+        build_head(width=4, privatization=1, num_outputs=8),
+        torch.zeros(1, 3, 32, 32),
+    )
+    assert 0.4 < cost < 0.6, cost
+    expected = 0.9 * (2 - head[:, 0]) + 0.9 * cost * head[:, 0]
+    train = d["round/seconds/local_train"][:, 0]
+    assert ((train > expected - 0.05) & (train < expected + 0.4)).all(), (train, expected)
 
 
 @pytest.mark.mpi

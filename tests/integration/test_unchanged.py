@@ -24,7 +24,9 @@ REFERENCE = json.loads(
     (ROOT / "tests" / "data" / RECORDINGS.get(CAPABILITY, "reference_runs.json")).read_text()
 )
 #: Datasets added to the results file after the recording (nothing older changed with them).
-ADDED = ("round/partition_stamp", "async/staleness", "async/leader_staleness")
+ADDED = (
+    "round/partition_stamp", "async/staleness", "async/leader_staleness", "async/head_epochs",
+)  # fmt: skip
 
 
 def test_reference_covers_every_case() -> None:

@@ -30,6 +30,7 @@ PACKED: dict[str, tuple[str, float]] = {
     "round/partition_stamp": ("", -1),
     "async/staleness": ("n", NAN),
     "async/leader_staleness": ("", NAN),
+    "async/head_epochs": ("", 0),
     "hca/weights": ("", NAN),
     "hca/mean_delta_norm": ("", NAN),
     "hca/update_norm": ("", NAN),

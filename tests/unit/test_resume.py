@@ -74,6 +74,22 @@ def test_the_emulated_pace_may_change_even_where_an_older_file_lacks_it(stored: 
     assert config_differences(older, config("training.epoch_seconds=2.5")) == []
 
 
+def test_a_key_added_later_matches_what_older_files_did(stored: str) -> None:
+    """A file written before federation.catch_up_train existed ran as "epochs" does."""
+    older = stored.replace('catch_up_train = "epochs"\n', "")
+    assert older != stored
+    assert config_differences(older, config()) == []
+    changed = config("federation.mode=async", "federation.catch_up=1")
+    assert config_differences(older, changed) == [
+        "federation.catch_up: 0 -> 1",
+        "federation.mode: 'sync' -> 'async'",
+    ]
+    head = config(
+        "federation.mode=async", "federation.catch_up=1", "federation.catch_up_train=head"
+    )
+    assert "federation.catch_up_train: 'epochs' -> 'head'" in config_differences(older, head)
+
+
 def test_several_changes_all_reported_and_allowed_ones_ignored(stored: str) -> None:
     new = config("run.seed=3", "model.width=16", "training.rounds=99", "run.output='x.h5'")
     assert config_differences(stored, new) == ["model.width: 4 -> 16", "run.seed: 0 -> 3"]

@@ -23,9 +23,9 @@ def fed(slowdown: float, epoch_seconds: float) -> SimpleNamespace:
     )
 
 
-def timed(stretch, seconds: float) -> tuple[float, float]:
+def timed(stretch, seconds: float, *cost: float) -> tuple[float, float]:
     t0 = time.perf_counter()
-    out = stretch(seconds)
+    out = stretch(seconds, *cost)
     return out, time.perf_counter() - t0
 
 
@@ -43,6 +43,30 @@ def test_pace_fills_each_epoch_to_slowdown_times_epoch_seconds():
     out, took = timed(stretch, 0.15)
     assert out == pytest.approx(0.2) and 0.049 <= took < 0.2
     assert not f.logged
+
+
+def test_a_cheaper_epoch_is_paced_at_its_cost():
+    """An epoch of the head alone (cost 0.5) lasts half the node's pace; the next full one all."""
+    f = fed(2.0, 0.1)  # 0.2 s per full epoch for this node
+    stretch = straggler(f, on_cpu=True)
+    out, took = timed(stretch, 0.02, 0.5)
+    assert out == pytest.approx(0.1) and 0.079 <= took < 0.15
+    out, took = timed(stretch, 0.02)
+    assert out == pytest.approx(0.2) and took >= 0.179
+    assert not f.logged
+
+
+def test_the_idle_callback_runs_through_the_wait():
+    """Asynchronous mode serves its mailbox while an emulated straggler waits: every 20 ms of
+    the wait, not once at its end; the wait lasts as long as without it."""
+    f = fed(2.0, 0.1)  # 0.2 s per epoch: 0.15 s to wait after a 0.05 s epoch
+    calls: list[float] = []
+    stretch = straggler(f, on_cpu=True, idle=lambda: calls.append(time.perf_counter()))
+    t0 = time.perf_counter()
+    out, took = timed(stretch, 0.05)
+    assert out == pytest.approx(0.2) and 0.149 <= took < 0.25
+    assert 6 <= len(calls) <= 9, len(calls)
+    assert calls[0] - t0 < 0.01 and max(calls) - t0 > 0.12  # from the start to the end
 
 
 def test_an_epoch_longer_than_the_pace_is_not_shortened_and_warned_about_once():
