@@ -236,11 +236,11 @@ def train_epoch(
     """Train ``head(backbone(x))`` for one pass over ``loader``; return the mean loss per sample.
 
     Both modules are put in train mode (and left there; the backbone in eval mode with
-    ``head_only``). If ``grad_clip`` is given, the gradient
-    norm over all parameters of both modules is clipped to it before every step. Returns NaN for
-    an empty loader. ``batch_hook`` (used by the attacks) is called as ``hook(i, x, y)`` with the
-    0-based batch index and the batch already on ``device``, before the gradients are zeroed; the
-    step is taken on the ``(x, y)`` it returns.
+    ``head_only``). If ``grad_clip`` is given, the gradient norm over all trained parameters is
+    clipped to it before every step. Returns NaN for an empty loader. ``batch_hook`` (used by
+    the attacks) is called as ``hook(i, x, y)`` with the 0-based batch index and the batch
+    already on ``device``, before the gradients are zeroed; the step is taken on the ``(x, y)``
+    it returns.
 
     ``head_only``: the backbone is frozen instead: it runs in eval mode without gradients (its
     weights and BatchNorm statistics stay as they are, bit for bit) and only the head learns;
