@@ -321,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         f"clustering.until={args.clustering_until}",
         f"training.epoch_seconds={args.epoch_seconds}",
     ]
+    head = bool(args.catch_up) and args.catch_up_train == "head"
     rows = []
     for seed in args.seeds:
         for scenario in args.scenarios:
@@ -336,7 +337,6 @@ def main(argv: list[str] | None = None) -> int:
             variants = [("sync", sync, ref)]
             stalenesses = args.staleness if slow else ["1"]
             for s in stalenesses:
-                head = args.catch_up and args.catch_up_train == "head"
                 tail = f"_c{args.catch_up}" if args.catch_up else ""
                 tail += "h" if head else ""
                 out = folder / f"{scenario}_async{s}{tail}_s{seed}.h5"

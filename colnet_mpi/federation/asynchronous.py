@@ -377,13 +377,20 @@ class AsyncRounds:
         ]
         if fed.intra is None or not mates:
             return
-        own = fed.node.flat.pack()
-        rows = [own, *(self.held[j][1] for j in mates)]
-        age = [0, *(r - self.held[j][0] for j in mates)]
-        base = [fed.weight(), *(self.held[j][3] for j in mates)]
-        w = staleness_weights(base, age, fed.config.federation.staleness_decay)
-        mix = streamed_average(rows, w).to(own.dtype)
+        mix, _ = self._weighted_mix(fed.node.flat.pack(), mates, r)
         fed.node.flat.unpack(mix, keep_batchnorm=fed.config.federation.local_bn)
+
+    def _weighted_mix(
+        self, own: torch.Tensor, peers: list[int], r: int
+    ) -> tuple[torch.Tensor, list[float]]:
+        """The mix of step 4 in round ``r``: ``own`` (the node's FedAvg weight, age 0) and the
+        newest held versions of ``peers``, weighted ``w_j * staleness_decay ** (r - v_j)``.
+        Returns the mix (``own``'s dtype) and the weights, own first."""
+        rows = [own, *(self.held[j][1] for j in peers)]
+        age = [0, *(r - self.held[j][0] for j in peers)]
+        base = [self.fed.weight(), *(self.held[j][3] for j in peers)]
+        w = staleness_weights(base, age, self.fed.config.federation.staleness_decay)
+        return streamed_average(rows, w).to(own.dtype), w
 
     def _exchange_and_group(self, ctx: RoundContext) -> np.ndarray:
         """Post the backbone, propose (in clustering rounds), take the round's partition."""
@@ -497,13 +504,9 @@ class AsyncRounds:
             )
             used = [j for j in mates if self.fresh(j, r)]
             if used:
-                rows = [ctx.own, *(self.held[j][1] for j in used)]
-                age = [0, *(r - self.held[j][0] for j in used)]
-                base = [fed.weight(), *(self.held[j][3] for j in used)]
                 for j in used:
                     ctx.staleness[j] = r - self.held[j][0]
-                w = staleness_weights(base, age, fed.config.federation.staleness_decay)
-                ctx.new = streamed_average(rows, w).to(ctx.own.dtype)
+                ctx.new, w = self._weighted_mix(ctx.own, used, r)
                 self.mixed = {self.rank: (w[0], r, self.applied, ctx.own)}
                 for j, wj in zip(used, w[1:], strict=True):
                     self.mixed[j] = (wj, self.held[j][0], self.held_tag[j], self.held[j][1])
