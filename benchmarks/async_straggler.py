@@ -22,6 +22,12 @@ enough for the six ranks' work to fit on the machine's cores, so that the ranks 
 nodes with one device each instead of competing for the same cores. ``--catch-up L`` sets
 ``federation.catch_up`` in the asynchronous runs, and ``--catch-up-train head`` makes a node
 behind train its private head alone (an epoch of it paced at its cost).
+
+``--table`` prints the tables of ``summary.json`` without running anything; ``--table DIR ...``
+pools the summaries of several folders (runs measured in separate invocations). Besides the
+means over seeds it prints each asynchronous run's time to target per seed, with the 95 %
+interval of the mean and how many seeds met 0.6, and the paired per-seed differences between
+every two asynchronous runs of a scenario.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from scipy import stats
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -219,8 +226,93 @@ def tables(rows: list[dict]) -> str:
             k, n = (sum(int(x.split(" of ")[i]) for x in late) for i in (0, 1))
             over = f"{k} of {n}"
         out.append(f"| {scenario} | {name} | {hist} | {sent / 1e6:.2f} MB | {over} |")
-    out += ["", per_node_table(rows)]
+    out += ["", per_node_table(rows), "", per_seed_table(rows)]
+    paired = paired_table(rows)
+    if paired:
+        out += ["", paired]
     return "\n".join(out)
+
+
+#: The straggler target: async reaches the synchronous final metrics within this fraction of the
+#: synchronous wall time.
+TARGET_RATIO = 0.6
+
+
+def _mean_ci(values: list[float]) -> str:
+    """``mean ± half-width`` of the 95 % Student-t interval of the mean (n >= 2), else ``—``."""
+    if len(values) < 2:
+        return "—"
+    half = stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / np.sqrt(len(values))
+    return f"{np.mean(values):.3f} ± {half:.3f}"
+
+
+def _ratios(rows: list[dict], scenario: str, name: str) -> dict[int, float]:
+    """seed -> time to target over the synchronous wall time (NaN: never), for one run."""
+    return {
+        int(r["seed"]): float(r["to_target_ratio"])
+        for r in rows
+        if r["scenario"] == scenario and r["run"] == name
+    }
+
+
+def per_seed_table(rows: list[dict]) -> str:
+    """Markdown table of every asynchronous run's time to target per seed, with the mean, the
+    95 % interval of the mean, and how many seeds met :data:`TARGET_RATIO` (a run that never
+    reached the target counts as 1.0 in the mean: at least the whole budget)."""
+    seeds = sorted({int(r["seed"]) for r in rows})
+    out = [
+        "| scenario | run | "
+        + " | ".join(f"seed {s}" for s in seeds)
+        + f" | mean, 95 % interval | <= {TARGET_RATIO} |",
+        "|---|---|" + "---|" * (len(seeds) + 2),
+    ]
+    for scenario, name in run_order(rows):
+        if name == "sync":
+            continue
+        got = _ratios(rows, scenario, name)
+        cells = [
+            "" if s not in got else ("never" if got[s] != got[s] else f"{got[s]:.3f}")
+            for s in seeds
+        ]
+        values = [1.0 if v != v else v for v in got.values()]
+        met = sum(v <= TARGET_RATIO for v in values)
+        out.append(
+            f"| {scenario} | {name} | {' | '.join(cells)} | {_mean_ci(values)} "
+            f"| {met} of {len(values)} |"
+        )
+    return "\n".join(out)
+
+
+def paired_table(rows: list[dict]) -> str:
+    """Markdown table comparing every two asynchronous runs of a scenario on the seeds both
+    have (at least two): the mean per-seed difference of their times to target with its 95 %
+    interval, and in how many seeds the second was faster. "" when no two runs share seeds."""
+    out = []
+    for scenario in dict.fromkeys(r["scenario"] for r in rows):
+        names = [n for s, n in run_order(rows) if s == scenario and n != "sync"]
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                ra, rb = _ratios(rows, scenario, a), _ratios(rows, scenario, b)
+                both = sorted(set(ra) & set(rb))
+                if len(both) < 2:
+                    continue
+                diff = [
+                    (1.0 if rb[s] != rb[s] else rb[s]) - (1.0 if ra[s] != ra[s] else ra[s])
+                    for s in both
+                ]
+                faster = sum(d < 0 for d in diff)
+                out.append(
+                    f"| {scenario} | {b} | {a} | {len(both)} | {_mean_ci(diff)} "
+                    f"| {faster} of {len(both)} |"
+                )
+    if not out:
+        return ""
+    head = [
+        "| scenario | run | against | seeds | difference in time to target / sync wall "
+        "(run − against), 95 % interval | seeds where run was faster |",
+        "|---|---|---|---|---|---|",
+    ]
+    return "\n".join(head + out)
 
 
 def per_node_table(rows: list[dict]) -> str:
@@ -261,6 +353,20 @@ def histogram(values: np.ndarray) -> dict[str, int]:
     """{staleness: count}."""
     keys, counts = np.unique(values, return_counts=True)
     return {str(int(k)): int(c) for k, c in zip(keys, counts, strict=True)}
+
+
+def pooled_summaries(folders: list[Path]) -> list[dict]:
+    """The rows of every folder's ``summary.json``; a (seed, scenario, run) already taken from
+    an earlier folder is left out."""
+    rows: list[dict] = []
+    seen: set[tuple] = set()
+    for folder in folders:
+        for r in json.loads((folder / "summary.json").read_text()):
+            key = (r["seed"], r["scenario"], r["run"])
+            if key not in seen:
+                seen.add(key)
+                rows.append(r)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -310,11 +416,18 @@ def main(argv: list[str] | None = None) -> int:
         help="which scenarios to run: slow (an attributes node 3x slower), slow_landmarks "
         "(a landmarks node 3x slower), even (none); default slow and even",
     )
-    p.add_argument("--table", action="store_true", help="print the tables of summary.json only")
+    p.add_argument(
+        "--table",
+        nargs="*",
+        metavar="DIR",
+        default=None,
+        help="print the tables only: of --out's summary.json, or of those of the folders given "
+        "(pooled; a seed, scenario and run found twice is taken from the first folder)",
+    )
     args = p.parse_args(argv)
     folder = Path(args.out)
-    if args.table:
-        print(tables(json.loads((folder / "summary.json").read_text())))
+    if args.table is not None:
+        print(tables(pooled_summaries([Path(d) for d in args.table] or [folder])))
         return 0
     folder.mkdir(parents=True, exist_ok=True)
     common = [

@@ -4,6 +4,7 @@ at which every task group reaches its target."""
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import numpy as np
 import pytest
@@ -107,3 +108,53 @@ def test_tables_pool_each_nodes_staleness_over_seeds_and_put_sync_first():
         {k: v for k, v in r.items() if k not in ("staleness_per_node", "node_labels")} for r in rows
     ]
     assert "| slow | async S=inf |" in bench.tables(old)
+
+
+def _ratio_row(seed: int, run: str, ratio: float) -> dict:
+    return {**_row(seed, run, [{}, {}]), "to_target_ratio": ratio}
+
+
+def test_per_seed_table_counts_never_as_the_whole_budget_and_the_target_met():
+    bench = _bench()
+    nan = float("nan")
+    rows = [_ratio_row(s, "sync", 1.0) for s in (0, 1, 2)]
+    rows += [_ratio_row(0, "a", 0.5), _ratio_row(1, "a", 0.7), _ratio_row(2, "a", nan)]
+    lines = bench.per_seed_table(rows).splitlines()
+    assert lines[0].startswith("| scenario | run | seed 0 | seed 1 | seed 2 |")
+    assert len(lines) == 3  # the header, its rule and run "a": no row for sync
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells[:5] == ["slow", "a", "0.500", "0.700", "never"]
+    # mean of 0.5, 0.7 and 1.0 (never); 95 % t interval: t(0.975, 2) * s / sqrt(3)
+    half = 4.302653 * np.std([0.5, 0.7, 1.0], ddof=1) / np.sqrt(3)
+    mean, width = cells[5].split(" ± ")
+    assert float(mean) == pytest.approx(0.7333, abs=1e-3)
+    assert float(width) == pytest.approx(half, abs=1e-3)
+    assert cells[6] == "1 of 3"
+
+
+def test_paired_table_differences_on_the_shared_seeds_only():
+    bench = _bench()
+    rows = [_ratio_row(s, "a", r) for s, r in ((0, 0.8), (1, 0.9), (2, 0.7))]
+    rows += [_ratio_row(s, "b", r) for s, r in ((0, 0.5), (1, 0.95), (3, 0.1))]
+    lines = bench.paired_table(rows).splitlines()
+    assert len(lines) == 3
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    # seeds 0 and 1 only: b − a = −0.3 and +0.05
+    assert cells[:4] == ["slow", "b", "a", "2"]
+    assert float(cells[4].split(" ± ")[0]) == pytest.approx(-0.125, abs=1e-3)
+    assert cells[5] == "1 of 2"
+    # a single shared seed: nothing to compare
+    assert bench.paired_table(rows[:1] + rows[3:4]) == ""
+
+
+def test_table_pools_folders_and_takes_a_repeated_run_from_the_first(tmp_path):
+    bench = _bench()
+    first, second = tmp_path / "a", tmp_path / "b"
+    for folder, rows in (
+        (first, [_ratio_row(0, "x", 0.4)]),
+        (second, [_ratio_row(0, "x", 0.9), _ratio_row(1, "x", 0.5)]),
+    ):
+        folder.mkdir()
+        (folder / "summary.json").write_text(json.dumps(rows))
+    pooled = bench.pooled_summaries([first, second])
+    assert [(r["seed"], r["to_target_ratio"]) for r in pooled] == [(0, 0.4), (1, 0.5)]
