@@ -255,6 +255,12 @@ def _ratios(rows: list[dict], scenario: str, name: str) -> dict[int, float]:
     }
 
 
+def _at_least_budget(ratio: float) -> float:
+    """A time to target for means and differences: one never reached counts as 1.0 (at least
+    the whole budget)."""
+    return 1.0 if ratio != ratio else ratio
+
+
 def per_seed_table(rows: list[dict]) -> str:
     """Markdown table of every asynchronous run's time to target per seed, with the mean, the
     95 % interval of the mean, and how many seeds met :data:`TARGET_RATIO` (a run that never
@@ -274,7 +280,7 @@ def per_seed_table(rows: list[dict]) -> str:
             "" if s not in got else ("never" if got[s] != got[s] else f"{got[s]:.3f}")
             for s in seeds
         ]
-        values = [1.0 if v != v else v for v in got.values()]
+        values = [_at_least_budget(v) for v in got.values()]
         met = sum(v <= TARGET_RATIO for v in values)
         out.append(
             f"| {scenario} | {name} | {' | '.join(cells)} | {_mean_ci(values)} "
@@ -296,10 +302,7 @@ def paired_table(rows: list[dict]) -> str:
                 both = sorted(set(ra) & set(rb))
                 if len(both) < 2:
                     continue
-                diff = [
-                    (1.0 if rb[s] != rb[s] else rb[s]) - (1.0 if ra[s] != ra[s] else ra[s])
-                    for s in both
-                ]
+                diff = [_at_least_budget(rb[s]) - _at_least_budget(ra[s]) for s in both]
                 faster = sum(d < 0 for d in diff)
                 out.append(
                     f"| {scenario} | {b} | {a} | {len(both)} | {_mean_ci(diff)} "
