@@ -21,7 +21,8 @@ With ``--epoch-seconds X`` every node's local epoch lasts X seconds (the straggl
 enough for the six ranks' work to fit on the machine's cores, so that the ranks behave like
 nodes with one device each instead of competing for the same cores. ``--catch-up L`` sets
 ``federation.catch_up`` in the asynchronous runs, and ``--catch-up-train head`` makes a node
-behind train its private head alone (an epoch of it paced at its cost).
+behind train its private head alone (an epoch of it paced at its cost); ``features`` does the
+same on the frozen backbone's stored features.
 
 ``--table`` prints the tables of ``summary.json`` without running anything; ``--table DIR ...``
 pools the summaries of several folders (runs measured in separate invocations). Besides the
@@ -406,10 +407,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--catch-up-train",
-        choices=("epochs", "head"),
+        choices=("epochs", "head", "features"),
         default="epochs",
         help="federation.catch_up_train with --catch-up: a node behind trains one local epoch "
-        "per round (epochs) or its private head alone (head)",
+        "per round (epochs), its private head alone (head), or its head alone on the frozen "
+        "backbone's stored features (features)",
     )
     p.add_argument(
         "--scenarios",
@@ -437,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         f"clustering.until={args.clustering_until}",
         f"training.epoch_seconds={args.epoch_seconds}",
     ]
-    head = bool(args.catch_up) and args.catch_up_train == "head"
+    how = args.catch_up_train if args.catch_up else "epochs"
     rows = []
     for seed in args.seeds:
         for scenario in args.scenarios:
@@ -454,18 +456,18 @@ def main(argv: list[str] | None = None) -> int:
             stalenesses = args.staleness if slow else ["1"]
             for s in stalenesses:
                 tail = f"_c{args.catch_up}" if args.catch_up else ""
-                tail += "h" if head else ""
+                tail += {"epochs": "", "head": "h", "features": "f"}[how]
                 out = folder / f"{scenario}_async{s}{tail}_s{seed}.h5"
                 sets = [*base, "federation.mode=async", f"federation.max_staleness={s}"]
                 sets += [f"federation.catch_up={args.catch_up}"] if args.catch_up else []
-                sets += ["federation.catch_up_train=head"] if head else []
+                sets += [f"federation.catch_up_train={how}"] if how != "epochs" else []
                 if slow:
                     sets += [f"training.rounds={args.async_rounds}"]
                     sets += [f"federation.time_budget={budget:.1f}"]
                 run(cfg, out, sets)
                 name = f"async S={'inf' if s == '-1' else s}"
                 name += f", catch-up {args.catch_up}" if args.catch_up else ""
-                name += " (head)" if head else ""
+                name += f" ({how})" if how != "epochs" else ""
                 variants.append((name, out, load(out)))
             for name, _, d in variants:
                 c = group_curve(d)

@@ -237,7 +237,7 @@ class TrainingConfig:
 
 
 #: How an asynchronous node that is behind trains its rounds (``federation.catch_up_train``).
-CATCH_UP_TRAINING = ("epochs", "head")
+CATCH_UP_TRAINING = ("epochs", "head", "features")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -274,7 +274,9 @@ class FederationConfig:
     catch_up: int = 0
     # async, with catch_up: how a node behind trains its rounds. epochs: one local epoch
     # instead of training.local_epochs; head: training.local_epochs of its private head alone,
-    # the backbone frozen (cheaper steps: no backward pass through the backbone)
+    # the backbone frozen (cheaper steps: no backward pass through the backbone); features: as
+    # head, with the frozen backbone's features of the training split computed once per
+    # backbone and reused by every head-only epoch (datasets without augmentation only)
     catch_up_train: str = "epochs"
 
     def __post_init__(self) -> None:
@@ -569,7 +571,8 @@ class Config:
     nodes: tuple[NodeConfig, ...] = ()
 
     def __post_init__(self) -> None:
-        from colnet_mpi.data.catalog import task_names
+        from colnet_mpi.data.catalog import AUGMENTED_DATASETS as AUGMENTED
+        from colnet_mpi.data.catalog import known_datasets, task_names
 
         if not self.nodes:
             raise ConfigError("nodes: at least one [[nodes]] entry is required")
@@ -598,6 +601,14 @@ class Config:
             )
         if self.federation.mode == "async":
             _async_problems(self)
+        if self.federation.catch_up_train == "features" and self.data.dataset in AUGMENTED:
+            plain = ", ".join(d for d in known_datasets() if d not in AUGMENTED)
+            raise ConfigError(
+                'federation.catch_up_train = "features" is not allowed with data.dataset = '
+                f"{self.data.dataset!r}: its training images are randomly augmented, so the "
+                'features of a frozen backbone change with every pass; use "head", or a '
+                f"dataset without augmentation ({plain})"
+            )
         slow = [i for i, n in enumerate(self.nodes) if n.slowdown > 1.0]
         if self.run.host_slots and (self.training.epoch_seconds or slow):
             what = (

@@ -8,7 +8,7 @@ import functools
 import os
 import random
 import time
-from collections.abc import Callable, Sized
+from collections.abc import Callable, Iterator, Sized
 from typing import Any, cast
 
 import numpy as np
@@ -20,7 +20,7 @@ from colnet_mpi.comm.buffers import FlatState
 from colnet_mpi.config import Config
 from colnet_mpi.data import DataSizes, NodeData, TaskSpec, build_node_data, dataset_tasks
 from colnet_mpi.models import build_backbone, build_head
-from colnet_mpi.models.cost import head_only_cost
+from colnet_mpi.models.cost import CatchUpCosts, catch_up_costs
 from colnet_mpi.tasks import (
     BatchHook,
     evaluate,
@@ -191,6 +191,21 @@ class Node:
         self.train_loader = _loader(
             self.data.training_view(), t.batch_size, workers, pin, gen, t.steps_per_epoch
         )
+        # federation.catch_up_train = "features": the order of the training samples, drawn from
+        # the same generator as train_loader's (the same order as "head" with data.workers = 0),
+        # and the frozen backbone's features of the training split (see head_on_features)
+        self.reuses_features = config.federation.catch_up_train == "features"
+        if self.reuses_features:
+            self.index_loader = _loader(
+                cast(Dataset[Any], range(len(self.data.training_view()))),
+                t.batch_size,
+                0,
+                False,
+                gen,
+                t.steps_per_epoch,
+            )
+        self.features: tuple[list[torch.Tensor], torch.Tensor, torch.Tensor] | None = None
+        self.epoch_costs: list[float] = []  # of the last train_local, as fractions of a full epoch
         self.val_loader = _loader(self.data.val, t.eval_batch_size, workers, pin)
         self.test_loader = _loader(self.data.test, t.eval_batch_size, workers, pin)
         # clustering signals: the first items of the un-augmented training split
@@ -225,14 +240,25 @@ class Node:
         """
         train, val = [], []
         clip = self.config.training.grad_clip or None
+        self.epoch_costs = []
         for epoch in range(1, epochs + 1):
             alone = head_only is not None and head_only(epoch)
             t0 = time.perf_counter()
+            backbone: torch.nn.Module = self.backbone
+            loader: Any = self.train_loader
+            cost = self.catch_up_costs.head if alone else 1.0
+            if alone and self.reuses_features and batch_hook is None:
+                fresh = self.refresh_features()
+                backbone, loader = torch.nn.Identity(), self.head_on_features()
+                cost = self.catch_up_costs.head_on_features
+                if fresh:
+                    cost += self.catch_up_costs.features * self.n_train / self.epoch_samples
+            self.epoch_costs.append(cost)
             train.append(
                 train_epoch(
-                    self.backbone,
+                    backbone,
                     self.head,
-                    self.train_loader,
+                    loader,
                     self.task.kind,
                     self.optimizer,
                     self.device,
@@ -242,6 +268,8 @@ class Node:
                     between_steps=between_steps,
                 )
             )
+            if alone:
+                self.backbone.eval()  # as train_epoch leaves a frozen backbone
             self.scheduler.step()
             val.append(self.evaluate(self.val_loader)["loss"])
             if progress is not None:
@@ -251,11 +279,54 @@ class Node:
         return_free_memory()
         return train, val
 
+    @property
+    def epoch_samples(self) -> int:
+        """Training samples one local epoch iterates."""
+        steps = self.config.training.steps_per_epoch
+        return steps * self.config.training.batch_size if steps else self.n_train
+
     @functools.cached_property
-    def head_only_cost(self) -> float:
-        """What an epoch of the head alone costs, as a fraction of a full epoch (multiply-adds of
-        a step on the first probe batch; see :func:`colnet_mpi.models.cost.head_only_cost`)."""
-        return head_only_cost(self.backbone, self.head, self.probe_batches[0][0])
+    def catch_up_costs(self) -> CatchUpCosts:
+        """What the parts of a catch-up epoch cost, as fractions of a full epoch (multiply-adds of
+        a step on the first probe batch; see :func:`colnet_mpi.models.cost.catch_up_costs`)."""
+        return catch_up_costs(self.backbone, self.head, self.probe_batches[0][0])
+
+    def refresh_features(self) -> bool:
+        """Make :attr:`features` hold the backbone's features (eval mode, no gradients) of every
+        training sample and their targets, unless they already belong to the backbone as it is
+        now (weights and BatchNorm statistics compared exactly); return whether they were
+        computed. Only for a training split without random augmentation."""
+        state = list(self.backbone.state_dict().values())
+        if self.features is not None and all(
+            torch.equal(a, b) for a, b in zip(self.features[0], state, strict=True)
+        ):
+            return False
+        split = self.data.training_view()
+        if self.data.train_augmented is not None:
+            raise RuntimeError("stored features need a training split without augmentation")
+        self.features = None  # the old ones are freed before the new ones are computed
+        training = self.backbone.training
+        self.backbone.eval()
+        step = self.config.training.eval_batch_size
+        zs, ys = [], []
+        with torch.no_grad():
+            for i in range(0, len(split), step):
+                x, y = default_collate([split[j] for j in range(i, min(i + step, len(split)))])
+                zs.append(self.backbone(x.to(self.device)))
+                ys.append(y.to(self.device))
+        self.backbone.train(training)
+        self.features = ([v.detach().clone() for v in state], torch.cat(zs), torch.cat(ys))
+        return True
+
+    def head_on_features(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch of batches ``(features, targets)`` from :attr:`features`, in the order the
+        training loader would have drawn the samples (:meth:`refresh_features` first)."""
+        if self.features is None:
+            raise RuntimeError("refresh_features() must run before head_on_features()")
+        _, z, y = self.features
+        for idx in self.index_loader:
+            at = idx.to(self.device)
+            yield z[at], y[at]
 
     def evaluate(self, loader: DataLoader[tuple[torch.Tensor, ...]]) -> dict[str, float]:
         """Task metrics of the current (backbone, head) on a loader."""

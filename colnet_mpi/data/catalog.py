@@ -13,6 +13,8 @@ from pathlib import Path
 EMBEDDED_DATASETS: tuple[str, ...] = ("digits", "synthetic_faces")
 #: Datasets read from ``data.root`` (never downloaded); they need a root.
 ON_DISK_DATASETS: tuple[str, ...] = ("cifar10", "celeba")
+#: Datasets whose training view is randomly augmented (every pass sees other images).
+AUGMENTED_DATASETS: tuple[str, ...] = ("cifar10", "celeba")
 
 #: Task names of every dataset, in the builders' order (a task added to a builder goes here too).
 TASK_NAMES: dict[str, tuple[str, ...]] = {

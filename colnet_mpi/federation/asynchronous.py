@@ -6,7 +6,8 @@ No collective or barrier over the world runs per round. A node's round ``r``:
    what it sends keeps moving and what comes in is taken in while it trains; with
    ``federation.catch_up = L``, while it is ``L`` or more rounds behind the most advanced
    neighbour it has heard of, one epoch only or, with ``federation.catch_up_train = "head"``,
-   its private head alone on the mix of its group-mates' newest versions, the backbone frozen:
+   its private head alone on the mix of its group-mates' newest versions, the backbone frozen
+   (``"features"``: on the frozen backbone's features, computed once per backbone):
    every node posts a small progress note to its neighbours after each round) and posts its
    backbone, versioned ``r``, to its neighbours (non-blocking; only the newest version per
    sender is kept by the receivers); with ``clustering.backbone_sketch`` it posts the
@@ -303,9 +304,10 @@ class AsyncRounds:
         """Local epochs of round ``r`` and which of them train the head alone (see
         :func:`stages.train`), from the progress notes that have arrived. Behind
         (:func:`behind`), a node trains one epoch (``federation.catch_up_train = "epochs"``,
-        decided before the round) or the head alone (``"head"``, decided before each epoch:
-        a head-only epoch costs less, so a node that falls behind during its round switches at
-        once; before the first such epoch it takes the mix of its group-mates, :meth:`_pull`)."""
+        decided before the round) or the head alone (``"head"`` and ``"features"``, decided
+        before each epoch: a head-only epoch costs less, so a node that falls behind during its
+        round switches at once; before the first such epoch it takes the mix of its
+        group-mates, :meth:`_pull`)."""
         full = self.fed.config.training.local_epochs
         if not self.catch_up:
             return full, None

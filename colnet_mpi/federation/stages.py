@@ -97,7 +97,8 @@ def train(
     ``epochs``: fewer than ``training.local_epochs`` (asynchronous catch-up); the epochs not
     trained are recorded as NaN. ``head_only(epoch)`` (asynchronous catch-up of the head),
     asked before each epoch: True for an epoch in which the backbone stays frozen and only the
-    private head learns (counted in ``ctx.head_epochs``; paced at its cost). ``idle``
+    private head learns (counted in ``ctx.head_epochs``; paced at its cost, which the node
+    reports in ``node.epoch_costs``: lower still on stored features). ``idle``
     (asynchronous mode: serving the mailbox) is called after every training step and while an
     emulated straggler waits, so that messages keep moving while the node trains."""
     node, attack, r = fed.node, fed.attack, ctx.r
@@ -111,7 +112,7 @@ def train(
         return alone[-1]
 
     def progress(epoch: int, train_loss: float, val_loss: float, seconds: float) -> None:
-        cost = node.head_only_cost if alone[epoch - 1] and t.epoch_seconds else 1.0
+        cost = node.epoch_costs[epoch - 1] if t.epoch_seconds else 1.0
         seconds = stretch(seconds, cost)
         if seconds >= EPOCH_LINE_SECONDS:
             fed.log(epoch_line(r, t.rounds, epoch, epochs, (train_loss, val_loss), seconds))

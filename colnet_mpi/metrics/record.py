@@ -203,7 +203,7 @@ FIELDS: tuple[Field, ...] = (
         default=0,
         description="asynchronous mode: local epochs of the round in which the node, catching "
         "up, trained its private head alone with the backbone frozen (federation.catch_up_train "
-        '= "head")',
+        '= "head" or "features")',
     ),
     Field(
         "hca/weights",

@@ -22,7 +22,7 @@ import torch
 
 from colnet_mpi.algorithms.clustering import partition_stamp
 from colnet_mpi.models import build_backbone, build_head
-from colnet_mpi.models.cost import head_only_cost
+from colnet_mpi.models.cost import catch_up_costs
 from tests.conftest import ROOT, colnet, colnet_batch, run_mpi
 
 QUICK = (ROOT / "configs" / "quickstart.toml").read_text()
@@ -243,30 +243,42 @@ def test_catch_up_gives_a_straggler_one_epoch_rounds_once_behind(tmp_path: Path)
 
 
 @pytest.mark.mpi
-def test_catch_up_with_the_head_trains_a_stragglers_head_alone_at_its_cost(tmp_path: Path):
+@pytest.mark.parametrize("how", ["head", "features"])
+def test_catch_up_with_the_head_trains_a_stragglers_head_alone_at_its_cost(
+    tmp_path: Path, how: str
+):
     """federation.catch_up = 1 with catch_up_train = "head", node 0 five times slower (1.5 s
     epochs): round 1 (agreed in lock-step) trains everything; in round 2 the other nodes finish
     the round during its first epoch, and it learns so while it trains (the mailbox is served
     between training steps), so its second epoch trains its head alone (asked before each
     epoch); later rounds train the head alone throughout. Head-only epochs are counted in
     async/head_epochs (none skipped) and paced at the cost of a head-only step (about half of
-    a full one at BL-1); the fast nodes never train one."""
+    a full one at BL-1); the fast nodes never train one.
+
+    "features": the same epochs, the first head-only epoch of a round (on a new backbone)
+    paced as a head-only epoch (it computes the features, one backbone forward pass over the
+    epoch's samples), the second at the cost of the head's step alone (about a fifth)."""
     d = paced_straggler(
-        tmp_path, "federation.catch_up=1", "federation.catch_up_train=head", slowdown=5.0
+        tmp_path, "federation.catch_up=1", f"federation.catch_up_train={how}", slowdown=5.0
     )
     assert not np.isnan(d["epoch/val_loss"]).any()  # no epoch skipped
     head = d["async/head_epochs"]
     assert head[:, 0].tolist() == [0, 1, 2, 2, 2, 2], head[:, 0]
     assert not head[:, 1:].any(), head[:, 1:]
-    # each epoch lasts 1.5 s, or 1.5 s x the cost of a head-only step
+    # each epoch lasts 1.5 s, or 1.5 s x the cost of its head-only steps
     torch.manual_seed(0)
-    cost = head_only_cost(
+    costs = catch_up_costs(
         build_backbone(width=4, stem="cifar", in_channels=3, privatization=1),
         build_head(width=4, privatization=1, num_outputs=8),
         torch.zeros(1, 3, 32, 32),
     )
-    assert 0.4 < cost < 0.6, cost
-    expected = 1.5 * (2 - head[:, 0]) + 1.5 * cost * head[:, 0]
+    assert 0.4 < costs.head < 0.6 and 0.15 < costs.head_on_features < 0.3, costs
+    h = head[:, 0]
+    expected = 1.5 * (2 - h) + 1.5 * costs.head * h
+    if how == "features":
+        expected = 1.5 * (2 - h) + 1.5 * (
+            costs.head * (h > 0) + costs.head_on_features * np.maximum(h - 1, 0)
+        )
     train = d["round/seconds/local_train"][:, 0]
     assert ((train > expected - 0.05) & (train < expected + 0.4)).all(), (train, expected)
 

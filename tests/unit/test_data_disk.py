@@ -22,6 +22,7 @@ from colnet_mpi.data import (
     known_datasets,
 )
 from colnet_mpi.data.augment import CIFAR_MEAN, CIFAR_STD
+from colnet_mpi.data.catalog import AUGMENTED_DATASETS
 from colnet_mpi.data.celeba import CELEBA_ATTRIBUTES
 from colnet_mpi.data.cifar10 import CIFAR10_CLASSES, TASK_CLASSES
 from colnet_mpi.data.partition import train_val_sizes
@@ -209,6 +210,7 @@ def test_cifar_normalises_every_split_and_augments_only_training(cifar_tree: Cif
             assert y.dtype == torch.int64
     aug = node.train_augmented
     assert aug is not None and node.training_view() is aug
+    assert "cifar10" in AUGMENTED_DATASETS  # the catalog knows it (config checks read it)
     assert torch.equal(aug.labels, node.train.labels)
     torch.manual_seed(0)
     changed = sum(not torch.equal(aug[k][0], node.train[k][0]) for k in range(8))
@@ -447,6 +449,7 @@ def test_celeba_augmentation_moves_landmarks_with_the_image(celeba_tree: CelebAT
     node = celeba(celeba_tree.parent, "landmarks", 0, 2)
     aug = node.train_augmented
     assert aug is not None and node.training_view() is aug
+    assert "celeba" in AUGMENTED_DATASETS  # the catalog knows it (config checks read it)
     x_plain, y_plain = node.train[0]
     assert torch.equal(node.train[0][0], x_plain)  # the plain split is not augmented
     assert torch.equal(node.val[0][0], node.val[0][0]) and torch.equal(
