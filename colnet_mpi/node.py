@@ -248,7 +248,7 @@ class Node:
             loader: Any = self.train_loader
             cost = self.catch_up_costs.head if alone else 1.0
             if alone and self.reuses_features and batch_hook is None:
-                fresh = self.refresh_features()
+                fresh = self.refresh_features(between_steps)
                 backbone, loader = torch.nn.Identity(), self.head_on_features()
                 cost = self.catch_up_costs.head_on_features
                 if fresh:
@@ -291,19 +291,20 @@ class Node:
         a step on the first probe batch; see :func:`colnet_mpi.models.cost.catch_up_costs`)."""
         return catch_up_costs(self.backbone, self.head, self.probe_batches[0][0])
 
-    def refresh_features(self) -> bool:
+    def refresh_features(self, between_batches: Callable[[], object] | None = None) -> bool:
         """Make :attr:`features` hold the backbone's features (eval mode, no gradients) of every
         training sample and their targets, unless they already belong to the backbone as it is
         now (weights and BatchNorm statistics compared exactly); return whether they were
-        computed. Only for a training split without random augmentation."""
+        computed (``between_batches()`` is called after each batch of the pass). Only for a
+        training split without random augmentation."""
         state = list(self.backbone.state_dict().values())
         if self.features is not None and all(
             torch.equal(a, b) for a, b in zip(self.features[0], state, strict=True)
         ):
             return False
-        split = self.data.training_view()
         if self.data.train_augmented is not None:
             raise RuntimeError("stored features need a training split without augmentation")
+        split = self.data.train
         self.features = None  # the old ones are freed before the new ones are computed
         training = self.backbone.training
         self.backbone.eval()
@@ -314,6 +315,8 @@ class Node:
                 x, y = default_collate([split[j] for j in range(i, min(i + step, len(split)))])
                 zs.append(self.backbone(x.to(self.device)))
                 ys.append(y.to(self.device))
+                if between_batches is not None:
+                    between_batches()
         self.backbone.train(training)
         self.features = ([v.detach().clone() for v in state], torch.cat(zs), torch.cat(ys))
         return True

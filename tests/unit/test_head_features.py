@@ -94,7 +94,10 @@ def test_features_are_computed_again_only_when_the_backbone_changed() -> None:
     bn = next(m for m in n.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert bn.running_mean is not None
     bn.running_mean += 1.0
-    assert n.refresh_features() and not n.refresh_features()
+    calls: list[int] = []
+    assert n.refresh_features(lambda: calls.append(1)) and not n.refresh_features()
+    # the mailbox is served after every batch of the pass
+    assert len(calls) == -(-n.n_train // n.config.training.eval_batch_size) >= 1
     # every batch of an epoch on features: the loader's batch size, three steps
     batches = list(n.head_on_features())
     assert len(batches) == 3 and all(b[0].shape[0] == n.config.training.batch_size for b in batches)
