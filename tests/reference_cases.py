@@ -1,10 +1,13 @@
 """The runs whose results files must stay bit-identical across behaviour-preserving changes.
 
 ``python -m tests.reference_cases OUT.json`` runs every case under ``mpiexec -n 6`` and writes
-their fingerprints (see ``tests/reference.py``); ``tests/data/reference_runs.json`` (an AVX2
-machine) and ``tests/data/reference_runs_avx512.json`` (torch's AVX512 kernels) were recorded this
-way from the code before the federation redesign (commit 5351219): on a checkout of that commit
-with this file and ``tests/reference.py`` copied in, ``python -m tests.reference_cases OUT.json``.
+their fingerprints (see ``tests/reference.py``); ``tests/data/reference_runs.json`` (an Intel
+AVX2 machine), ``tests/data/reference_runs_avx512.json`` (torch's AVX512 kernels) and
+``tests/data/reference_runs_avx2_amd.json`` (an AMD EPYC AVX2 machine) were recorded this way
+from the code before the federation redesign (commit 5351219): on a checkout of that commit
+with this file and ``tests/reference.py`` copied in, ``python -m tests.reference_cases OUT.json``
+(that commit predates ``clustering.signals``: drop the ``clustering.signals=paper`` override
+there, its only behaviour then).
 """
 
 from __future__ import annotations

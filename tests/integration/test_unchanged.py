@@ -1,9 +1,9 @@
 """Tier 3: the federation redesign changed no result — every dataset of 2-round runs is
 bit-identical to fingerprints recorded from the code before it (``tests/reference_cases.py``).
 
-Floating-point results depend on the CPU's vector instructions (torch picks its kernels by
-them), so the fingerprints were recorded once per instruction set, each by running the code
-before the redesign (commit 5351219) on such a machine."""
+Floating-point results depend on the CPU's vector instructions and vendor (torch and its math
+libraries pick their kernels by them), so the fingerprints were recorded once per kind of CPU,
+each by running the code before the redesign (commit 5351219) on such a machine."""
 
 from __future__ import annotations
 
@@ -17,12 +17,29 @@ from tests.conftest import ROOT, run_mpi
 from tests.reference import differences, fingerprint
 from tests.reference_cases import CASES, batch_command, command
 
-#: torch's CPU capability -> the fingerprints recorded on it (others: the AVX2 recording)
-RECORDINGS = {"AVX512": "reference_runs_avx512.json"}
+
+def cpu_vendor() -> str:
+    """The CPU's vendor as Linux reports it (``AuthenticAMD``, ``GenuineIntel``; "" elsewhere):
+    the math libraries pick other kernels on other vendors' CPUs with the same instructions."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("vendor_id")), "")
+
+
+#: "capability" or "capability/vendor" (torch's CPU capability, :func:`cpu_vendor`) -> the
+#: fingerprints recorded on such a machine; the longer key wins; others: the AVX2 (Intel)
+#: recording
+RECORDINGS = {
+    "AVX512": "reference_runs_avx512.json",
+    "AVX2/AuthenticAMD": "reference_runs_avx2_amd.json",
+}
 CAPABILITY = torch.backends.cpu.get_cpu_capability()
-REFERENCE = json.loads(
-    (ROOT / "tests" / "data" / RECORDINGS.get(CAPABILITY, "reference_runs.json")).read_text()
+RECORDING = RECORDINGS.get(
+    f"{CAPABILITY}/{cpu_vendor()}", RECORDINGS.get(CAPABILITY, "reference_runs.json")
 )
+REFERENCE = json.loads((ROOT / "tests" / "data" / RECORDING).read_text())
 #: Datasets added to the results file after the recording (nothing older changed with them).
 ADDED = (
     "round/partition_stamp", "async/staleness", "async/leader_staleness", "async/head_epochs",
