@@ -255,7 +255,8 @@ def test_catch_up_with_the_head_trains_a_stragglers_head_alone_at_its_cost(
     async/head_epochs (none skipped) and paced at the cost of a head-only step (about half of
     a full one at BL-1); the fast nodes never train one.
 
-    "features": the same epochs, the first head-only epoch of a round (on a new backbone)
+    "features": head-only epochs in the same way (the straggler's rounds are cheaper, so when it
+    is behind depends more on the machine's load), the first head-only epoch of a round (on a new backbone)
     paced as a head-only epoch (it computes the features, one backbone forward pass over the
     epoch's samples), the second at the cost of the head's step alone (about a fifth)."""
     d = paced_straggler(
@@ -263,7 +264,13 @@ def test_catch_up_with_the_head_trains_a_stragglers_head_alone_at_its_cost(
     )
     assert not np.isnan(d["epoch/val_loss"]).any()  # no epoch skipped
     head = d["async/head_epochs"]
-    assert head[:, 0].tolist() == [0, 1, 2, 2, 2, 2], head[:, 0]
+    if how == "head":
+        assert head[:, 0].tolist() == [0, 1, 2, 2, 2, 2], head[:, 0]
+    else:
+        # cheaper rounds: when the straggler is behind depends on the machine's load; round 1
+        # is lock-step, and at least two rounds train the head alone throughout (the second
+        # epoch on the features the first computed)
+        assert head[0, 0] == 0 and (head[:, 0] == 2).sum() >= 2, head[:, 0]
     assert not head[:, 1:].any(), head[:, 1:]
     # each epoch lasts 1.5 s, or 1.5 s x the cost of its head-only steps
     torch.manual_seed(0)
