@@ -249,6 +249,7 @@ class Node:
             cost = self.catch_up_costs.head if alone else 1.0
             if alone and self.reuses_features and batch_hook is None:
                 fresh = self.refresh_features(between_steps)
+                self.backbone.eval()  # frozen, as train_epoch leaves it on the other path
                 backbone, loader = torch.nn.Identity(), self.head_on_features()
                 cost = self.catch_up_costs.head_on_features
                 if fresh:
@@ -268,8 +269,6 @@ class Node:
                     between_steps=between_steps,
                 )
             )
-            if alone:
-                self.backbone.eval()  # as train_epoch leaves a frozen backbone
             self.scheduler.step()
             val.append(self.evaluate(self.val_loader)["loss"])
             if progress is not None:
