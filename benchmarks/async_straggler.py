@@ -22,7 +22,9 @@ enough for the six ranks' work to fit on the machine's cores, so that the ranks 
 nodes with one device each instead of competing for the same cores. ``--catch-up L`` sets
 ``federation.catch_up`` in the asynchronous runs, and ``--catch-up-train head`` makes a node
 behind train its private head alone (an epoch of it paced at its cost); ``features`` does the
-same on the frozen backbone's stored features.
+same on the frozen backbone's stored features. ``--first-round local`` sets
+``federation.first_round = "local"`` in the asynchronous runs with a straggler (round 1
+without groups instead of waiting for the first partition).
 
 ``--table`` prints the tables of ``summary.json`` without running anything; ``--table DIR ...``
 pools the summaries of several folders (runs measured in separate invocations). Besides the
@@ -414,6 +416,13 @@ def main(argv: list[str] | None = None) -> int:
         "backbone's stored features (features)",
     )
     p.add_argument(
+        "--first-round",
+        choices=("grouped", "local"),
+        default="grouped",
+        help="federation.first_round of the asynchronous runs with a straggler: round 1 waits "
+        "for the first partition (grouped) or runs without groups (local)",
+    )
+    p.add_argument(
         "--scenarios",
         nargs="+",
         choices=tuple(SLOW_NODE),
@@ -457,10 +466,13 @@ def main(argv: list[str] | None = None) -> int:
             for s in stalenesses:
                 tail = f"_c{args.catch_up}" if args.catch_up else ""
                 tail += {"epochs": "", "head": "h", "features": "f"}[how]
+                local = slow and args.first_round == "local"
+                tail += "_l" if local else ""
                 out = folder / f"{scenario}_async{s}{tail}_s{seed}.h5"
                 sets = [*base, "federation.mode=async", f"federation.max_staleness={s}"]
                 sets += [f"federation.catch_up={args.catch_up}"] if args.catch_up else []
                 sets += [f"federation.catch_up_train={how}"] if how != "epochs" else []
+                sets += ["federation.first_round=local"] if local else []
                 if slow:
                     sets += [f"training.rounds={args.async_rounds}"]
                     sets += [f"federation.time_budget={budget:.1f}"]
@@ -468,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
                 name = f"async S={'inf' if s == '-1' else s}"
                 name += f", catch-up {args.catch_up}" if args.catch_up else ""
                 name += f" ({how})" if how != "epochs" else ""
+                name += ", first round local" if local else ""
                 variants.append((name, out, load(out)))
             for name, _, d in variants:
                 c = group_curve(d)

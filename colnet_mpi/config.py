@@ -238,6 +238,8 @@ class TrainingConfig:
 
 #: How an asynchronous node that is behind trains its rounds (``federation.catch_up_train``).
 CATCH_UP_TRAINING = ("epochs", "head", "features")
+#: What asynchronous round 1 does before the first partition (``federation.first_round``).
+FIRST_ROUND = ("grouped", "local")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -278,6 +280,11 @@ class FederationConfig:
     # head, with the frozen backbone's features of the training split computed once per
     # backbone and reused by every head-only epoch (datasets without augmentation only)
     catch_up_train: str = "epochs"
+    # async, with task-aware clustering: what round 1 does before any partition is agreed.
+    # grouped: it waits for the first partition (every node's round-1 proposal; round 1 is then
+    # lock-step); local: it trains, posts and proposes only, and the first partition applies
+    # from round 2 like every later one (one round after its agreement starts)
+    first_round: str = "grouped"
 
     def __post_init__(self) -> None:
         _choice("federation.mode", self.mode, ("sync", "async"))
@@ -304,15 +311,27 @@ class FederationConfig:
                 f"federation.catch_up_train = {self.catch_up_train!r} needs "
                 "federation.catch_up >= 1 (the rounds behind at which a node catches up)"
             )
+        _choice("federation.first_round", self.first_round, FIRST_ROUND)
         async_only = (
             ("time_budget", self.time_budget, "synchronous rounds stop after training.rounds"),
             ("catch_up", self.catch_up, "synchronous nodes are never behind"),
+            (
+                "first_round",
+                self.first_round if self.first_round != "grouped" else "",
+                "synchronous rounds agree on every partition in lock-step",
+            ),
         )
         for key, value, why in async_only:
             if self.mode == "sync" and value:
                 raise ConfigError(
                     f'federation.{key} = {value!r} needs federation.mode = "async" ({why})'
                 )
+        if self.first_round == "local" and self.max_staleness == 0:
+            raise ConfigError(
+                'federation.first_round = "local" is not allowed with federation.max_staleness '
+                "= 0 (zero staleness agrees on each round's partition in that round, as "
+                'synchronous mode does); use max_staleness >= 1 or -1, or first_round = "grouped"'
+            )
         if isinstance(self.timeout, str):
             _choice("federation.timeout", self.timeout, ("auto",))
         else:
@@ -601,6 +620,15 @@ class Config:
             )
         if self.federation.mode == "async":
             _async_problems(self)
+        f = self.federation
+        grouper = resolve(f.scheme, f.grouping, self.defense.aggregation).grouper
+        if f.first_round == "local" and grouper != "cluster":
+            raise ConfigError(
+                f'federation.first_round = "local" is not allowed with federation.scheme = '
+                f"{f.scheme!r} and federation.grouping = {f.grouping!r}: only task-aware "
+                '"cluster" grouping agrees on partitions, so round 1 waits for none; use '
+                'first_round = "grouped"'
+            )
         if self.federation.catch_up_train == "features" and self.data.dataset in AUGMENTED:
             plain = ", ".join(d for d in known_datasets() if d not in AUGMENTED)
             raise ConfigError(

@@ -18,8 +18,10 @@ No collective or barrier over the world runs per round. A node's round ``r``:
    a partition from those versions and starts the agreement of epoch ``r``: a non-blocking
    all-gather of every node's proposal;
 3. takes the partition of round ``r``: the agreed result of epoch ``r - L`` (``L = 0`` when
-   ``S = 0``, else 1; round 1 and ``clustering.until`` as in :meth:`AsyncRounds.epoch_for`),
-   identical on every rank for the same ``r``;
+   ``S = 0``, else 1; round 1 and ``clustering.until`` as in :func:`epoch_for`), identical on
+   every rank for the same ``r``. Round 1 waits for epoch 1 (so it is lock-step), unless
+   ``federation.first_round = "local"``: then round 1 has no groups (steps 4 and 5 do nothing)
+   and epoch 1 applies from round 2;
 4. waits for its group-mates' versions ``>= r - S`` and mixes them with its own:
    weights ``w_j * staleness_decay ** (r - v_j)``;
 5. if it leads its group in round ``r`` (the same rotation as synchronous mode), posts the group
@@ -84,22 +86,33 @@ CATCH_UP_DRAIN = 2.0
 DRAIN_QUIET = 0.05
 
 
-def epoch_for(r: int, lag: int, start: int, until: int) -> int | None:
-    """The agreement epoch whose partition round ``r`` uses; None: keep the last one.
+def epoch_for(
+    r: int, lag: int, start: int, until: int, held: bool | None = None, first_local: bool = False
+) -> int | None:
+    """The agreement epoch whose partition round ``r`` uses; None: keep the last one; 0: none
+    yet (the node is in no group this round).
 
     Epoch ``e`` is started by every rank in its round ``e`` (from ``start``, the first round of
-    this process, to ``until``; 0: no end). From a fresh start, rounds ``1 .. lag`` use epoch 1
-    (the first partition is agreed in lock-step) and later rounds epoch ``r - lag``; after a
-    resume, rounds whose epoch would come before ``start`` keep the restored partition; after
-    ``until``, rounds use epoch ``until``.
+    this process, to ``until``; 0: no end). ``held``: whether this process begins with a partition
+    (restored by a resume; default: ``start > 1``). Rounds whose epoch ``r - lag`` would come
+    before ``start`` keep a held partition; without one, the first rounds of the process use
+    epoch ``start`` (agreed in lock-step), or, from a fresh start with ``first_local``
+    (``federation.first_round = "local"``), round 1 uses none and round 2 on epoch ``r - lag``.
+    After ``until`` (or ``start``, when the process begins without a partition), rounds use that
+    last epoch.
     """
+    if held is None:
+        held = start > 1
     e = r - lag
     if e < start:
-        if start > 1:
+        if held:
             return None
-        e = 1
-    if until and e > until:
-        e = until
+        if first_local and start == 1:
+            return 0
+        e = start
+    last = until if held or not until else max(until, start)
+    if last and e > last:
+        e = last
     return e if e >= start else None
 
 
@@ -128,6 +141,12 @@ class AsyncRounds:
         self.S = cfg.federation.max_staleness  # -1: unbounded
         self.lag = 0 if self.S == 0 else 1
         self.until = cfg.clustering.until
+        self.first_local = cfg.federation.first_round == "local"
+        # whether this process began with a partition (a resume restored one); set by run()
+        self.held_at_start = False
+        # first_round = "local": round 1's context while its proposal waits for the views of
+        # the neighbours not heard from yet (made at the start of a later round's exchange)
+        self.deferred: RoundContext | None = None
         self.mail = Mailbox(topo, fed.transport)
         self.agreement = Agreement(topo)
         # newest version held per sender: (round, backbone, grouper payload, weight)
@@ -177,18 +196,28 @@ class AsyncRounds:
         self.cross_psi = 1.0 if self.mean_cross else cfg.hca.psi  # weight of a leader update
 
     # -- schedule ------------------------------------------------------------------------------
+    @property
+    def until_epoch(self) -> int:
+        """The last round that starts an agreement epoch (0: every round): ``clustering.until``,
+        or this process's first round when it began without a partition to keep."""
+        if not self.until or self.held_at_start:
+            return self.until
+        return max(self.until, self.start_round)
+
     def clusters(self, r: int) -> bool:
         """Whether round ``r`` starts an agreement epoch (a clustering grouper, until reached)."""
-        return self.clusterer is not None and (not self.until or r <= self.until)
+        return self.clusterer is not None and (not self.until_epoch or r <= self.until_epoch)
 
     def epoch_for(self, r: int) -> int | None:
         """The epoch whose partition round ``r`` uses (see :func:`epoch_for`)."""
-        return epoch_for(r, self.lag, self.start_round, self.until)
+        return epoch_for(
+            r, self.lag, self.start_round, self.until, self.held_at_start, self.first_local
+        )
 
     @property
     def last_epoch(self) -> int:
         """The last epoch any rank can start."""
-        return min(self.until, self.rounds) if self.until else self.rounds
+        return min(self.until_epoch, self.rounds) if self.until_epoch else self.rounds
 
     # -- messages ------------------------------------------------------------------------------
     def _model(self, src: int, data: torch.Tensor, length: int, what: str) -> torch.Tensor | None:
@@ -367,11 +396,19 @@ class AsyncRounds:
     def _pull(self, r: int) -> None:
         """Before the first epoch of round ``r`` that trains the head alone: take the
         staleness-weighted mix of the own backbone and the newest versions held of the last
-        partition's group-mates (weighed as in step 4). The backbone does not change while the
+        partition's group-mates (weighed as in step 4; before any round had groups, those of the
+        partition this round will use, once agreed). The backbone does not change while the
         head trains, so the head learns on the backbone the round ends near instead of the one
         it started from."""
         fed = self.fed
         groups = fed.state.home_groups
+        if not bool((fed.state.groups >= 0).any()):
+            # no round had groups yet (federation.first_round = "local"): the partition this
+            # round will use, if its agreement has finished; else none to pull from
+            e = self.epoch_for(r)
+            if not e or not self.agreement.ready(e):
+                return
+            groups = self._agreed(e, r)
         mates = [
             int(j)
             for j in np.flatnonzero(groups == groups[self.rank])
@@ -411,22 +448,24 @@ class AsyncRounds:
             if corrupt_hook(r, self.rank):
                 body[HEADER] = float("nan")
             self.mail.post(live, mb.BACKBONE, body, latest=True)
-        if self.clusters(r):
-            self.wait(
-                lambda: all(self.present(j, r, view=True) for j in neighbours),
-                f"its neighbours' {'views' if self.sketched else 'backbones'} {self._wanted(r)}",
-                neighbours,
-            )
+        propose = self.clusters(r)
+        if self.deferred is not None:  # round 1's proposal first (epochs start in order)
+            self._wait_for_views(self.deferred.r, neighbours)
+        elif propose and self.epoch_for(r) == 0:
+            # first_round = "local": round 1 needs no partition, so it does not wait for the
+            # views of neighbours not heard from yet; it proposes once it holds them
+            if not all(self.present(j, r, view=True) for j in neighbours):
+                self.deferred, propose = ctx, False
+        if propose:
+            self._wait_for_views(r, neighbours)
         ctx.seconds["exchange"] = time.perf_counter() - t
         t = time.perf_counter()
         watchdog.at(r, "clustering")
-        if self.clusters(r):
-            assert self.clusterer is not None
-            self._view(ctx, neighbours)
-            ctx.view_own = ctx.own
-            self.clusterer.propose(ctx)
-            assert ctx.proposal is not None
-            self.agreement.start(r, np.concatenate([ctx.proposal, [0]]))
+        if self.deferred is not None and self.deferred is not ctx:
+            self._propose(self.deferred, neighbours)
+            self.deferred = None
+        if propose:
+            self._propose(ctx, neighbours)
         groups = self._partition(ctx)
         ctx.groups = groups
         ctx.leaders = leader_flags(groups, r)
@@ -442,6 +481,23 @@ class AsyncRounds:
                 latest=True,
             )
         return groups
+
+    def _wait_for_views(self, r: int, neighbours: list[int]) -> None:
+        """Wait until every neighbour's view may be used by a proposal of round ``r``."""
+        self.wait(
+            lambda: all(self.present(j, r, view=True) for j in neighbours),
+            f"its neighbours' {'views' if self.sketched else 'backbones'} {self._wanted(r)}",
+            neighbours,
+        )
+
+    def _propose(self, ctx: RoundContext, neighbours: list[int]) -> None:
+        """Round ``ctx.r``'s proposal from the views held, and the start of its agreement."""
+        assert self.clusterer is not None
+        self._view(ctx, neighbours)
+        ctx.view_own = ctx.own
+        self.clusterer.propose(ctx)
+        assert ctx.proposal is not None
+        self.agreement.start(ctx.r, np.concatenate([ctx.proposal, [0]]))
 
     def _backbone_head(self, ctx: RoundContext) -> torch.Tensor:
         """The header of this round's BACKBONE and MIX messages (see :data:`HEADER`)."""
@@ -476,20 +532,28 @@ class AsyncRounds:
         if e is None:
             stages.keep_partition(fed, ctx)
             return ctx.groups
+        if e == 0:  # federation.first_round = "local": in no group before the first partition
+            ctx.k = 0
+            return np.full(self.n, -1, dtype=np.int64)
         self.wait(
             lambda: self.agreement.ready(e),
             f"every rank's grouping proposal of round {e}",
             [j for j in range(self.n) if j != self.rank],
         )
-        table = self.agreement.results[e]
-        proposals, stopped = table[:, :-1], table[:, -1].astype(bool)
-        quarantined = ctx.quarantined
-        ctx.quarantined = stopped
-        self.clusterer.settle(ctx, proposals)  # sets ctx.groups only
-        ctx.quarantined = quarantined
+        ctx.groups = self._agreed(e, r)
         if ctx.proposal is None:  # this round proposed nothing: K of the partition used
             ctx.k = int(np.unique(ctx.groups[ctx.groups >= 0]).size)
         return ctx.groups
+
+    def _agreed(self, e: int, r: int) -> np.ndarray:
+        """The partition of the finished agreement epoch ``e`` as round ``r`` uses it (the
+        same on every rank: ranks that had stopped are left out)."""
+        assert self.clusterer is not None
+        table = self.agreement.results[e]
+        scratch = RoundContext(r, self.n)
+        scratch.quarantined = table[:, -1].astype(bool)
+        self.clusterer.settle(scratch, table[:, :-1])  # sets scratch.groups only
+        return scratch.groups
 
     def _mix(self, ctx: RoundContext, groups: np.ndarray) -> None:
         """Staleness-weighted mean of the group-mates' newest versions and the own backbone."""
@@ -739,6 +803,7 @@ class AsyncRounds:
         """This node's rounds from ``start_round``, then the closing handshake."""
         fed = self.fed
         self.start_round = start_round
+        self.held_at_start = start_round > 1 and bool((fed.state.groups >= 0).any())
         self.next_row = start_round
         every = fed.config.run.checkpoint_every
         fed.saved_round = start_round - 1
@@ -782,7 +847,8 @@ class AsyncRounds:
         self.mail.post(others, mb.DONE, np.array([last, fed.saved_round], dtype=np.int64))
         if self.clusterer is not None:
             stopped = np.concatenate([np.full(self.n, -1, dtype=np.int64), [1]])
-            for e in range(max(last + 1, self.start_round), self.last_epoch + 1):
+            # (from this process's first round: a proposal put off in round 1 may be unmade)
+            for e in range(self.start_round, self.last_epoch + 1):
                 if not self.agreement.started(e):
                     self.agreement.start(e, stopped)
         topo.watchdog.at(last, "finishing")

@@ -85,7 +85,10 @@ def summary_line(fed: Federation, r: int, rows: dict, ari: float) -> str:
             parts.append(f"{name} loss={np.mean(rows['round/test_loss'][idx]):.3f}")
         else:
             parts.append(f"{name} f1={np.mean(rows['round/test_f1_micro'][idx]):.3f}")
-    if fed.grouper is not None:
+    local_first = fed.config.federation.first_round == "local"
+    if fed.grouper is not None and local_first and bool(np.all(rows["round/group"] < 0)):
+        parts.append("no groups yet")  # asynchronous round 1 without the first partition
+    elif fed.grouper is not None:
         parts.append(f"ARI={ari:.2f}")
         parts.append("groups=" + "".join(str(int(g)) for g in rows["round/group"]))
     return "  ".join(parts)

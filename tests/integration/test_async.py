@@ -3,7 +3,8 @@ a hang, every node-round is recorded exactly once, every rank used the same part
 same round, no version older than max_staleness was used, a NaN backbone is refused, S = 0
 groups and leads like synchronous mode (and fedper at S = 0 learns what synchronous fedper
 learns), a time budget lets fast nodes do more rounds, training.epoch_seconds sets each node's
-pace, a node behind by federation.catch_up rounds trains one epoch per round (or, with
+pace, federation.first_round = "local" runs round 1 without groups instead of waiting for the
+first partition, a node behind by federation.catch_up rounds trains one epoch per round (or, with
 catch_up_train = "head", its head alone, paced at that cost), and a run stopped by a signal or
 killed mid-way continues with --resume to a file with every record present."""
 
@@ -116,6 +117,8 @@ def test_random_slowdowns_no_hang_every_record_once(tmp_path: Path, n: int, stal
     fedper = ["federation.scheme=fedper"] if n == 4 else []  # the mean cross stage, stale
     # views from sketches, whole backbones to the group-mates only
     sketch = ["clustering.backbone_sketch=256"] if n == 6 else []
+    # round 1 without groups, its proposal made once the views are in (from a ring's views)
+    local = ["federation.first_round=local"] if n == 6 else []
     proc = launch(
         config(tmp_path, slow),
         out,
@@ -124,13 +127,15 @@ def test_random_slowdowns_no_hang_every_record_once(tmp_path: Path, n: int, stal
         *ring,
         *fedper,
         *sketch,
+        *local,
         env=corrupt,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     d = read(out)
     assert str(d["status"]) == "finished" and int(d["checkpoint_round"]) == 4
     check_records(d, np.full(n, 4), staleness)
-    assert (d["round/group"] >= 0).all()
+    assert (d["round/group"][1:] >= 0).all()
+    assert (d["round/group"][0] == -1).all() if local else (d["round/group"][0] >= 0).all()
     if corrupt:  # rank 1's round-2 backbone had a NaN: its neighbours refused it, none used it
         refused = d["defense/refused"][:, :, 1]  # (round, receiver) refused sender 1
         assert refused[:, [0, 2, 3]].sum() >= 1 and refused[:, 1].sum() == 0, refused
@@ -221,6 +226,45 @@ def paced_straggler(tmp_path: Path, *sets: str, slowdown: float = 3.0) -> dict[s
     d = read(out)
     check_records(d, np.full(4, 6), -1)
     return d
+
+
+@pytest.mark.mpi
+def test_first_round_local_runs_round_1_without_waiting_for_the_first_partition(tmp_path: Path):
+    """federation.first_round = "local", node 0 three times slower (paced: 0.3 s epochs, its own
+    0.9 s): round 1 has no groups, so the fast nodes finish it without waiting for the
+    straggler's proposal; epoch 1 applies from round 2 on, identical on every rank. Resumed
+    after that round alone (no partition to keep), round 2 agrees on its own in lock-step."""
+    cfg = config(tmp_path, [3.0, 1.0, 1.0, 1.0])
+    sets = [
+        "training.local_epochs=2", "training.epoch_seconds=0.3", "federation.max_staleness=-1",
+        "clustering.until=1", "federation.first_round=local",
+    ]  # fmt: skip
+    out = tmp_path / "f.h5"
+    proc = launch(cfg, out, "training.rounds=4", *sets)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "no groups yet" in proc.stdout
+    d = read(out)
+    check_records(d, np.full(4, 4), -1)
+    groups, clock = d["round/group"], d["round/clock"]
+    assert (groups[0] == -1).all() and (groups[1:] >= 0).all(), groups
+    assert (groups[1:] == groups[1]).all()  # clustering.until = 1: epoch 1's partition kept
+    assert not d["round/leader"][0].any() and d["round/leader"][1:].any()  # no leaders in round 1
+    assert np.isnan(d["async/leader_staleness"][0]).all()  # ... and no leader update applied
+    # the fast nodes finished round 1 about 1.2 s (the straggler's extra pace) before it did;
+    # waiting for epoch 1 in round 1 they would have finished after it
+    assert clock[0, 1:].max() < clock[0, 0] - 0.6, clock[0]
+    assert clock[1, 1:].min() >= clock[0, 0], clock[:2]  # round 2 needs epoch 1
+
+    # the same run stopped after round 1 and resumed: no partition to keep
+    out = tmp_path / "g.h5"
+    proc = launch(cfg, out, "training.rounds=1", *sets)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = launch(cfg, out, "training.rounds=3", *sets, extra=("--resume",))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "resuming after round 1" in proc.stdout
+    d = read(out)
+    check_records(d, np.full(4, 3), -1, resumed=True)
+    assert (d["round/group"][0] == -1).all() and (d["round/group"][1:] >= 0).all()
 
 
 @pytest.mark.mpi

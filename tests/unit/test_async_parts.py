@@ -41,6 +41,22 @@ def test_schedule_after_resume_keeps_the_restored_partition_until_a_new_epoch():
     assert [epoch_for(r, 0, 4, 0) for r in range(4, 6)] == [4, 5]
 
 
+def test_schedule_first_round_local_has_no_partition_in_round_1():
+    # federation.first_round = "local": round 1 in no group (0), epoch 1 from round 2 on
+    assert [epoch_for(r, 1, 1, 0, first_local=True) for r in range(1, 6)] == [0, 1, 2, 3, 4]
+    assert [epoch_for(r, 1, 1, 1, first_local=True) for r in range(1, 5)] == [0, 1, 1, 1]
+    # a resume that restored a partition keeps it as before, local first round or not
+    assert [epoch_for(r, 1, 4, 0, True, True) for r in range(4, 7)] == [None, 4, 5]
+
+
+def test_schedule_resume_without_a_partition_agrees_on_its_first_round():
+    # resumed at round 2 after a round 1 without groups: round 2 agrees on epoch 2 in
+    # lock-step (epoch 1 was never finished by this process), also past clustering.until
+    assert [epoch_for(r, 1, 2, 0, held=False) for r in range(2, 6)] == [2, 2, 3, 4]
+    assert [epoch_for(r, 1, 2, 1, held=False) for r in range(2, 6)] == [2, 2, 2, 2]
+    assert [epoch_for(r, 1, 2, 3, held=False) for r in range(2, 7)] == [2, 2, 3, 3, 3]
+
+
 def test_catch_up_trains_one_epoch_only_while_far_enough_behind():
     # round 5: this node has finished 4; a neighbour has finished 6 -> 2 behind
     assert catch_up_epochs(5, 3, 2, 6) == 1
@@ -107,6 +123,20 @@ def test_async_keys_default_and_round_trip():
         ({"mode": "async", "catch_up": 1.5}, "federation.catch_up = 1.5"),
         ({"mode": "async", "catch_up": True}, "federation.catch_up = True"),
         ({"catch_up": 2}, 'federation.catch_up = 2 needs federation.mode = "async"'),
+        ({"first_round": "local"}, "federation.first_round = 'local' needs federation.mode"),
+        ({"mode": "async", "first_round": "early"}, "federation.first_round = 'early'"),
+        (
+            {"mode": "async", "max_staleness": 0, "first_round": "local"},
+            "federation.max_staleness = 0",
+        ),
+        (
+            {"mode": "async", "grouping": "tasks", "first_round": "local"},
+            "federation.grouping = 'tasks'",
+        ),
+        (
+            {"mode": "async", "scheme": "none", "first_round": "local"},
+            "federation.scheme = 'none'",
+        ),
     ],
 )
 def test_bad_async_federation_keys_are_named(federation, fragment):
