@@ -236,13 +236,20 @@ def test_first_round_local_runs_round_1_without_waiting_for_the_first_partition(
     after that round alone (no partition to keep), round 2 agrees on its own in lock-step."""
     cfg = config(tmp_path, [3.0, 1.0, 1.0, 1.0])
     sets = [
-        "training.local_epochs=2", "training.epoch_seconds=0.3", "federation.max_staleness=-1",
-        "clustering.until=1", "federation.first_round=local",
+        *SMALL, "training.local_epochs=2", "training.epoch_seconds=0.3",
+        "federation.max_staleness=-1", "clustering.until=1", "federation.first_round=local",
     ]  # fmt: skip
-    out = tmp_path / "f.h5"
-    proc = launch(cfg, out, "training.rounds=4", *sets)
+    out, short = tmp_path / "f.h5", tmp_path / "g.h5"
+
+    def call(path: Path, rounds: int, *extra: str) -> list[str]:
+        args = [a for x in [*sets, f"training.rounds={rounds}"] for a in ("--set", x)]
+        return ["run", str(cfg), "--out", str(path), *args, *extra]
+
+    # the run; the same stopped after round 1, then resumed (no partition to keep): one launch
+    runs = [call(out, 4), call(short, 1), call(short, 3, "--resume")]
+    proc = run_mpi(4, colnet_batch(*runs), timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "no groups yet" in proc.stdout
+    assert "no groups yet" in proc.stdout and "resuming after round 1" in proc.stdout
     d = read(out)
     check_records(d, np.full(4, 4), -1)
     groups, clock = d["round/group"], d["round/clock"]
@@ -251,18 +258,10 @@ def test_first_round_local_runs_round_1_without_waiting_for_the_first_partition(
     assert not d["round/leader"][0].any() and d["round/leader"][1:].any()  # no leaders in round 1
     assert np.isnan(d["async/leader_staleness"][0]).all()  # ... and no leader update applied
     # the fast nodes finished round 1 about 1.2 s (the straggler's extra pace) before it did;
-    # waiting for epoch 1 in round 1 they would have finished after it
+    # waiting in round 1 for its first view (round 1 grouped) they would finish with it
     assert clock[0, 1:].max() < clock[0, 0] - 0.6, clock[0]
     assert clock[1, 1:].min() >= clock[0, 0], clock[:2]  # round 2 needs epoch 1
-
-    # the same run stopped after round 1 and resumed: no partition to keep
-    out = tmp_path / "g.h5"
-    proc = launch(cfg, out, "training.rounds=1", *sets)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    proc = launch(cfg, out, "training.rounds=3", *sets, extra=("--resume",))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "resuming after round 1" in proc.stdout
-    d = read(out)
+    d = read(short)
     check_records(d, np.full(4, 3), -1, resumed=True)
     assert (d["round/group"][0] == -1).all() and (d["round/group"][1:] >= 0).all()
 
