@@ -21,7 +21,9 @@ No collective or barrier over the world runs per round. A node's round ``r``:
    ``S = 0``, else 1; round 1 and ``clustering.until`` as in :func:`epoch_for`), identical on
    every rank for the same ``r``. Round 1 waits for epoch 1 (so it is lock-step), unless
    ``federation.first_round = "local"``: then round 1 has no groups (steps 4 and 5 do nothing)
-   and epoch 1 applies from round 2;
+   and epoch 1 applies from round 2; a node that lacks a neighbour's first view at step 2 of
+   round 1 makes its round-1 proposal at step 2 of round 2 instead (waiting there for the
+   views), before any later one;
 4. waits for its group-mates' versions ``>= r - S`` and mixes them with its own:
    weights ``w_j * staleness_decay ** (r - v_j)``;
 5. if it leads its group in round ``r`` (the same rotation as synchronous mode), posts the group
