@@ -404,7 +404,7 @@ class AsyncRounds:
         it started from."""
         fed = self.fed
         groups = fed.state.home_groups
-        if not bool((fed.state.groups >= 0).any()):
+        if not fed.state.has_partition:
             # no round had groups yet (federation.first_round = "local"): the partition this
             # round will use, if its agreement has finished; else none to pull from
             e = self.epoch_for(r)
@@ -805,7 +805,7 @@ class AsyncRounds:
         """This node's rounds from ``start_round``, then the closing handshake."""
         fed = self.fed
         self.start_round = start_round
-        self.held_at_start = start_round > 1 and bool((fed.state.groups >= 0).any())
+        self.held_at_start = start_round > 1 and fed.state.has_partition
         self.next_row = start_round
         every = fed.config.run.checkpoint_every
         fed.saved_round = start_round - 1

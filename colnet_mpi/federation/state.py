@@ -23,6 +23,11 @@ class FederationState:
         # the clustering evidence kept over rounds (resemblance signals); NaN: not seen yet
         self.evidence = np.full((n, n), np.nan)
 
+    @property
+    def has_partition(self) -> bool:
+        """Whether any finished round had groups (asynchronous round 1 may have none)."""
+        return bool((self.groups >= 0).any())
+
     def finish_round(self, r: int, groups: np.ndarray) -> None:
         """Remember round ``r``'s partition."""
         g = np.asarray(groups, dtype=np.int64)
