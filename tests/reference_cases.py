@@ -2,8 +2,9 @@
 
 ``python -m tests.reference_cases OUT.json`` runs every case under ``mpiexec -n 6`` and writes
 their fingerprints (see ``tests/reference.py``); ``tests/data/reference_runs.json`` (an Intel
-AVX2 machine), ``tests/data/reference_runs_avx512.json`` (torch's AVX512 kernels) and
-``tests/data/reference_runs_avx2_amd.json`` (an AMD EPYC AVX2 machine) were recorded this way
+AVX2 machine), ``tests/data/reference_runs_avx512.json`` (torch's AVX512 kernels on an Intel
+machine), ``tests/data/reference_runs_avx2_amd.json`` (an AMD EPYC AVX2 machine) and
+``tests/data/reference_runs_avx512_amd.json`` (an AMD EPYC AVX512 machine) were recorded this way
 from the code before the federation redesign (commit 5351219): on a checkout of that commit
 with this file and ``tests/reference.py`` copied in, ``python -m tests.reference_cases OUT.json``
 (that commit predates ``clustering.signals``: drop the ``clustering.signals=paper`` override

@@ -34,6 +34,7 @@ def cpu_vendor() -> str:
 RECORDINGS = {
     "AVX512": "reference_runs_avx512.json",
     "AVX2/AuthenticAMD": "reference_runs_avx2_amd.json",
+    "AVX512/AuthenticAMD": "reference_runs_avx512_amd.json",
 }
 CAPABILITY = torch.backends.cpu.get_cpu_capability()
 RECORDING = RECORDINGS.get(
