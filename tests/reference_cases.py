@@ -13,6 +13,7 @@ there, its only behaviour then).
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tempfile
@@ -85,12 +86,13 @@ CASES: dict[str, tuple[str, list[str]]] = {
 }
 
 
-def run_args(name: str, out: Path) -> list[str]:
-    """The ``colnet-mpi`` arguments of a case."""
+def run_args(name: str, out: Path, extra: tuple[str, ...] = ()) -> list[str]:
+    """The ``colnet-mpi`` arguments of a case (``extra``: more ``--set`` overrides, for a variant
+    that must give the same results)."""
     config, overrides = CASES[name]
     args = ["run", str(ROOT / config), "--out", str(out)]
     # the recorded runs predate the resemblance signals: they keep the paper's literal ones
-    for item in [*overrides, "training.rounds=2", "clustering.signals=paper"]:
+    for item in [*overrides, "training.rounds=2", "clustering.signals=paper", *extra]:
         args += ["--set", item]
     return [*args, "--quiet"]
 
@@ -100,17 +102,22 @@ def command(name: str, out: Path) -> list[str]:
     return [sys.executable, "-m", "colnet_mpi", *run_args(name, out)]
 
 
-def batch_command(names: list[str], folder: Path) -> list[str]:
-    """One command (after ``mpiexec -n 6``) that runs the cases one after the other in the same
-    processes, writing ``folder/<case>.h5``: MPI and torch start once instead of once per case."""
-    return [sys.executable, "-m", "tests.reference_cases", "--inside", str(folder), *names]
+#: A run of a batch: (case, results file name in the batch's folder, extra overrides).
+Run = tuple[str, str, tuple[str, ...]]
 
 
-def _inside(folder: Path, names: list[str]) -> int:
+def batch_command(runs: list[Run], folder: Path) -> list[str]:
+    """One command (after ``mpiexec -n 6``) that runs ``runs`` one after the other in the same
+    processes, writing ``folder/<file name>``: MPI and torch start once instead of once per run."""
+    inside = ["--inside", str(folder), json.dumps(runs)]
+    return [sys.executable, "-m", "tests.reference_cases", *inside]
+
+
+def _inside(folder: Path, runs: list[Run]) -> int:
     from colnet_mpi import cli
 
-    for name in names:
-        code = cli.main(run_args(name, folder / f"{name}.h5"))
+    for name, file, extra in runs:
+        code = cli.main(run_args(name, folder / file, tuple(extra)))
         if code:
             return code
     return 0
@@ -119,7 +126,7 @@ def _inside(folder: Path, names: list[str]) -> int:
 def main(argv: list[str]) -> int:
     """Run every case (or those named after the output path) and save their fingerprints."""
     if argv[:1] == ["--inside"]:
-        return _inside(Path(argv[1]), argv[2:])
+        return _inside(Path(argv[1]), json.loads(argv[2]))
     target = Path(argv[0])
     names = argv[1:] or list(CASES)
     result = {}

@@ -58,11 +58,28 @@ def test_reference_covers_every_case() -> None:
         assert not any(k.startswith("round/seconds/") for k in ref["datasets"]), name
 
 
+#: Variants that must give a case's recorded results: (case, results file, extra overrides).
+#: Messages instead of shared memory: the reference runs used messages; every run on one host
+#: now exchanges through shared memory, and the message path (neighbours on other hosts) must
+#: still give the same bits, refused NaN buffers included. Turns on the host
+#: (``run.host_slots = 2``): the six ranks train and evaluate two at a time; with the threads
+#: per rank held at one (as in the recording) what is computed is the same, bit for bit.
+VARIANTS = {
+    "messages_quickstart": ("quickstart", ("federation.shared_memory=no",)),
+    "messages_quickstart_clip_nan": ("quickstart_clip_nan", ("federation.shared_memory=no",)),
+    "turns_quickstart": ("quickstart", ("run.host_slots=2",)),
+}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Every case, run one after the other in one 6-rank launch (start-up paid once)."""
+    """Every case and every variant, run one after the other in one 6-rank launch (start-up
+    paid once), one thread per rank (``SLURM_CPUS_PER_TASK=1``, as the recordings ran)."""
     folder = tmp_path_factory.mktemp("cases")
-    proc = run_mpi(6, batch_command(sorted(CASES), folder), timeout=900)
+    batch = [(case, f"{case}.h5", ()) for case in sorted(CASES)]
+    batch += [(case, f"{name}.h5", extra) for name, (case, extra) in VARIANTS.items()]
+    env = {"SLURM_CPUS_PER_TASK": "1"}
+    proc = run_mpi(6, batch_command(batch, folder), timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return folder
 
@@ -77,6 +94,16 @@ def test_results_bit_identical_to_reference(runs: Path, case: str) -> None:
 
 @pytest.mark.mpi
 @pytest.mark.slow
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variants_give_the_same_results(runs: Path, variant: str) -> None:
+    """Messages instead of shared memory, and turns on the host (see ``VARIANTS``)."""
+    case = VARIANTS[variant][0]
+    diff = differences(REFERENCE[case], fingerprint(runs / f"{variant}.h5"), ADDED)
+    assert not diff, f"{variant}: results differ from the reference:\n" + "\n".join(diff)
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
 def test_a_case_alone_is_bit_identical_too(tmp_path: Path) -> None:
     """The quickstart in its own launch, as a user runs it (no earlier run in the process)."""
     out = tmp_path / "quickstart.h5"
@@ -85,33 +112,5 @@ def test_a_case_alone_is_bit_identical_too(tmp_path: Path) -> None:
     # --quiet: no progress lines, but the final line still says where the results went
     lines = proc.stdout.splitlines()
     assert len(lines) == 1 and lines[0].startswith("finished in") and str(out) in lines[0], lines
-    diff = differences(REFERENCE["quickstart"], fingerprint(out), ADDED)
-    assert not diff, "\n".join(diff)
-
-
-@pytest.mark.mpi
-@pytest.mark.slow
-@pytest.mark.parametrize("case", ["quickstart", "quickstart_clip_nan"])
-def test_messages_instead_of_shared_memory_give_the_same_results(tmp_path: Path, case: str) -> None:
-    """The reference runs used messages; every run on one host now exchanges through shared
-    memory. The message path (neighbours on other hosts) must still give the same bits, refused
-    NaN buffers included."""
-    out = tmp_path / f"{case}.h5"
-    argv = [*command(case, out), "--set", "federation.shared_memory=no"]
-    proc = run_mpi(6, argv, timeout=400)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    diff = differences(REFERENCE[case], fingerprint(out), ADDED)
-    assert not diff, "\n".join(diff)
-
-
-@pytest.mark.mpi
-@pytest.mark.slow
-def test_turns_on_the_host_give_the_same_results(tmp_path: Path) -> None:
-    """run.host_slots = 2: the six ranks train and evaluate two at a time. With the threads per
-    rank held at one (as in the recording), what is computed is the same, bit for bit."""
-    out = tmp_path / "quickstart.h5"
-    argv = [*command("quickstart", out), "--set", "run.host_slots=2"]
-    proc = run_mpi(6, argv, timeout=400, env={"SLURM_CPUS_PER_TASK": "1"})
-    assert proc.returncode == 0, proc.stdout + proc.stderr
     diff = differences(REFERENCE["quickstart"], fingerprint(out), ADDED)
     assert not diff, "\n".join(diff)
