@@ -1,6 +1,7 @@
-"""Tier 3: checkpoints and --resume under mpiexec. A run killed (SIGKILL of one rank) in round 3
-of 5, stopped by a signal at a round boundary, or crashed while writing a checkpoint, continues
-with --resume to a results file whose every dataset is bit-identical to an uninterrupted run."""
+"""Tier 3: checkpoints and --resume under mpiexec (four ranks, two per task). A run killed
+(SIGKILL of one rank) in round 3 of 5, stopped by a signal at a round boundary, or crashed while
+writing a checkpoint, continues with --resume to a results file whose every dataset is
+bit-identical to an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from tests.conftest import ROOT, colnet, run_mpi
 from tests.reference import differences, fingerprint
 
 QUICK = str(ROOT / "configs" / "quickstart.toml")
+#: the quickstart with two nodes per task instead of three (written by ``four_nodes``)
+FOUR = {"config": ""}
+N = 4
 #: colnet with clustering, screening + leader verification, a label-flipping node (whose
 #: random draws must be restored too), 5 batches of 16 per epoch from 51 training samples (the
 #: loader's permutations run across passes), shrunk so that a 5-round run takes seconds
@@ -29,12 +33,21 @@ ARGS = [
 EXIT_PREEMPTED = 75
 
 
-def launch(out: Path, *extra: str, env: dict[str, str] | None = None, n: int = 6):
-    """``colnet-mpi run`` of the shared config on ``n`` ranks (extra environment: fault hooks)."""
+@pytest.fixture(scope="module", autouse=True)
+def four_nodes(tmp_path_factory: pytest.TempPathFactory) -> None:
+    path = tmp_path_factory.mktemp("config") / "four.toml"
+    path.write_text(Path(QUICK).read_text().replace("count = 3", "count = 2"))
+    FOUR["config"] = str(path)
+
+
+def launch(out: Path, *extra: str, env: dict[str, str] | None = None):
+    """``colnet-mpi run`` of the four-node config on four ranks (extra environment: fault
+    hooks)."""
     saved = dict(os.environ)
     os.environ.update(env or {})
     try:
-        return run_mpi(n, colnet("run", QUICK, "--out", str(out), *ARGS, *extra), timeout=400)
+        argv = colnet("run", FOUR["config"], "--out", str(out), *ARGS, *extra)
+        return run_mpi(N, argv, timeout=400)
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -78,7 +91,7 @@ def resume_and_compare(out: Path, reference: dict, resumed_from: int) -> None:
     diff = differences(reference, fingerprint(out))
     assert not diff, "resumed run differs from the uninterrupted one:\n" + "\n".join(diff)
     # only the last round's checkpoint is kept, one file per rank
-    assert checkpoint_files(out) == [f"rank{r:05d}.round000005.ckpt" for r in range(6)]
+    assert checkpoint_files(out) == [f"rank{r:05d}.round000005.ckpt" for r in range(N)]
 
 
 @pytest.mark.mpi
@@ -94,11 +107,11 @@ def test_kill_one_rank_in_round_3_then_resume(tmp_path: Path, uninterrupted: dic
 @pytest.mark.slow
 def test_crash_while_writing_checkpoint_keeps_previous(tmp_path: Path, uninterrupted: dict) -> None:
     out = tmp_path / "crashed.h5"
-    a = crashed(out, "checkpoint:3:4")
+    a = crashed(out, "checkpoint:3:3")
     # round 3 is recorded but not saved: resuming replaces it (recomputed), never mixes
     assert a["checkpoint_round"] == 2 and a["rounds"] == 3 and a["epochs"] == 3, a
     files = checkpoint_files(out)
-    assert "rank00004.round000002.ckpt" in files and "rank00004.round000003.ckpt" not in files, (
+    assert "rank00003.round000002.ckpt" in files and "rank00003.round000003.ckpt" not in files, (
         files
     )
     resume_and_compare(out, uninterrupted, 2)
@@ -156,18 +169,15 @@ def test_resume_refuses_other_config_and_world_size_then_extends(
     proc = launch(out, "--set", "model.width=8", "--resume")
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "model.width: 4 -> 8" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
-    # another world size (a 4-node config)
-    four = tmp_path / "four.toml"
-    text = Path(QUICK).read_text().replace("count = 3", "count = 2")
-    four.write_text(text)
+    # another world size (the six-node quickstart)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [*colnet("run", str(four), "--out", str(out), *ARGS, "--resume")]
+    cmd = [*colnet("run", QUICK, "--out", str(out), *ARGS, "--resume")]
     proc = subprocess.run(
-        ["mpiexec", "-n", "4", *cmd], capture_output=True, text=True, timeout=300, env=env,
+        ["mpiexec", "-n", "6", *cmd], capture_output=True, text=True, timeout=300, env=env,
         cwd=ROOT, check=False,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "it ran with 6" in proc.stderr, proc.stderr
+    assert "it ran with 4" in proc.stderr, proc.stderr
     # a finished run continues with more rounds (training.rounds may change), as if never stopped
     proc = launch(out, "--resume")
     assert proc.returncode == 0, proc.stdout + proc.stderr
