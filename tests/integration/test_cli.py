@@ -65,14 +65,40 @@ ROOT_ATTRS = [
 ]
 
 
+#: the three baseline schemes (2 rounds each) -> the stages they do not run (recorded as 0 s)
+SKIPPED = {
+    "none": ("exchange", "clustering", "intra", "cross", "redistribute"),
+    "intra": ("cross", "redistribute"),
+    "fedper": (),
+}
+
+
 @pytest.fixture(scope="module")
-def six_rank_run(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> tuple[Path, subprocess.CompletedProcess[str]]:
-    out = tmp_path_factory.mktemp("run") / "quick.h5"
-    proc = run_mpi(6, colnet("run", QUICK, "--out", str(out), *SMALL), timeout=400)
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """In one 6-rank launch (start-up paid once): the quickstart, shrunk (``quick.h5``; the
+    only run that prints its rounds), the three baseline schemes (``<scheme>.h5``) and a run in
+    which node 1 sends NaN backbones every round (``nan.h5``)."""
+    folder = tmp_path_factory.mktemp("runs")
+    quiet = [*SMALL, "--quiet"]
+    batch = [
+        ["run", QUICK, "--out", str(folder / "quick.h5"), *SMALL],
+        *(
+            ["run", QUICK, "--out", str(folder / f"{scheme}.h5"), *quiet,
+             "--set", "training.rounds=2", "--set", f"federation.scheme={scheme}"]
+            for scheme in sorted(SKIPPED)
+        ),
+        ["run", QUICK, "--out", str(folder / "nan.h5"), *quiet,
+         "--set", "attack.kind=bad_buffer", "--set", "attack.nodes=[1]"],
+    ]  # fmt: skip
+    proc = run_mpi(6, colnet_batch(*batch), timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    return out, proc
+    return folder, proc
+
+
+@pytest.fixture(scope="module")
+def six_rank_run(runs) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    folder, proc = runs
+    return folder / "quick.h5", proc
 
 
 @pytest.mark.mpi
@@ -133,35 +159,13 @@ def _layout(f: h5py.File) -> dict[str, tuple]:
     return names
 
 
-#: stages each baseline scheme does not run: recorded as 0 seconds
-SKIPPED = {
-    "none": ("exchange", "clustering", "intra", "cross", "redistribute"),
-    "intra": ("cross", "redistribute"),
-    "fedper": (),
-}
-
-
-@pytest.fixture(scope="module")
-def baseline_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The three baseline schemes, 2 rounds each, in one 6-rank launch."""
-    folder = tmp_path_factory.mktemp("baselines")
-    runs = [
-        ["run", QUICK, "--out", str(folder / f"{scheme}.h5"), *SMALL, "--set", "training.rounds=2",
-         "--set", f"federation.scheme={scheme}"]
-        for scheme in sorted(SKIPPED)
-    ]  # fmt: skip
-    proc = run_mpi(6, colnet_batch(*runs), timeout=400)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return folder
-
-
 @pytest.mark.mpi
 @pytest.mark.slow
 @pytest.mark.parametrize("scheme", sorted(SKIPPED))
-def test_baseline_scheme_same_layout(six_rank_run, baseline_runs: Path, scheme: str) -> None:
+def test_baseline_scheme_same_layout(runs, scheme: str) -> None:
     """none/intra/fedper write the colnet file's layout; stages they skip are 0 s and 0 bytes."""
-    colnet_out, _ = six_rank_run
-    out = baseline_runs / f"{scheme}.h5"
+    colnet_out = runs[0] / "quick.h5"
+    out = runs[0] / f"{scheme}.h5"
     with h5py.File(colnet_out) as ref, h5py.File(out) as f:
         assert _layout(f) == _layout(ref)
         assert f.attrs["scheme"] == scheme and f.attrs["status"] == "finished"
@@ -323,20 +327,10 @@ def test_python_dash_m_and_check_config() -> None:
 
 @pytest.mark.mpi
 @pytest.mark.slow
-def test_node_sending_nan_does_not_stop_or_poison_the_run(tmp_path: Path) -> None:
+def test_node_sending_nan_does_not_stop_or_poison_the_run(runs) -> None:
     """Node 1 sends NaN backbones every round: the job finishes, its peers stay finite, and the
     file says who refused whom and that node 1 was left out of its group's aggregate."""
-    out = tmp_path / "nan.h5"
-    proc = run_mpi(
-        6,
-        colnet(
-            "run", QUICK, "--out", str(out), *SMALL,
-            "--set", "attack.kind=bad_buffer", "--set", "attack.nodes=[1]",
-        ),
-        timeout=400,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    with h5py.File(out) as f:
+    with h5py.File(runs[0] / "nan.h5") as f:
         assert f.attrs["status"] == "finished"
         peers = [0, 2, 3, 4, 5]
         assert np.isfinite(f["round/test_loss"][:, peers]).all()
