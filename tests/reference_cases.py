@@ -13,7 +13,6 @@ there, its only behaviour then).
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import tempfile
@@ -102,31 +101,8 @@ def command(name: str, out: Path) -> list[str]:
     return [sys.executable, "-m", "colnet_mpi", *run_args(name, out)]
 
 
-#: A run of a batch: (case, results file name in the batch's folder, extra overrides).
-Run = tuple[str, str, tuple[str, ...]]
-
-
-def batch_command(runs: list[Run], folder: Path) -> list[str]:
-    """One command (after ``mpiexec -n 6``) that runs ``runs`` one after the other in the same
-    processes, writing ``folder/<file name>``: MPI and torch start once instead of once per run."""
-    inside = ["--inside", str(folder), json.dumps(runs)]
-    return [sys.executable, "-m", "tests.reference_cases", *inside]
-
-
-def _inside(folder: Path, runs: list[Run]) -> int:
-    from colnet_mpi import cli
-
-    for name, file, extra in runs:
-        code = cli.main(run_args(name, folder / file, tuple(extra)))
-        if code:
-            return code
-    return 0
-
-
 def main(argv: list[str]) -> int:
     """Run every case (or those named after the output path) and save their fingerprints."""
-    if argv[:1] == ["--inside"]:
-        return _inside(Path(argv[1]), json.loads(argv[2]))
     target = Path(argv[0])
     names = argv[1:] or list(CASES)
     result = {}

@@ -95,16 +95,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.Com
     return folder, proc
 
 
-@pytest.fixture(scope="module")
-def six_rank_run(runs) -> tuple[Path, subprocess.CompletedProcess[str]]:
-    folder, proc = runs
-    return folder / "quick.h5", proc
-
-
 @pytest.mark.mpi
 @pytest.mark.slow
-def test_six_rank_run_reads_back(six_rank_run) -> None:
-    out, proc = six_rank_run
+def test_six_rank_run_reads_back(runs) -> None:
+    folder, proc = runs
+    out = folder / "quick.h5"
     lines = [line for line in proc.stdout.splitlines() if line.startswith("round")]
     assert len(lines) == 3 and "ARI=" in lines[0], proc.stdout
     assert str(out) in proc.stdout

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, run_mpi
+from tests.conftest import ROOT, colnet_batch, run_mpi
 from tests.reference import differences, fingerprint
-from tests.reference_cases import CASES, batch_command, command
+from tests.reference_cases import CASES, command, run_args
 
 
 def cpu_vendor() -> str:
@@ -76,10 +76,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every case and every variant, run one after the other in one 6-rank launch (start-up
     paid once), one thread per rank (``SLURM_CPUS_PER_TASK=1``, as the recordings ran)."""
     folder = tmp_path_factory.mktemp("cases")
-    batch = [(case, f"{case}.h5", ()) for case in sorted(CASES)]
-    batch += [(case, f"{name}.h5", extra) for name, (case, extra) in VARIANTS.items()]
+    batch = [run_args(case, folder / f"{case}.h5") for case in sorted(CASES)]
+    batch += [
+        run_args(case, folder / f"{name}.h5", extra) for name, (case, extra) in VARIANTS.items()
+    ]
     env = {"SLURM_CPUS_PER_TASK": "1"}
-    proc = run_mpi(6, batch_command(batch, folder), timeout=900, env=env)
+    proc = run_mpi(6, colnet_batch(*batch), timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return folder
 
