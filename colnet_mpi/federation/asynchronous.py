@@ -118,6 +118,37 @@ def epoch_for(
     return e if e >= start else None
 
 
+def control_problem(kind: int, data: np.ndarray, rounds: int, record_width: int) -> str:
+    """What is wrong with a control message (not a model buffer) of ``kind``; "" when nothing.
+
+    Control messages come from this program on other ranks, so a malformed one is a bug or a
+    rank of another version: the run stops with this text rather than write a wrong row or
+    wait for a round that will not come. Sizes: RECORD a round then one record of
+    ``record_width``; DONE and CHECKPOINT two numbers; MARKED, STOP and PROGRESS one. Rounds
+    (of RECORD, DONE, CHECKPOINT, MARKED) lie in 0..``rounds`` (0: none yet; RECORD from 1)."""
+    sizes = {
+        mb.RECORD: 1 + record_width,
+        mb.DONE: 2,
+        mb.CHECKPOINT: 2,
+        mb.MARKED: 1,
+        mb.STOP: 1,
+        mb.PROGRESS: 1,
+    }
+    if kind not in sizes:
+        return f"unknown message kind {kind}"
+    if data.size != sizes[kind]:
+        return f"{data.size} numbers where {sizes[kind]} belong"
+    if kind in (mb.STOP, mb.PROGRESS):
+        return ""  # a progress note outside 1..rounds is ignored (see AsyncRounds.handle)
+    first = float(data[0])
+    low = 1 if kind == mb.RECORD else 0
+    if not (np.isfinite(first) and first == int(first) and low <= first <= rounds):
+        return f"round {first!r} outside {low}..{rounds}"
+    if kind == mb.CHECKPOINT and int(data[1]) < 0:
+        return f"a checkpoint of {int(data[1])} bytes"
+    return ""
+
+
 def behind(r: int, catch_up: int, newest: int) -> bool:
     """Whether a node that has finished ``r - 1`` rounds catches up in round ``r``: the most
     advanced neighbour it has heard of has finished ``newest``, ``catch_up`` or more rounds
@@ -180,6 +211,7 @@ class AsyncRounds:
         self.done_saved: dict[int, int] = {}  # rank -> the last round it saved (DONE message)
         self.saved_by: dict[int, int] = {}  # rank -> the newest checkpoint note received
         self.numel = fed.node.flat.pack().numel()
+        self.record_width = fed.spec.width()  # of the RECORD messages the writer rank takes in
         # what the grouper sends with each backbone (fixed, so that the first arrivals can be
         # checked before this node has built its own)
         self.payload_numel = int(getattr(fed.grouper, "payload_size", 0))
@@ -259,11 +291,21 @@ class AsyncRounds:
                 src not in self.results or int(data[0]) > self.results[src][0]
             ):
                 self.results[src] = (int(data[0]), int(data[1]), int(data[2]), data[HEADER:])
-        elif kind == mb.DONE:
+        else:
+            self._control(src, kind, data)
+
+    def _control(self, src: int, kind: int, data: np.ndarray) -> None:
+        """An arrived control message (see :func:`control_problem`)."""
+        problem = control_problem(kind, data, self.rounds, self.record_width)
+        if problem:
+            raise RuntimeError(
+                f"rank {self.rank}: a malformed message (kind {kind}) from rank {src}: {problem}"
+            )
+        if kind == mb.DONE:
             self.done[src] = int(data[0])
             self.done_saved[src] = int(data[1])
         elif kind == mb.PROGRESS:
-            if data.size == 1 and 0 < int(data[0]) <= self.rounds:  # else: not a round, ignored
+            if 0 < int(data[0]) <= self.rounds:  # else: not a round, ignored
                 self.progress[src] = max(self.progress.get(src, 0), int(data[0]))
         elif kind == mb.STOP:
             self.stop_asked = self.stop_asked or "a stop signal on another rank"
@@ -721,7 +763,8 @@ class AsyncRounds:
         if self.rank == 0:
             self.records.setdefault(ctx.r, {})[0] = packed
         else:
-            self.mail.post([0], mb.RECORD, np.concatenate([[ctx.r], packed]))
+            extra = [0.0] if corrupt_hook(ctx.r, self.rank, "record") else []
+            self.mail.post([0], mb.RECORD, np.concatenate([[ctx.r], packed, extra]))
 
     def _write_rows(self) -> None:
         """Writer rank: append every complete row in order (a node done before a round leaves

@@ -89,10 +89,13 @@ def test_hook(where: str, r: int, rank: int) -> None:
             os.kill(os.getpid(), sig)
 
 
-def corrupt_hook(r: int, rank: int) -> bool:
+def corrupt_hook(r: int, rank: int, what: str = "backbone") -> bool:
     """Test hook: ``COLNET_TEST_CORRUPT=<round>:<rank>`` makes that rank send a backbone with a
-    NaN in that round of asynchronous mode (its receivers must refuse it and go on)."""
-    return os.environ.get("COLNET_TEST_CORRUPT", "") == f"{r}:{rank}"
+    NaN in that round of asynchronous mode (its receivers must refuse it and go on);
+    ``<round>:<rank>:record`` a record one number too long (the writer rank must stop the run
+    with a message that names it)."""
+    want = f"{r}:{rank}" if what == "backbone" else f"{r}:{rank}:{what}"
+    return os.environ.get("COLNET_TEST_CORRUPT", "") == want
 
 
 def forced_groups(r: int) -> np.ndarray | None:

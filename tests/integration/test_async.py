@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import time
 from pathlib import Path
 
@@ -204,6 +205,22 @@ def test_time_budget_lets_fast_nodes_do_more_rounds(tmp_path: Path):
     assert done[0] < done[1:].min() and done.max() < 1000, done
     check_records(d, done, -1)
     assert "time budget reached" in proc.stdout
+
+
+@pytest.mark.mpi
+def test_a_malformed_record_stops_the_run_naming_it(tmp_path: Path):
+    """Rank 1 sends its round-2 record one number too long: the writer rank takes no wrong row,
+    and every rank stops with a message naming the sender, the kind and the sizes."""
+    out = tmp_path / "m.h5"
+    env = {"COLNET_TEST_CORRUPT": "2:1:record"}
+    proc = launch(config(tmp_path, [1.0, 1.0]), out, "training.rounds=3", env=env)
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "malformed message (kind 44) from rank 1" in proc.stderr, proc.stderr
+    assert re.search(r"(\d+) numbers where (\d+) belong", proc.stderr), proc.stderr
+    got, want = map(int, re.search(r"(\d+) numbers where (\d+) belong", proc.stderr).groups())
+    assert got == want + 1
+    d = read(out)
+    assert str(d["status"]) == "failed" and d["round/clock"].shape[0] <= 1
 
 
 def paced_straggler(tmp_path: Path, *sets: str, slowdown: float = 3.0) -> dict[str, np.ndarray]:

@@ -8,8 +8,9 @@ import pytest
 
 from colnet_mpi.algorithms.clustering import partition_stamp
 from colnet_mpi.algorithms.fedavg import staleness_weights, uncarried_share
+from colnet_mpi.comm import mailbox as mb
 from colnet_mpi.config import ConfigError, apply_overrides, config_from_dict, to_toml
-from colnet_mpi.federation.asynchronous import catch_up_epochs, epoch_for
+from colnet_mpi.federation.asynchronous import catch_up_epochs, control_problem, epoch_for
 from colnet_mpi.federation.schemes import SCHEMES, Scheme
 
 NODES = [{"task": "attributes", "count": 2}, {"task": "landmarks", "count": 2, "slowdown": 3}]
@@ -65,6 +66,35 @@ def test_catch_up_trains_one_epoch_only_while_far_enough_behind():
     assert catch_up_epochs(5, 3, 1, 4) == 3  # level with the newest
     assert catch_up_epochs(1, 2, 1, 0) == 2  # nothing heard yet
     assert catch_up_epochs(5, 3, 1, 5) == 1
+
+
+def test_control_messages_well_formed_pass_and_malformed_are_named():
+    rounds, width = 5, 3
+    good = [
+        (mb.RECORD, np.array([2.0, 0.5, np.nan, 1.0])),  # NaN: a metric not measured
+        (mb.DONE, np.array([0, 0])),  # done before any round
+        (mb.DONE, np.array([5, 4])),
+        (mb.CHECKPOINT, np.array([3, 1024])),
+        (mb.MARKED, np.array([5])),
+        (mb.STOP, np.zeros(1, np.int64)),
+        (mb.PROGRESS, np.array([99])),  # out of range: ignored by the receiver, not fatal
+    ]
+    for kind, data in good:
+        assert control_problem(kind, data, rounds, width) == "", (kind, data)
+    bad = [
+        (mb.RECORD, np.array([2.0, 0.5, 1.0]), "3 numbers where 4 belong"),
+        (mb.RECORD, np.array([0.0, 0.5, 1.0, 1.0]), "round 0.0 outside 1..5"),
+        (mb.RECORD, np.array([np.nan, 0.5, 1.0, 1.0]), "round nan outside 1..5"),
+        (mb.RECORD, np.array([2.5, 0.5, 1.0, 1.0]), "round 2.5 outside"),
+        (mb.DONE, np.array([6, 0]), "round 6.0 outside 0..5"),
+        (mb.DONE, np.array([1]), "1 numbers where 2 belong"),
+        (mb.CHECKPOINT, np.array([2, -8]), "-8 bytes"),
+        (mb.MARKED, np.array([-1]), "outside 0..5"),
+        (mb.PROGRESS, np.array([1, 2]), "2 numbers where 1 belong"),
+        (mb.BACKBONE, np.zeros(4), "unknown message kind"),
+    ]
+    for kind, data, fragment in bad:
+        assert fragment in control_problem(kind, data, rounds, width), (kind, data)
 
 
 def test_staleness_weights_discount_old_versions_only():
