@@ -46,6 +46,7 @@ start) until every rank is done. Waits count a done peer as present.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -116,6 +117,32 @@ def epoch_for(
     if last and e > last:
         e = last
     return e if e >= start else None
+
+
+def header_problem(kind: int, head: list[float], rounds: int, n: int) -> str:
+    """What is wrong with the :data:`HEADER` of a model message of ``kind``; "" when nothing.
+
+    A version outside 1..``rounds`` would stand as a sender's newest for the rest of the run
+    (newer versions replace only older ones), so such a buffer is refused like one with a NaN.
+    BACKBONE and MIX: the round (0..``rounds``) and sender (-1: none yet, else a rank below
+    ``n``) of the last leader update applied, and a FedAvg weight >= 0. DELTA and RESULT: a
+    flag of 0 or 1 (a DELTA always 1), then 0."""
+
+    def whole(x: float, low: int, high: int) -> bool:
+        return x == int(x) and low <= x <= high
+
+    version, a, b, c = head
+    if not whole(version, 1, rounds):
+        return f"version {version!r} outside 1..{rounds}"
+    if kind in (mb.BACKBONE, mb.MIX):
+        if not (whole(a, 0, rounds) and whole(b, -1, n - 1)):
+            return f"last update applied (round {a!r}, rank {b!r}) out of range"
+        if c < 0:
+            return f"a FedAvg weight of {c!r}"
+        return ""
+    if not (b in (0.0, 1.0) and (kind != mb.DELTA or b == 1.0) and c == 0.0):
+        return f"header fields {b!r}, {c!r} where a flag of 0 or 1 and 0 belong"
+    return ""
 
 
 def control_problem(kind: int, data: np.ndarray, rounds: int, record_width: int) -> str:
@@ -198,10 +225,14 @@ class AsyncRounds:
         # federation.catch_up: rank -> the newest round a neighbour reported finished (PROGRESS)
         self.catch_up = cfg.federation.catch_up
         self.progress: dict[int, int] = {}
-        # rank -> the round of this node in which a message of it was last refused: a refused
-        # buffer stands for that peer's contribution, and the round goes on without it
-        self.refused_in: dict[int, int] = {}
+        # (rank, what) -> the round a refused message of that peer stood for: a refused buffer
+        # stands for that peer's contribution, and the round goes on without it; ``what``: the
+        # slot it would have filled ("view", "held", "delta" or "result", see :meth:`_slot`)
+        self.refused_in: dict[tuple[int, str], int] = {}
         self.current = 0  # this node's round
+        # what the last record counted (refused buffers up to its evaluation; bytes sent and
+        # received up to the record): what comes after goes to the next round's record
+        self.counted = (0, 0, 0)
         self.stop_asked = ""
         self.marked = 0  # the newest checkpoint round the writer rank recorded for all ranks
         # writer rank: records waiting for their row, and finished checkpoints per round
@@ -254,25 +285,47 @@ class AsyncRounds:
         return min(self.until_epoch, self.rounds) if self.until_epoch else self.rounds
 
     # -- messages ------------------------------------------------------------------------------
-    def _model(self, src: int, data: torch.Tensor, length: int, what: str) -> torch.Tensor | None:
+    def _model(
+        self, src: int, kind: int, data: torch.Tensor, length: int, what: str
+    ) -> torch.Tensor | None:
         try:
-            check_vector(data, HEADER + length, f"rank {self.rank}: {what} from rank {src}")
+            where = f"rank {self.rank}: {what} from rank {src}"
+            check_vector(data, HEADER + length, where)
+            problem = header_problem(kind, data[:HEADER].tolist(), self.rounds, self.n)
+            if problem:
+                raise ReceiveError(f"{where}: {problem}")
         except ReceiveError as err:
             self.fed.transport.rejected.append((src, str(err)))
-            self.refused_in[src] = self.current
+            # the round the refused buffer stands for: its version when that is readable (one
+            # ahead arrives before this node's round gets there), else this node's round
+            v = float(data[0]) if data.numel() else float("nan")
+            known = math.isfinite(v) and v == int(v) and 1 <= v <= self.rounds
+            self.refused_in[(src, self._slot(kind))] = int(v) if known else self.current
             return None
         return data
+
+    def _slot(self, kind: int) -> str:
+        """What a model message of ``kind`` fills: a clustering view (sketched BACKBONE), a held
+        backbone (MIX; BACKBONE unless sketched), a group delta or a leader update."""
+        if kind == mb.BACKBONE:
+            return "view" if self.sketched else "held"
+        return {mb.MIX: "held", mb.DELTA: "delta", mb.RESULT: "result"}[kind]
+
+    def refused(self, j: int, what: str, r: int) -> bool:
+        """Whether a refused message of peer ``j`` stands for its ``what`` in round ``r``."""
+        got = self.refused_in.get((j, what))
+        return got is not None and self.recent(got, r)
 
     def handle(self, src: int, kind: int, data: Any) -> None:
         """One arrived message (called from :meth:`serve`)."""
         cross = self.cross_numel
         if kind == mb.BACKBONE and self.sketched:
-            data = self._model(src, data, self.payload_numel, "clustering view")
+            data = self._model(src, kind, data, self.payload_numel, "clustering view")
             if data is not None and (src not in self.views or int(data[0]) > self.views[src][0]):
                 self.views[src] = (int(data[0]), data[HEADER:])
         elif kind in (mb.BACKBONE, mb.MIX):
             extra_numel = 0 if kind == mb.MIX else self.payload_numel
-            data = self._model(src, data, self.numel + extra_numel, "backbone")
+            data = self._model(src, kind, data, self.numel + extra_numel, "backbone")
             if data is None:
                 return
             v = int(data[0])
@@ -282,11 +335,11 @@ class AsyncRounds:
                 self.held[src] = (v, b, extra, float(data[3]))
                 self.held_tag[src] = (int(data[1]), int(data[2]))
         elif kind == mb.DELTA:
-            data = self._model(src, data, cross, "group delta")
+            data = self._model(src, kind, data, cross, "group delta")
             if data is not None and (src not in self.deltas or int(data[0]) > self.deltas[src][0]):
                 self.deltas[src] = (int(data[0]), int(data[1]), data[HEADER:])
         elif kind == mb.RESULT:
-            data = self._model(src, data, cross, "leader update")
+            data = self._model(src, kind, data, cross, "leader update")
             if data is not None and (
                 src not in self.results or int(data[0]) > self.results[src][0]
             ):
@@ -371,7 +424,7 @@ class AsyncRounds:
         the peer is done."""
         if self.fresh(j, r, view) or j in self.done:
             return True
-        return j in self.refused_in and self.recent(self.refused_in[j], r)
+        return self.refused(j, "view" if view and self.sketched else "held", r)
 
     def local_training(self, r: int) -> tuple[int, Callable[[int], bool] | None]:
         """Local epochs of round ``r`` and which of them train the head alone (see
@@ -409,7 +462,7 @@ class AsyncRounds:
         watchdog = topo.watchdog
         ctx = RoundContext(r, self.n)
         self.current = r
-        fed.transport.reset_counters()
+        self._new_counters()
         t_round = time.perf_counter()
 
         def stage(name: str) -> float:
@@ -430,12 +483,26 @@ class AsyncRounds:
             ctx.seconds["cross"] = time.perf_counter() - t
         t = stage("evaluate")
         stages.evaluate(fed, ctx)
+        self.counted = (len(fed.transport.rejected), *self.counted[1:])
         ctx.seconds["evaluate"] = time.perf_counter() - t
         ctx.seconds["total"] = time.perf_counter() - t_round
         ctx.clock = time.perf_counter() - fed.clock0
         watchdog.round_finished(ctx.seconds["total"])
         fed.state.finish_round(r, ctx.groups)
         return ctx
+
+    def _new_counters(self) -> None:
+        """Start the counters of a new round with what came after the last record counted
+        (messages refused, sent and taken in between rounds, while a node records, saves its
+        checkpoint and serves), so that every refusal and byte is in some round's record."""
+        tr = self.fed.transport
+        refused, sent, received = self.counted
+        late = tr.rejected[refused:]
+        late_sent, late_received = tr.bytes_sent - sent, tr.bytes_received - received
+        tr.reset_counters()
+        tr.rejected.extend(late)
+        tr.bytes_sent, tr.bytes_received = late_sent, late_received
+        self.counted = (0, 0, 0)
 
     def _pull(self, r: int) -> None:
         """Before the first epoch of round ``r`` that trains the head alone: take the
@@ -641,9 +708,10 @@ class AsyncRounds:
             mix = self._round_mix(ctx)
             delta = mix if self.mean_cross else group_delta(mix, ctx.start, p)
             head = delta.new_tensor([r, stamp, 1, 0])
-            self.mail.post(
-                [j for j in others if j not in self.done], mb.DELTA, torch.cat([head, delta])
-            )
+            body = torch.cat([head, delta])
+            if corrupt_hook(r, self.rank, "delta"):
+                body[HEADER] = float("nan")
+            self.mail.post([j for j in others if j not in self.done], mb.DELTA, body)
             need = [int(h) for h in labels if h != mine]
 
             def newest(h: int) -> tuple[int, int] | None:
@@ -659,7 +727,10 @@ class AsyncRounds:
                 got = newest(h)
                 if got is not None and self.recent(got[0], r):
                     return True
-                return all(int(j) in self.done for j in np.flatnonzero(groups == h))
+                group = [int(j) for j in np.flatnonzero(groups == h)]
+                if any(self.refused(j, "delta", r) for j in group):
+                    return True  # that group's delta was refused: HCA goes on without it
+                return all(j in self.done for j in group)
 
             self.wait(lambda: all(delta_ready(h) for h in need), "the other groups' deltas", others)
             rows: list[torch.Tensor] = []
@@ -679,6 +750,9 @@ class AsyncRounds:
                 update = self._mean_of_groups(ctx) if self.mean_cross else self._hca(ctx)
             flag = 0.0 if update is None else 1.0
             body = update if update is not None else torch.zeros_like(delta)
+            if corrupt_hook(r, self.rank, "result"):
+                body = body.clone()
+                body[0] = float("nan")
             self.mail.post(
                 [j for j in members if j not in self.done],
                 mb.RESULT,
@@ -699,7 +773,9 @@ class AsyncRounds:
 
         def ready() -> bool:
             got = held_result()
-            return (got is not None and self.recent(got[0], r)) or leader in self.done
+            if got is not None and self.recent(got[0], r):
+                return True
+            return leader in self.done or self.refused(leader, "result", r)
 
         self.wait(ready, f"the update of its leader (rank {leader})", [leader])
         got = held_result()
@@ -760,6 +836,8 @@ class AsyncRounds:
     def record(self, ctx: RoundContext) -> None:
         """This node-round's record to the writer rank (point-to-point)."""
         packed = self.fed.spec.pack(round_values(self.fed, ctx))
+        tr = self.fed.transport
+        self.counted = (self.counted[0], tr.bytes_sent, tr.bytes_received)
         if self.rank == 0:
             self.records.setdefault(ctx.r, {})[0] = packed
         else:

@@ -92,10 +92,17 @@ def test_hook(where: str, r: int, rank: int) -> None:
 def corrupt_hook(r: int, rank: int, what: str = "backbone") -> bool:
     """Test hook: ``COLNET_TEST_CORRUPT=<round>:<rank>`` makes that rank send a backbone with a
     NaN in that round of asynchronous mode (its receivers must refuse it and go on);
-    ``<round>:<rank>:record`` a record one number too long (the writer rank must stop the run
-    with a message that names it)."""
-    want = f"{r}:{rank}" if what == "backbone" else f"{r}:{rank}:{what}"
-    return os.environ.get("COLNET_TEST_CORRUPT", "") == want
+    ``<round>:<rank>:delta`` and ``<round>:<rank>:result`` a group delta or a leader update with
+    a NaN (refused, the round goes on without it); ``<round>:<rank>:record`` a record one number
+    too long (the writer rank must stop the run with a message that names it). ``rank`` may be
+    ``*`` for every rank; several, separated by commas."""
+    for spec in os.environ.get("COLNET_TEST_CORRUPT", "").split(","):
+        parts = spec.split(":")
+        if len(parts) < 2 or parts[0] != str(r) or parts[1] not in ("*", str(rank)):
+            continue
+        if (parts[2] if len(parts) > 2 else "backbone") == what:
+            return True
+    return False
 
 
 def forced_groups(r: int) -> np.ndarray | None:

@@ -137,6 +137,9 @@ def test_random_slowdowns_no_hang_every_record_once(tmp_path: Path, n: int, stal
     check_records(d, np.full(n, 4), staleness)
     assert (d["round/group"][1:] >= 0).all()
     assert (d["round/group"][0] == -1).all() if local else (d["round/group"][0] >= 0).all()
+    # honest buffers (headers included) are never refused
+    honest = [j for j in range(n) if not (corrupt and j == 1)]
+    assert np.nansum(d["defense/refused"][:, :, honest]) == 0
     if corrupt:  # rank 1's round-2 backbone had a NaN: its neighbours refused it, none used it
         refused = d["defense/refused"][:, :, 1]  # (round, receiver) refused sender 1
         assert refused[:, [0, 2, 3]].sum() >= 1 and refused[:, 1].sum() == 0, refused
@@ -205,6 +208,30 @@ def test_time_budget_lets_fast_nodes_do_more_rounds(tmp_path: Path):
     assert done[0] < done[1:].min() and done.max() < 1000, done
     check_records(d, done, -1)
     assert "time budget reached" in proc.stdout
+
+
+@pytest.mark.mpi
+def test_refused_group_deltas_and_leader_updates_do_not_stall_the_round(tmp_path: Path):
+    """S = 0, the true task groups of 2 + 2 nodes: every leader's round-2 group delta and
+    round-3 update carry a NaN. The other groups' nodes refuse the deltas, and their leaders
+    run the cross stage without them; members refuse the updates and keep their group mix; no one waits for
+    a buffer that will not come, and every refusal is in a record (whichever round took it)."""
+    out = tmp_path / "r.h5"
+    env = {"COLNET_TEST_CORRUPT": "2:*:delta,3:*:result"}
+    sets = ("training.rounds=3", "federation.max_staleness=0", "federation.grouping=tasks")
+    proc = launch(config(tmp_path, [1.0] * 4), out, *sets, "federation.timeout=60", env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    d = read(out)
+    assert str(d["status"]) == "finished"
+    check_records(d, np.full(4, 3), 0)
+    lead, group = d["round/leader"].astype(bool), d["round/group"]
+    same = group[:, :, None] == group[:, None, :]  # (round, receiver, sender)
+    # deltas go to every node of the other groups (any of them may lead next); updates from
+    # a leader to the members of its group
+    deltas = lead[1][None, :] & ~same[1]  # round 2
+    updates = ~lead[2][:, None] & lead[2][None, :] & same[2]  # round 3
+    assert deltas.sum() == 4 and updates.sum() == 2
+    assert (d["defense/refused"].sum(axis=0) == deltas + updates).all(), d["defense/refused"]
 
 
 @pytest.mark.mpi

@@ -10,7 +10,12 @@ from colnet_mpi.algorithms.clustering import partition_stamp
 from colnet_mpi.algorithms.fedavg import staleness_weights, uncarried_share
 from colnet_mpi.comm import mailbox as mb
 from colnet_mpi.config import ConfigError, apply_overrides, config_from_dict, to_toml
-from colnet_mpi.federation.asynchronous import catch_up_epochs, control_problem, epoch_for
+from colnet_mpi.federation.asynchronous import (
+    catch_up_epochs,
+    control_problem,
+    epoch_for,
+    header_problem,
+)
 from colnet_mpi.federation.schemes import SCHEMES, Scheme
 
 NODES = [{"task": "attributes", "count": 2}, {"task": "landmarks", "count": 2, "slowdown": 3}]
@@ -95,6 +100,31 @@ def test_control_messages_well_formed_pass_and_malformed_are_named():
     ]
     for kind, data, fragment in bad:
         assert fragment in control_problem(kind, data, rounds, width), (kind, data)
+
+
+def test_model_headers_out_of_range_are_refused():
+    rounds, n = 5, 4
+    good = [
+        (mb.BACKBONE, [1, 0, -1, 1.0]),  # round 1, no leader update applied yet
+        (mb.MIX, [5, 4, 3, 250.0]),  # a sample-count weight
+        (mb.DELTA, [3, 123456.0, 1, 0]),
+        (mb.RESULT, [3, 7.0, 0, 0]),  # no update this round
+    ]
+    for kind, head in good:
+        assert header_problem(kind, head, rounds, n) == "", (kind, head)
+    bad = [
+        (mb.BACKBONE, [6, 0, -1, 1.0], "version 6 outside 1..5"),
+        (mb.BACKBONE, [0, 0, -1, 1.0], "version 0 outside"),
+        (mb.MIX, [2.5, 0, -1, 1.0], "version 2.5 outside"),
+        (mb.BACKBONE, [2, 6, 1, 1.0], "(round 6, rank 1) out of range"),
+        (mb.BACKBONE, [2, 1, 4, 1.0], "(round 1, rank 4) out of range"),
+        (mb.BACKBONE, [2, 1, 0, -0.5], "a FedAvg weight of -0.5"),
+        (mb.DELTA, [2, 9.0, 0, 0], "a flag of 0 or 1"),
+        (mb.RESULT, [2, 9.0, 2, 0], "a flag of 0 or 1"),
+        (mb.RESULT, [2, 9.0, 1, 3], "a flag of 0 or 1"),
+    ]
+    for kind, head, fragment in bad:
+        assert fragment in header_problem(kind, head, rounds, n), (kind, head)
 
 
 def test_staleness_weights_discount_old_versions_only():
