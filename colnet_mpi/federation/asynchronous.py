@@ -129,7 +129,7 @@ def header_problem(kind: int, head: list[float], rounds: int, n: int) -> str:
     flag of 0 or 1 (a DELTA always 1), then 0."""
 
     def whole(x: float, low: int, high: int) -> bool:
-        return x == int(x) and low <= x <= high
+        return math.isfinite(x) and x == int(x) and low <= x <= high
 
     version, a, b, c = head
     if not whole(version, 1, rounds):

@@ -115,6 +115,7 @@ def test_model_headers_out_of_range_are_refused():
     bad = [
         (mb.BACKBONE, [6, 0, -1, 1.0], "version 6 outside 1..5"),
         (mb.BACKBONE, [0, 0, -1, 1.0], "version 0 outside"),
+        (mb.DELTA, [float("inf"), 0, 1, 0], "version inf outside"),
         (mb.MIX, [2.5, 0, -1, 1.0], "version 2.5 outside"),
         (mb.BACKBONE, [2, 6, 1, 1.0], "(round 6, rank 1) out of range"),
         (mb.BACKBONE, [2, 1, 4, 1.0], "(round 1, rank 4) out of range"),
