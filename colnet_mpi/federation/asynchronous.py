@@ -119,6 +119,11 @@ def epoch_for(
     return e if e >= start else None
 
 
+def whole(x: float, low: int, high: int) -> bool:
+    """Whether ``x`` (a number read from a message) is a whole number in ``low..high``."""
+    return math.isfinite(x) and x == int(x) and low <= x <= high
+
+
 def header_problem(kind: int, head: list[float], rounds: int, n: int) -> str:
     """What is wrong with the :data:`HEADER` of a model message of ``kind``; "" when nothing.
 
@@ -127,10 +132,6 @@ def header_problem(kind: int, head: list[float], rounds: int, n: int) -> str:
     BACKBONE and MIX: the round (0..``rounds``) and sender (-1: none yet, else a rank below
     ``n``) of the last leader update applied, and a FedAvg weight >= 0. DELTA and RESULT: a
     flag of 0 or 1 (a DELTA always 1), then 0."""
-
-    def whole(x: float, low: int, high: int) -> bool:
-        return math.isfinite(x) and x == int(x) and low <= x <= high
-
     version, a, b, c = head
     if not whole(version, 1, rounds):
         return f"version {version!r} outside 1..{rounds}"
@@ -169,7 +170,7 @@ def control_problem(kind: int, data: np.ndarray, rounds: int, record_width: int)
         return ""  # a progress note outside 1..rounds is ignored (see AsyncRounds.handle)
     first = float(data[0])
     low = 1 if kind == mb.RECORD else 0
-    if not (np.isfinite(first) and first == int(first) and low <= first <= rounds):
+    if not whole(first, low, rounds):
         return f"round {first!r} outside {low}..{rounds}"
     if kind == mb.CHECKPOINT and int(data[1]) < 0:
         return f"a checkpoint of {int(data[1])} bytes"
@@ -230,9 +231,10 @@ class AsyncRounds:
         # slot it would have filled ("view", "held", "delta" or "result", see :meth:`_slot`)
         self.refused_in: dict[tuple[int, str], int] = {}
         self.current = 0  # this node's round
-        # what the last record counted (refused buffers up to its evaluation; bytes sent and
-        # received up to the record): what comes after goes to the next round's record
-        self.counted = (0, 0, 0)
+        # what the last record counted: refused buffers up to its evaluation, bytes sent and
+        # received up to the record; what comes after goes to the next round's record
+        self.refusals_counted = 0
+        self.bytes_counted = (0, 0)
         self.stop_asked = ""
         self.marked = 0  # the newest checkpoint round the writer rank recorded for all ranks
         # writer rank: records waiting for their row, and finished checkpoints per round
@@ -299,7 +301,7 @@ class AsyncRounds:
             # the round the refused buffer stands for: its version when that is readable (one
             # ahead arrives before this node's round gets there), else this node's round
             v = float(data[0]) if data.numel() else float("nan")
-            known = math.isfinite(v) and v == int(v) and 1 <= v <= self.rounds
+            known = whole(v, 1, self.rounds)
             self.refused_in[(src, self._slot(kind))] = int(v) if known else self.current
             return None
         return data
@@ -483,7 +485,7 @@ class AsyncRounds:
             ctx.seconds["cross"] = time.perf_counter() - t
         t = stage("evaluate")
         stages.evaluate(fed, ctx)
-        self.counted = (len(fed.transport.rejected), *self.counted[1:])
+        self.refusals_counted = len(fed.transport.rejected)
         ctx.seconds["evaluate"] = time.perf_counter() - t
         ctx.seconds["total"] = time.perf_counter() - t_round
         ctx.clock = time.perf_counter() - fed.clock0
@@ -496,13 +498,13 @@ class AsyncRounds:
         (messages refused, sent and taken in between rounds, while a node records, saves its
         checkpoint and serves), so that every refusal and byte is in some round's record."""
         tr = self.fed.transport
-        refused, sent, received = self.counted
-        late = tr.rejected[refused:]
+        sent, received = self.bytes_counted
+        late = tr.rejected[self.refusals_counted :]
         late_sent, late_received = tr.bytes_sent - sent, tr.bytes_received - received
         tr.reset_counters()
         tr.rejected.extend(late)
         tr.bytes_sent, tr.bytes_received = late_sent, late_received
-        self.counted = (0, 0, 0)
+        self.refusals_counted, self.bytes_counted = 0, (0, 0)
 
     def _pull(self, r: int) -> None:
         """Before the first epoch of round ``r`` that trains the head alone: take the
@@ -837,7 +839,7 @@ class AsyncRounds:
         """This node-round's record to the writer rank (point-to-point)."""
         packed = self.fed.spec.pack(round_values(self.fed, ctx))
         tr = self.fed.transport
-        self.counted = (self.counted[0], tr.bytes_sent, tr.bytes_received)
+        self.bytes_counted = (tr.bytes_sent, tr.bytes_received)
         if self.rank == 0:
             self.records.setdefault(ctx.r, {})[0] = packed
         else:
