@@ -24,7 +24,10 @@ nodes with one device each instead of competing for the same cores. ``--catch-up
 behind train its private head alone (an epoch of it paced at its cost); ``features`` does the
 same on the frozen backbone's stored features. ``--first-round local`` sets
 ``federation.first_round = "local"`` in the asynchronous runs with a straggler (round 1
-without groups instead of waiting for the first partition).
+without groups instead of waiting for the first partition). ``--lockstep-deadline`` sets
+``federation.lockstep_deadline = true`` in the asynchronous runs (in round 1, whose partition
+waits for every node, a node stops training once every neighbour has posted its round-1
+backbone).
 
 ``--table`` prints the tables of ``summary.json`` without running anything; ``--table DIR ...``
 pools the summaries of several folders (runs measured in separate invocations). Besides the
@@ -95,6 +98,7 @@ def load(path: Path) -> dict:
         "round/bytes_sent",
         "async/staleness",
         "round/seconds/local_train",
+        "clustering/ari",
         *(m for m, _ in GROUPS.values()),
     )
     with h5py.File(path) as f:
@@ -423,6 +427,12 @@ def main(argv: list[str] | None = None) -> int:
         "for the first partition (grouped) or runs without groups (local)",
     )
     p.add_argument(
+        "--lockstep-deadline",
+        action="store_true",
+        help="federation.lockstep_deadline = true in the asynchronous runs: in round 1 (whose "
+        "partition waits for every node) a node stops training once every neighbour has posted",
+    )
+    p.add_argument(
         "--scenarios",
         nargs="+",
         choices=tuple(SLOW_NODE),
@@ -468,11 +478,13 @@ def main(argv: list[str] | None = None) -> int:
                 tail += {"epochs": "", "head": "h", "features": "f"}[how]
                 local = slow and args.first_round == "local"
                 tail += "_l" if local else ""
+                tail += "_d" if args.lockstep_deadline else ""
                 out = folder / f"{scenario}_async{s}{tail}_s{seed}.h5"
                 sets = [*base, "federation.mode=async", f"federation.max_staleness={s}"]
                 sets += [f"federation.catch_up={args.catch_up}"] if args.catch_up else []
                 sets += [f"federation.catch_up_train={how}"] if how != "epochs" else []
                 sets += ["federation.first_round=local"] if local else []
+                sets += ["federation.lockstep_deadline=true"] if args.lockstep_deadline else []
                 if slow:
                     sets += [f"training.rounds={args.async_rounds}"]
                     sets += [f"federation.time_budget={budget:.1f}"]
@@ -481,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
                 name += f", catch-up {args.catch_up}" if args.catch_up else ""
                 name += f" ({how})" if how != "epochs" else ""
                 name += ", first round local" if local else ""
+                name += ", lock-step deadline" if args.lockstep_deadline else ""
                 variants.append((name, out, load(out)))
             for name, _, d in variants:
                 c = group_curve(d)
@@ -511,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
                         ],
                         "bytes_per_node_round": float(np.nanmean(sent)),
                         "pace_overruns": overruns(d),
+                        "ari_first": float(d["clustering/ari"][0]),
                     }
                 )
                 print(json.dumps(rows[-1]), flush=True)

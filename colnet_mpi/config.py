@@ -285,6 +285,12 @@ class FederationConfig:
     # lock-step); local: it trains, posts and proposes only, and the first partition applies
     # from round 2 like every later one (one round after its agreement starts)
     first_round: str = "grouped"
+    # async, with task-aware clustering: in a round whose partition waits for every node's
+    # proposal of that round (round 1 with first_round = "grouped"; every clustering round with
+    # max_staleness = 0), a node stops its local training after the step under way once every
+    # neighbour has posted that round's backbone (they are all waiting for it), and posts what
+    # it has trained: a straggler does not hold the others up by its whole round
+    lockstep_deadline: bool = False
 
     def __post_init__(self) -> None:
         _choice("federation.mode", self.mode, ("sync", "async"))
@@ -312,6 +318,11 @@ class FederationConfig:
                 "federation.catch_up >= 1 (the rounds behind at which a node catches up)"
             )
         _choice("federation.first_round", self.first_round, FIRST_ROUND)
+        if not isinstance(self.lockstep_deadline, bool):
+            raise ConfigError(
+                f"federation.lockstep_deadline = {self.lockstep_deadline!r} is not allowed; use "
+                "true or false"
+            )
         async_only = (
             ("time_budget", self.time_budget, "synchronous rounds stop after training.rounds"),
             ("catch_up", self.catch_up, "synchronous nodes are never behind"),
@@ -319,6 +330,11 @@ class FederationConfig:
                 "first_round",
                 self.first_round if self.first_round != "grouped" else "",
                 "synchronous rounds agree on every partition in lock-step",
+            ),
+            (
+                "lockstep_deadline",
+                self.lockstep_deadline,
+                "synchronous rounds train every node's full local epochs",
             ),
         )
         for key, value, why in async_only:
@@ -628,6 +644,19 @@ class Config:
                 f"{f.scheme!r} and federation.grouping = {f.grouping!r}: only task-aware "
                 '"cluster" grouping agrees on partitions, so round 1 waits for none; use '
                 'first_round = "grouped"'
+            )
+        if f.lockstep_deadline and grouper != "cluster":
+            raise ConfigError(
+                f"federation.lockstep_deadline = true is not allowed with federation.scheme = "
+                f"{f.scheme!r} and federation.grouping = {f.grouping!r}: only task-aware "
+                '"cluster" grouping has rounds that wait for every node\'s proposal; set '
+                "lockstep_deadline = false"
+            )
+        if f.lockstep_deadline and f.first_round == "local":
+            raise ConfigError(
+                "federation.lockstep_deadline = true is not allowed with federation.first_round = "
+                '"local": no round then waits for the proposals of its own round; use '
+                'first_round = "grouped" or lockstep_deadline = false'
             )
         if self.federation.catch_up_train == "features" and self.data.dataset in AUGMENTED:
             plain = ", ".join(d for d in known_datasets() if d not in AUGMENTED)

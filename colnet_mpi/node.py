@@ -206,6 +206,7 @@ class Node:
             )
         self.features: tuple[list[torch.Tensor], torch.Tensor, torch.Tensor] | None = None
         self.epoch_costs: list[float] = []  # of the last train_local, as fractions of a full epoch
+        self.steps_taken = 0  # training steps of the last train_local
         self.val_loader = _loader(self.data.val, t.eval_batch_size, workers, pin)
         self.test_loader = _loader(self.data.test, t.eval_batch_size, workers, pin)
         # clustering signals: the first items of the un-augmented training split
@@ -229,6 +230,7 @@ class Node:
         progress: Callable[[int, float, float, float], None] | None = None,
         head_only: Callable[[int], bool] | None = None,
         between_steps: Callable[[], object] | None = None,
+        after_step: Callable[[float, float, float], bool] | None = None,
     ) -> tuple[list[float], list[float]]:
         """Stage 1: E local epochs; returns per-epoch training and validation losses.
 
@@ -236,14 +238,33 @@ class Node:
         ``progress(epoch, train_loss, val_loss, seconds)`` is called after each epoch (1-based).
         ``head_only(epoch)``, asked before each epoch: True for an epoch in which the backbone
         stays frozen and only the private head learns. ``between_steps()`` is called after every
-        training step.
+        training step. ``after_step(started, share, cost)``, called after every step with the
+        epoch's start (``time.perf_counter()``), the share of its steps taken and its cost (see
+        :attr:`epoch_costs`): True ends the local training there (the epoch under way is
+        validated, reported with its cost scaled to that share, and is the last one: fewer than
+        E losses come back). The steps taken are left in :attr:`steps_taken`.
         """
         train, val = [], []
         clip = self.config.training.grad_clip or None
         self.epoch_costs = []
+        self.steps_taken = 0
+        steps = len(self.train_loader)  # of a full epoch
+        cut = False
+        t0 = time.perf_counter()
+        before = 0  # steps taken before the epoch under way
+
+        def share() -> float:
+            return (self.steps_taken - before) / steps if steps else 1.0
+
+        def count() -> bool:
+            nonlocal cut
+            self.steps_taken += 1
+            cut = after_step is not None and after_step(t0, share(), self.epoch_costs[-1])
+            return cut
+
         for epoch in range(1, epochs + 1):
             alone = head_only is not None and head_only(epoch)
-            t0 = time.perf_counter()
+            t0, before = time.perf_counter(), self.steps_taken
             backbone: torch.nn.Module = self.backbone
             loader: Any = self.train_loader
             cost = self.catch_up_costs.head if alone else 1.0
@@ -267,12 +288,17 @@ class Node:
                     batch_hook=batch_hook,
                     head_only=alone,
                     between_steps=between_steps,
+                    stop=count,
                 )
             )
             self.scheduler.step()
+            if cut:  # the share of this epoch's steps taken
+                self.epoch_costs[-1] *= share()
             val.append(self.evaluate(self.val_loader)["loss"])
             if progress is not None:
                 progress(epoch, train[-1], val[-1], time.perf_counter() - t0)
+            if cut:
+                break
         # the last step's gradients are not needed again (every step starts by dropping them)
         self.optimizer.zero_grad(set_to_none=True)
         return_free_memory()

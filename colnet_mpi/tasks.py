@@ -232,6 +232,7 @@ def train_epoch(
     batch_hook: BatchHook | None = None,
     head_only: bool = False,
     between_steps: Callable[[], object] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> float:
     """Train ``head(backbone(x))`` for one pass over ``loader``; return the mean loss per sample.
 
@@ -245,7 +246,8 @@ def train_epoch(
     ``head_only``: the backbone is frozen instead: it runs in eval mode without gradients (its
     weights and BatchNorm statistics stay as they are, bit for bit) and only the head learns;
     the optimizer skips parameters without a gradient. ``between_steps()`` is called after
-    every step (asynchronous mode serves its mailbox there).
+    every step (asynchronous mode serves its mailbox there). ``stop()``, asked after every step
+    (after ``between_steps``): True ends the pass there (the mean is over the steps taken).
 
     Raises:
         ValueError: on an unknown kind or a ``grad_clip`` that is not a finite number > 0.
@@ -281,6 +283,8 @@ def train_epoch(
         n = int(x.shape[0])
         total += loss.detach().to(torch.float64) * n
         count += n
+        if stop is not None and stop():
+            break
     if count == 0:
         return float("nan")
     return float(total) / count

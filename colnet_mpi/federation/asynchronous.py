@@ -457,6 +457,28 @@ class AsyncRounds:
 
         return full, head_only
 
+    def deadline(self, r: int) -> Callable[[], bool] | None:
+        """``federation.lockstep_deadline``: in a round whose partition is agreed from every
+        node's proposal of that same round (:meth:`epoch_for` is ``r``), a test asked after each
+        training step that is True once every neighbour has posted its backbone (clustering
+        view) of round ``r`` or later, had one of that round refused, or is done: all of them
+        then wait for this node's view and proposal, so it stops training. None in the other
+        rounds (nobody waits for this node's training there)."""
+        if not self.fed.config.federation.lockstep_deadline:
+            return None
+        if not self.clusters(r) or self.epoch_for(r) != r:
+            return None
+        neighbours = self.fed.topology.neighbours
+        slot = "view" if self.sketched else "held"
+        kept = self.views if self.sketched else self.held
+
+        def posted(j: int) -> bool:
+            if j in self.done or (j in kept and kept[j][0] >= r):
+                return True
+            return self.refused_in.get((j, slot), 0) >= r
+
+        return lambda: bool(neighbours) and all(posted(j) for j in neighbours)
+
     # -- the round -----------------------------------------------------------------------------
     def round(self, r: int) -> RoundContext:
         """Round ``r`` of this node (see the module text)."""
@@ -473,8 +495,14 @@ class AsyncRounds:
             return time.perf_counter()
 
         t = stage("local_train")
-        stages.train(fed, ctx, *self.local_training(r), idle=self.serve)
+        stop = self.deadline(r)
+        stages.train(fed, ctx, *self.local_training(r), idle=self.serve, stop=stop)
         ctx.seconds["local_train"] = time.perf_counter() - t
+        if stop is not None and ctx.trained < 1.0:
+            fed.log(
+                f"rank {self.rank}: round {r}: every neighbour waits for this node's proposal; "
+                f"local training stopped at {ctx.trained:.0%} of its steps"
+            )
         self.serve()
         groups = self._exchange_and_group(ctx)
         t = stage("intra")

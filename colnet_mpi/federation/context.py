@@ -62,6 +62,7 @@ class RoundContext:
     train_loss: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
     head_epochs: int = 0  # asynchronous catch-up: local epochs that trained the head alone
+    trained: float = 1.0  # share of the round's full local training steps taken
     # stage 2
     received: dict[int, torch.Tensor] = field(default_factory=dict)  # neighbours' backbones
     payload: torch.Tensor | None = None  # what the grouper sent with the own backbone

@@ -33,6 +33,7 @@ def round_values(fed: Federation, ctx: RoundContext) -> dict[str, Any]:
         "async/staleness": ctx.staleness,
         "async/leader_staleness": ctx.leader_staleness,
         "async/head_epochs": ctx.head_epochs,
+        "async/trained": ctx.trained,
         **ctx.hca,
         "clustering/k": ctx.k,
         "attack/active": int(fed.attack.active(ctx.r)),

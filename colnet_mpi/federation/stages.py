@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 #: Seconds between two calls of the idle callback while an emulated straggler waits.
 IDLE_SLICE = 0.02
+#: With ``training.epoch_seconds``, the share of an epoch's paced seconds over which its
+#: training steps are spread (:func:`step_pace`); the rest is left for its validation.
+STEP_SHARE = 0.9
 #: A local epoch that takes at least this long gets a progress line (rank 0's, in the job log),
 #: so that a long GPU round does not look hung.
 EPOCH_LINE_SECONDS = 10.0
@@ -74,15 +77,41 @@ def straggler(
             wait = (slowdown - 1.0) * work
         else:
             return seconds
-        end = time.perf_counter() + wait
-        while (left := end - time.perf_counter()) > 0.0:
-            if idle is not None:
-                idle()
-            time.sleep(min(left, IDLE_SLICE) if idle is not None else left)
+        sleep_until(time.perf_counter() + wait, idle)
         cpu_mark = time.process_time()
         return seconds + wait
 
     return stretch
+
+
+def sleep_until(end: float, idle: Callable[[], object] | None = None) -> None:
+    """Wait until ``time.perf_counter()`` reaches ``end``, calling ``idle`` every
+    :data:`IDLE_SLICE` seconds (without ``idle``: one sleep)."""
+    while (left := end - time.perf_counter()) > 0.0:
+        if idle is not None:
+            idle()
+        time.sleep(min(left, IDLE_SLICE) if idle is not None else left)
+
+
+def step_pace(
+    fed: Federation, idle: Callable[[], object] | None = None
+) -> Callable[[float, float, float], None] | None:
+    """With ``training.epoch_seconds``, the emulated device's pace inside an epoch: called
+    after each training step as ``pace(started, share, cost)`` (the epoch's start, the share of
+    its steps taken, its cost as in :func:`straggler`), it waits until that share of the epoch's
+    paced seconds (of its first :data:`STEP_SHARE`) has passed, so that the work of an epoch is
+    spread over it as on a device of that speed (what the node has trained by any time is what
+    such a device would have). The epoch's end is still paced by :func:`straggler`. None
+    without ``epoch_seconds``."""
+    slowdown = fed.config.nodes[fed.topology.rank].slowdown
+    full_pace = fed.config.training.epoch_seconds * slowdown
+    if full_pace <= 0.0:
+        return None
+
+    def pace(started: float, share: float, cost: float) -> None:
+        sleep_until(started + STEP_SHARE * full_pace * cost * min(share, 1.0), idle)
+
+    return pace
 
 
 def train(
@@ -91,6 +120,7 @@ def train(
     epochs: int | None = None,
     head_only: Callable[[int], bool] | None = None,
     idle: Callable[[], object] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> bool:
     """Stage 1: local training (attack hooks: poisoned batches, then boost / weight clipping).
 
@@ -100,7 +130,10 @@ def train(
     private head learns (counted in ``ctx.head_epochs``; paced at its cost, which the node
     reports in ``node.epoch_costs``: lower still on stored features). ``idle``
     (asynchronous mode: serving the mailbox) is called after every training step and while an
-    emulated straggler waits, so that messages keep moving while the node trains."""
+    emulated straggler waits, so that messages keep moving while the node trains. ``stop()``
+    (asynchronous ``federation.lockstep_deadline``), asked after every training step: True ends
+    the local training there. The share of the round's full local training steps taken goes to
+    ``ctx.trained``."""
     node, attack, r = fed.node, fed.attack, ctx.r
     t = fed.config.training
     epochs = t.local_epochs if epochs is None else epochs
@@ -117,11 +150,21 @@ def train(
         if seconds >= EPOCH_LINE_SECONDS:
             fed.log(epoch_line(r, t.rounds, epoch, epochs, (train_loss, val_loss), seconds))
 
+    pace = step_pace(fed, idle)
+
+    def after_step(started: float, share: float, cost: float) -> bool:
+        if pace is not None:
+            pace(started, share, cost)
+        return stop is not None and stop()
+
     ctx.start = node.flat.pack().clone()
     hook = attack.batch_hook(r, node.backbone, node.head)
-    train_loss, val_loss = node.train_local(epochs, hook, progress, decide, idle)
+    steps = after_step if pace is not None or stop is not None else None
+    train_loss, val_loss = node.train_local(epochs, hook, progress, decide, idle, steps)
     ctx.head_epochs = sum(alone)
-    missing = [math.nan] * (t.local_epochs - epochs)
+    full = t.local_epochs * len(node.train_loader)
+    ctx.trained = node.steps_taken / full if full else 1.0
+    missing = [math.nan] * (t.local_epochs - len(train_loss))
     ctx.train_loss, ctx.val_loss = train_loss + missing, val_loss + missing
     attack.after_training(r, ctx.start, node.flat, (node.backbone, node.head), node.train_loader)
     ctx.own = ctx.new = node.flat.pack()

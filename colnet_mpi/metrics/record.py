@@ -206,6 +206,14 @@ FIELDS: tuple[Field, ...] = (
         '= "head" or "features")',
     ),
     Field(
+        "async/trained",
+        "f8",
+        unit="1",
+        description="share of the round's full local training (training.local_epochs epochs) "
+        "whose steps the node took: below 1 where federation.catch_up trained one epoch or "
+        "federation.lockstep_deadline ended the training early; 1 in synchronous mode",
+    ),
+    Field(
         "hca/weights",
         "f8",
         unit="1",

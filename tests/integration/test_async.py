@@ -78,6 +78,7 @@ def read(path: Path) -> dict[str, np.ndarray]:
             "round/group", "round/leader", "round/clock", "round/partition_stamp",
             "round/test_loss", "async/staleness", "async/leader_staleness", "defense/refused",
             "epoch/val_loss", "round/seconds/local_train", "round/bytes_sent", "async/head_epochs",
+            "async/trained",
         )}  # fmt: skip
         out["status"] = np.asarray(f.attrs["status"])
         out["checkpoint_round"] = np.asarray(f.attrs.get("checkpoint_round", 0))
@@ -378,6 +379,46 @@ def test_catch_up_with_the_head_trains_a_stragglers_head_alone_at_its_cost(
         )
     train = d["round/seconds/local_train"][:, 0]
     assert ((train > expected - 0.05) & (train < expected + 0.4)).all(), (train, expected)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize(("staleness", "until"), [(-1, 1), (0, 2)])
+def test_lockstep_deadline_ends_a_stragglers_training_when_everyone_waits(
+    tmp_path: Path, staleness: int, until: int
+):
+    """federation.lockstep_deadline, node 0 five times slower (paced: 0.6 s epochs, its own
+    3 s), 3 rounds of two epochs. In the rounds whose partition waits for every node's
+    proposal of that round (unbounded staleness: round 1; S = 0: every clustering round, here
+    1 and 2) the straggler stops training once the three others have posted that round's
+    backbone (after about 1.2-2 s of its 6 s round: inside its first epoch, its second
+    recorded as NaN) and its round's training lasts the share of the pace its steps took; in the other
+    rounds, and on the fast nodes, every step is trained. Partitions agree on every rank."""
+    out = tmp_path / "d.h5"
+    proc = launch(
+        config(tmp_path, [5.0, 1.0, 1.0, 1.0]),
+        out,
+        "training.rounds=3",
+        "training.local_epochs=2",
+        "training.epoch_seconds=0.6",
+        "training.batch_size=8",  # five steps an epoch: where it stops is seen finely
+        f"federation.max_staleness={staleness}",
+        f"clustering.until={until}",
+        "federation.lockstep_deadline=true",
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    d = read(out)
+    check_records(d, np.full(4, 3), staleness)
+    trained, train = d["async/trained"], d["round/seconds/local_train"]
+    cut = np.arange(1, 4) <= until  # the lock-step rounds
+    assert (trained[cut, 0] < 0.6).all() and (trained[cut, 0] > 0.0).all(), trained[:, 0]
+    assert (trained[~cut, 0] == 1.0).all() and (trained[:, 1:] == 1.0).all(), trained
+    # its share of the 6 s round's pace, not the whole round (a little over: a step's pace)
+    assert (train[cut, 0] < 6.0 * trained[cut, 0] + 0.8).all(), (train[:, 0], trained[:, 0])
+    assert (train[~cut, 0] >= 5.9).all(), train[:, 0]
+    skipped = np.isnan(d["epoch/val_loss"]).reshape(3, 2, 4)
+    assert skipped[cut, 1, 0].all() and not skipped[cut, 0, 0].any()
+    assert not skipped[~cut].any() and not skipped[:, :, 1:].any()
+    assert proc.stdout.count("local training stopped at") == until, proc.stdout
 
 
 @pytest.mark.mpi

@@ -198,6 +198,22 @@ def test_async_keys_default_and_round_trip():
             {"mode": "async", "scheme": "none", "first_round": "local"},
             "federation.scheme = 'none'",
         ),
+        ({"lockstep_deadline": True}, "federation.lockstep_deadline = True needs federation.mode"),
+        ({"mode": "async", "lockstep_deadline": 1}, "federation.lockstep_deadline = 1"),
+        (
+            {"mode": "async", "grouping": "tasks", "lockstep_deadline": True},
+            "lockstep_deadline = true is not allowed with federation.scheme = 'colnet' and "
+            "federation.grouping = 'tasks'",
+        ),
+        (
+            {
+                "mode": "async",
+                "max_staleness": -1,
+                "first_round": "local",
+                "lockstep_deadline": True,
+            },
+            'lockstep_deadline = true is not allowed with federation.first_round = "local"',
+        ),
     ],
 )
 def test_bad_async_federation_keys_are_named(federation, fragment):

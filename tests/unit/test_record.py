@@ -31,6 +31,7 @@ PACKED: dict[str, tuple[str, float]] = {
     "async/staleness": ("n", NAN),
     "async/leader_staleness": ("", NAN),
     "async/head_epochs": ("", 0),
+    "async/trained": ("", NAN),
     "hca/weights": ("", NAN),
     "hca/mean_delta_norm": ("", NAN),
     "hca/update_norm": ("", NAN),
