@@ -8,7 +8,10 @@ No collective or barrier over the world runs per round. A node's round ``r``:
    neighbour it has heard of, one epoch only or, with ``federation.catch_up_train = "head"``,
    its private head alone on the mix of its group-mates' newest versions, the backbone frozen
    (``"features"``: on the frozen backbone's features, computed once per backbone):
-   every node posts a small progress note to its neighbours after each round) and posts its
+   every node posts a small progress note to its neighbours after each round; with
+   ``federation.lockstep_deadline``, in a round whose partition waits for every node's proposal
+   of that round, it stops training once every neighbour has posted that round's backbone,
+   :meth:`AsyncRounds.deadline`) and posts its
    backbone, versioned ``r``, to its neighbours (non-blocking; only the newest version per
    sender is kept by the receivers); with ``clustering.backbone_sketch`` it posts the
    clustering payload alone (with the backbone's sketch) and, once the round's partition is

@@ -5,7 +5,8 @@ groups and leads like synchronous mode (and fedper at S = 0 learns what synchron
 learns), a time budget lets fast nodes do more rounds, training.epoch_seconds sets each node's
 pace, federation.first_round = "local" runs round 1 without groups instead of waiting for the
 first partition, a node behind by federation.catch_up rounds trains one epoch per round (or, with
-catch_up_train = "head", its head alone, paced at that cost), and a run stopped by a signal or
+catch_up_train = "head", its head alone, paced at that cost), federation.lockstep_deadline ends
+a straggler's training in the rounds where everyone waits for it, and a run stopped by a signal or
 killed mid-way continues with --resume to a file with every record present."""
 
 from __future__ import annotations

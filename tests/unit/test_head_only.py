@@ -96,3 +96,39 @@ def test_catch_up_train_config_checks() -> None:
         FederationConfig(mode="async", catch_up=1, catch_up_train="heads")
     with pytest.raises(ConfigError, match=r"catch_up_train = 'head' needs federation.catch_up"):
         FederationConfig(mode="async", catch_up_train="head")
+
+
+def test_stop_ends_the_pass_after_the_step_it_answers_true() -> None:
+    b, h = split(1)
+    opt = make_optimizer("adam", list(b.parameters()) + list(h.parameters()), lr=1e-3)
+    batches = [(torch.randn(2, 3, 32, 32), torch.randn(2, 5)) for _ in range(4)]
+    steps: list[int] = []
+    loss = train_epoch(
+        b, h, batches, "multi_label", opt, torch.device("cpu"), grad_clip=None,
+        between_steps=lambda: steps.append(len(steps)), stop=lambda: len(steps) == 2,
+    )  # fmt: skip
+    assert steps == [0, 1] and loss == loss
+
+
+def test_a_node_stopped_mid_epoch_reports_that_share_of_it() -> None:
+    """train_local of three epochs (10 steps each) with ``after_step`` answering True at the
+    17th step: the first epoch is whole, the second stops after 7 steps and is the last (two
+    losses, steps_taken 17, its cost 0.7); every step was told its epoch's start, the share of
+    the epoch's steps taken and its cost."""
+    from tests.unit.test_head_features import node
+
+    n = node("head", "data.samples_per_node=125", "training.batch_size=10")  # 100 train: 10 steps
+    assert len(n.train_loader) == 10
+    seen: list[tuple[float, float, float]] = []
+
+    def after_step(started: float, share: float, cost: float) -> bool:
+        seen.append((started, share, cost))
+        return len(seen) == 17
+
+    train, val = n.train_local(3, after_step=after_step)
+    assert len(train) == len(val) == 2 and n.steps_taken == 17
+    assert n.epoch_costs == [1.0, pytest.approx(0.7)]
+    assert [s for _, s, _ in seen[:10]] == pytest.approx([k / 10 for k in range(1, 11)])
+    assert [s for _, s, _ in seen[10:]] == pytest.approx([k / 10 for k in range(1, 8)])
+    assert len({t for t, _, _ in seen[:10]}) == 1 and seen[10][0] > seen[9][0]
+    assert {c for _, _, c in seen} == {1.0}

@@ -1,6 +1,7 @@
 """Unit tests for the straggler simulation aids applied after each local epoch: ``[[nodes]]
 slowdown`` alone (stretch by the epoch's work) and with ``training.epoch_seconds`` (a fixed
-emulated pace per node, warned about once when the machine cannot hold it)."""
+emulated pace per node, warned about once when the machine cannot hold it, spread over the
+epoch's steps)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from colnet_mpi.federation.stages import straggler
+from colnet_mpi.federation.stages import STEP_SHARE, step_pace, straggler
 
 
 def fed(slowdown: float, epoch_seconds: float) -> SimpleNamespace:
@@ -89,3 +90,29 @@ def test_slowdown_without_pace_stretches_by_the_work():
     stretch = straggler(f, on_cpu=True)
     out, took = timed(stretch, 0.1)
     assert 0.1 <= out < 0.15 and took < 0.05
+
+
+def test_steps_are_paced_through_the_epoch():
+    """training.epoch_seconds spreads an epoch's steps over the first STEP_SHARE of its pace:
+    after half of them the node has waited until half of that share has passed (at the step's
+    cost; serving the mailbox meanwhile), a step already late waits no more, and a share past
+    the end waits no longer than the whole. No pace without epoch_seconds."""
+    assert step_pace(fed(3.0, 0.0)) is None
+    calls: list[float] = []
+    pace = step_pace(fed(2.0, 0.1), idle=lambda: calls.append(0.0))  # 0.2 s per full epoch
+    assert pace is not None
+    t0 = time.perf_counter()
+    pace(t0, 0.5, 1.0)
+    took = time.perf_counter() - t0
+    assert STEP_SHARE * 0.1 - 0.001 <= took < STEP_SHARE * 0.1 + 0.03, took
+    assert calls  # served while it waited
+    t0 = time.perf_counter()
+    pace(t0, 0.5, 0.5)  # an epoch of the head alone: half the pace
+    took = time.perf_counter() - t0
+    assert STEP_SHARE * 0.05 - 0.001 <= took < STEP_SHARE * 0.05 + 0.03, took
+    t0 = time.perf_counter()
+    pace(t0 - 1.0, 0.9, 1.0)  # behind its pace: no wait
+    assert time.perf_counter() - t0 < 0.01
+    t0 = time.perf_counter()
+    pace(t0, 3.0, 1.0)  # never past the epoch's step share
+    assert time.perf_counter() - t0 < STEP_SHARE * 0.2 + 0.03
