@@ -27,7 +27,7 @@ same on the frozen backbone's stored features. ``--first-round local`` sets
 without groups instead of waiting for the first partition). ``--lockstep-deadline`` sets
 ``federation.lockstep_deadline = true`` in the asynchronous runs (in round 1, whose partition
 waits for every node, a node stops training once every neighbour has posted its round-1
-backbone).
+backbone). ``--staleness-decay D`` sets ``federation.staleness_decay`` in them.
 
 ``--table`` prints the tables of ``summary.json`` without running anything; ``--table DIR ...``
 pools the summaries of several folders (runs measured in separate invocations). Besides the
@@ -427,6 +427,12 @@ def main(argv: list[str] | None = None) -> int:
         "for the first partition (grouped) or runs without groups (local)",
     )
     p.add_argument(
+        "--staleness-decay",
+        type=float,
+        default=None,
+        help="federation.staleness_decay of the asynchronous runs (default: the config's, 0.5)",
+    )
+    p.add_argument(
         "--lockstep-deadline",
         action="store_true",
         help="federation.lockstep_deadline = true in the asynchronous runs: in round 1 (whose "
@@ -479,12 +485,15 @@ def main(argv: list[str] | None = None) -> int:
                 local = slow and args.first_round == "local"
                 tail += "_l" if local else ""
                 tail += "_d" if args.lockstep_deadline else ""
+                decay = args.staleness_decay
+                tail += f"_decay{decay:g}" if decay is not None else ""
                 out = folder / f"{scenario}_async{s}{tail}_s{seed}.h5"
                 sets = [*base, "federation.mode=async", f"federation.max_staleness={s}"]
                 sets += [f"federation.catch_up={args.catch_up}"] if args.catch_up else []
                 sets += [f"federation.catch_up_train={how}"] if how != "epochs" else []
                 sets += ["federation.first_round=local"] if local else []
                 sets += ["federation.lockstep_deadline=true"] if args.lockstep_deadline else []
+                sets += [f"federation.staleness_decay={decay}"] if decay is not None else []
                 if slow:
                     sets += [f"training.rounds={args.async_rounds}"]
                     sets += [f"federation.time_budget={budget:.1f}"]
@@ -494,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
                 name += f" ({how})" if how != "epochs" else ""
                 name += ", first round local" if local else ""
                 name += ", lock-step deadline" if args.lockstep_deadline else ""
+                name += f", decay {decay:g}" if decay is not None else ""
                 variants.append((name, out, load(out)))
             for name, _, d in variants:
                 c = group_curve(d)
