@@ -159,8 +159,8 @@ def train(
 
     ctx.start = node.flat.pack().clone()
     hook = attack.batch_hook(r, node.backbone, node.head)
-    steps = after_step if pace is not None or stop is not None else None
-    train_loss, val_loss = node.train_local(epochs, hook, progress, decide, idle, steps)
+    per_step = after_step if pace is not None or stop is not None else None
+    train_loss, val_loss = node.train_local(epochs, hook, progress, decide, idle, per_step)
     ctx.head_epochs = sum(alone)
     full = t.local_epochs * len(node.train_loader)
     ctx.trained = node.steps_taken / full if full else 1.0
