@@ -27,7 +27,10 @@ same on the frozen backbone's stored features. ``--first-round local`` sets
 without groups instead of waiting for the first partition). ``--lockstep-deadline`` sets
 ``federation.lockstep_deadline = true`` in the asynchronous runs (in round 1, whose partition
 waits for every node, a node stops training once every neighbour has posted its round-1
-backbone). ``--staleness-decay D`` sets ``federation.staleness_decay`` in them.
+backbone). ``--staleness-decay D`` sets ``federation.staleness_decay`` in them, and
+``--leader-stand-in`` sets ``federation.leader_stand_in = true`` (a member whose leader has
+not trained the round aggregates across groups itself; otherwise it waits for the leader's
+update of that round).
 
 ``--table`` prints the tables of ``summary.json`` without running anything; ``--table DIR ...``
 pools the summaries of several folders (runs measured in separate invocations). Besides the
@@ -433,6 +436,13 @@ def main(argv: list[str] | None = None) -> int:
         help="federation.staleness_decay of the asynchronous runs (default: the config's, 0.5)",
     )
     p.add_argument(
+        "--leader-stand-in",
+        action="store_true",
+        help="federation.leader_stand_in = true in the asynchronous runs: a member whose leader "
+        "has not trained the round computes the cross-group update itself, else waits for the "
+        "leader's update of that round; group deltas from the round's versions only",
+    )
+    p.add_argument(
         "--lockstep-deadline",
         action="store_true",
         help="federation.lockstep_deadline = true in the asynchronous runs: in round 1 (whose "
@@ -485,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
                 local = slow and args.first_round == "local"
                 tail += "_l" if local else ""
                 tail += "_d" if args.lockstep_deadline else ""
+                tail += "_si" if args.leader_stand_in else ""
                 decay = args.staleness_decay
                 tail += f"_decay{decay:g}" if decay is not None else ""
                 out = folder / f"{scenario}_async{s}{tail}_s{seed}.h5"
@@ -493,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
                 sets += [f"federation.catch_up_train={how}"] if how != "epochs" else []
                 sets += ["federation.first_round=local"] if local else []
                 sets += ["federation.lockstep_deadline=true"] if args.lockstep_deadline else []
+                sets += ["federation.leader_stand_in=true"] if args.leader_stand_in else []
                 sets += [f"federation.staleness_decay={decay}"] if decay is not None else []
                 if slow:
                     sets += [f"training.rounds={args.async_rounds}"]
@@ -503,6 +515,7 @@ def main(argv: list[str] | None = None) -> int:
                 name += f" ({how})" if how != "epochs" else ""
                 name += ", first round local" if local else ""
                 name += ", lock-step deadline" if args.lockstep_deadline else ""
+                name += ", leader stand-in" if args.leader_stand_in else ""
                 name += f", decay {decay:g}" if decay is not None else ""
                 variants.append((name, out, load(out)))
             for name, _, d in variants:

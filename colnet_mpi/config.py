@@ -291,6 +291,11 @@ class FederationConfig:
     # neighbour has posted that round's backbone (they are all waiting for it), and posts what
     # it has trained: a straggler does not hold the others up by its whole round
     lockstep_deadline: bool = False
+    # async: a member whose group leader (a neighbour) is more than a round behind, or done,
+    # computes the round's cross-group update itself (posting its group's delta and
+    # aggregating the other groups' newest ones, as the leader would), instead of waiting for
+    # an update that would come too late to be applied
+    leader_stand_in: bool = False
 
     def __post_init__(self) -> None:
         _choice("federation.mode", self.mode, ("sync", "async"))
@@ -318,11 +323,11 @@ class FederationConfig:
                 "federation.catch_up >= 1 (the rounds behind at which a node catches up)"
             )
         _choice("federation.first_round", self.first_round, FIRST_ROUND)
-        if not isinstance(self.lockstep_deadline, bool):
-            raise ConfigError(
-                f"federation.lockstep_deadline = {self.lockstep_deadline!r} is not allowed; use "
-                "true or false"
-            )
+        for key in ("lockstep_deadline", "leader_stand_in"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(
+                    f"federation.{key} = {getattr(self, key)!r} is not allowed; use true or false"
+                )
         async_only = (
             ("time_budget", self.time_budget, "synchronous rounds stop after training.rounds"),
             ("catch_up", self.catch_up, "synchronous nodes are never behind"),
@@ -335,6 +340,11 @@ class FederationConfig:
                 "lockstep_deadline",
                 self.lockstep_deadline,
                 "synchronous rounds train every node's full local epochs",
+            ),
+            (
+                "leader_stand_in",
+                self.leader_stand_in,
+                "synchronous leaders are never behind",
             ),
         )
         for key, value, why in async_only:
@@ -637,7 +647,8 @@ class Config:
         if self.federation.mode == "async":
             _async_problems(self)
         f = self.federation
-        grouper = resolve(f.scheme, f.grouping, self.defense.aggregation).grouper
+        chosen = resolve(f.scheme, f.grouping, self.defense.aggregation)
+        grouper = chosen.grouper
         if f.first_round == "local" and grouper != "cluster":
             raise ConfigError(
                 f'federation.first_round = "local" is not allowed with federation.scheme = '
@@ -651,6 +662,12 @@ class Config:
                 f"{f.scheme!r} and federation.grouping = {f.grouping!r}: only task-aware "
                 '"cluster" grouping has rounds that wait for every node\'s proposal; set '
                 "lockstep_deadline = false"
+            )
+        if f.leader_stand_in and chosen.cross == "none":
+            raise ConfigError(
+                f"federation.leader_stand_in = true is not allowed with federation.scheme = "
+                f"{f.scheme!r}: it has no cross-group stage, so no leader to stand in for; set "
+                "leader_stand_in = false"
             )
         if f.lockstep_deadline and f.first_round == "local":
             raise ConfigError(

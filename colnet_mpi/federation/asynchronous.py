@@ -229,6 +229,7 @@ class AsyncRounds:
         # federation.catch_up: rank -> the newest round a neighbour reported finished (PROGRESS)
         self.catch_up = cfg.federation.catch_up
         self.progress: dict[int, int] = {}
+        self.stood_in_before = False  # federation.leader_stand_in: logged once per process
         # (rank, what) -> the round a refused message of that peer stood for: a refused buffer
         # stands for that peer's contribution, and the round goes on without it; ``what``: the
         # slot it would have filled ("view", "held", "delta" or "result", see :meth:`_slot`)
@@ -724,7 +725,8 @@ class AsyncRounds:
 
     def _cross(self, ctx: RoundContext) -> bool:
         """Leaders: HCA over the newest group deltas (``mean``: the mean of the newest group
-        backbones); members: the newest leader update."""
+        backbones); members: the newest leader update, or, with ``federation.leader_stand_in``
+        and a leader more than a round behind, what a leader would compute (:meth:`_lead`)."""
         fed, r = self.fed, ctx.r
         groups = ctx.groups
         labels = np.unique(groups[groups >= 0])
@@ -733,56 +735,12 @@ class AsyncRounds:
         if not fed.cross.active or ctx.n_groups < 2 or mine < 0:
             return False
         ctx.cross_ran = True
-        p = fed.node.flat.n_trainable
-        stamp = partition_stamp(groups)
-        others = [int(j) for j in np.flatnonzero((groups >= 0) & (groups != mine))]
         members = [int(j) for j in np.flatnonzero(groups == mine) if j != self.rank]
         if ctx.leaders[self.rank]:
-            mix = self._round_mix(ctx)
-            delta = mix if self.mean_cross else group_delta(mix, ctx.start, p)
-            head = delta.new_tensor([r, stamp, 1, 0])
-            body = torch.cat([head, delta])
-            if corrupt_hook(r, self.rank, "delta"):
-                body[HEADER] = float("nan")
-            self.mail.post([j for j in others if j not in self.done], mb.DELTA, body)
-            need = [int(h) for h in labels if h != mine]
-
-            def newest(h: int) -> tuple[int, int] | None:
-                """(round, sender) of the newest delta of group h under this partition."""
-                found = [
-                    (self.deltas[j][0], j)
-                    for j in map(int, np.flatnonzero(groups == h))
-                    if j in self.deltas and self.deltas[j][1] == stamp
-                ]
-                return max(found) if found else None
-
-            def delta_ready(h: int) -> bool:
-                got = newest(h)
-                if got is not None and self.recent(got[0], r):
-                    return True
-                group = [int(j) for j in np.flatnonzero(groups == h)]
-                if any(self.refused(j, "delta", r) for j in group):
-                    return True  # that group's delta was refused: HCA goes on without it
-                return all(j in self.done for j in group)
-
-            self.wait(lambda: all(delta_ready(h) for h in need), "the other groups' deltas", others)
-            rows: list[torch.Tensor] = []
-            row = 0
-            for h in labels:
-                if h == mine:
-                    row = len(rows)
-                    rows.append(delta)
-                    continue
-                got = newest(int(h))
-                if got is not None and self.recent(got[0], r):
-                    rows.append(self.deltas[got[1]][2])
-            update = None
-            if len(rows) > 1:
-                ctx.row = row
-                ctx.deltas = torch.stack(rows)
-                update = self._mean_of_groups(ctx) if self.mean_cross else self._hca(ctx)
+            update, stamp = self._lead(ctx, labels, mine)
             flag = 0.0 if update is None else 1.0
-            body = update if update is not None else torch.zeros_like(delta)
+            body = update if update is not None else torch.zeros(self.cross_numel)
+            body = body.to(ctx.intra_new)
             if corrupt_hook(r, self.rank, "result"):
                 body = body.clone()
                 body[0] = float("nan")
@@ -795,6 +753,21 @@ class AsyncRounds:
             ctx.leader_staleness = 0.0
             return True
         leader = int(np.flatnonzero(ctx.leaders & (groups == mine))[0])
+        if self.stands_in(leader, r):
+            self._lead(ctx, labels, mine)
+            # this node holds its group's update of round r now: the leader's own result of
+            # round r, when it comes, is not applied on top of it
+            self.applied = (r, leader)
+            ctx.stood_in = True
+            ctx.leader_staleness = 0.0
+            if not self.stood_in_before:
+                self.stood_in_before = True
+                fed.log(
+                    f"rank {self.rank}: round {r}: its leader (rank {leader}) is more than a "
+                    "round behind; this node stands in for it (federation.leader_stand_in)"
+                )
+            return True
+        stamp = partition_stamp(groups)
 
         def held_result() -> tuple[int, int] | None:
             found = [
@@ -804,9 +777,13 @@ class AsyncRounds:
             ]
             return max(found) if found else None
 
+        # leader_stand_in: the leader has trained round r (else this node stood in), so its
+        # update of round r is on its way: wait for that one rather than go on without any
+        newest_round = r if fed.config.federation.leader_stand_in else -1
+
         def ready() -> bool:
             got = held_result()
-            if got is not None and self.recent(got[0], r):
+            if got is not None and self.recent(got[0], r) and got[0] >= newest_round:
                 return True
             return leader in self.done or self.refused(leader, "result", r)
 
@@ -826,12 +803,87 @@ class AsyncRounds:
             self.applied = got
         return True
 
+    def stands_in(self, leader: int, r: int) -> bool:
+        """``federation.leader_stand_in``: whether this member of a group led by ``leader`` in
+        round ``r`` computes the cross-group update itself. True when the leader is a neighbour
+        (its versions and progress notes arrive here) that is done, or whose newest round
+        heard of (backbone, clustering view or progress note) is before ``r - 1``: it is more
+        than a round behind, and its update of round ``r`` would come too late to be applied
+        (a member applies only updates newer than its last)."""
+        if not self.fed.config.federation.leader_stand_in:
+            return False
+        if leader not in self.fed.topology.neighbours:
+            return False
+        if leader in self.done:
+            return self.done[leader] < r
+        heard = [self.progress.get(leader, 0)]
+        heard += [kept[leader][0] for kept in (self.held, self.views) if leader in kept]
+        return max(heard) < r
+
+    def _lead(
+        self, ctx: RoundContext, labels: np.ndarray, mine: int
+    ) -> tuple[torch.Tensor | None, int]:
+        """A leader's part of step 5 (also a stand-in's): post this group's delta (``mean``:
+        its backbone) to every node outside the group, wait for the other groups' newest ones
+        (staleness at most S), and aggregate them into ``ctx.new``. Returns the update (None
+        when no other group's delta could be used) and the partition's stamp."""
+        r, groups = ctx.r, ctx.groups
+        p = self.fed.node.flat.n_trainable
+        stamp = partition_stamp(groups)
+        others = [int(j) for j in np.flatnonzero((groups >= 0) & (groups != mine))]
+        mix = self._round_mix(ctx)
+        delta = mix if self.mean_cross else group_delta(mix, ctx.start, p)
+        head = delta.new_tensor([r, stamp, 1, 0])
+        body = torch.cat([head, delta])
+        if corrupt_hook(r, self.rank, "delta"):
+            body[HEADER] = float("nan")
+        self.mail.post([j for j in others if j not in self.done], mb.DELTA, body)
+        need = [int(h) for h in labels if h != mine]
+
+        def newest(h: int) -> tuple[int, int] | None:
+            """(round, sender) of the newest delta of group h under this partition."""
+            found = [
+                (self.deltas[j][0], j)
+                for j in map(int, np.flatnonzero(groups == h))
+                if j in self.deltas and self.deltas[j][1] == stamp
+            ]
+            return max(found) if found else None
+
+        def delta_ready(h: int) -> bool:
+            got = newest(h)
+            if got is not None and self.recent(got[0], r):
+                return True
+            group = [int(j) for j in np.flatnonzero(groups == h)]
+            if any(self.refused(j, "delta", r) for j in group):
+                return True  # that group's delta was refused: HCA goes on without it
+            return all(j in self.done for j in group)
+
+        self.wait(lambda: all(delta_ready(h) for h in need), "the other groups' deltas", others)
+        rows: list[torch.Tensor] = []
+        row = 0
+        for h in labels:
+            if h == mine:
+                row = len(rows)
+                rows.append(delta)
+                continue
+            got = newest(int(h))
+            if got is not None and self.recent(got[0], r):
+                rows.append(self.deltas[got[1]][2])
+                ctx.delta_staleness[got[1]] = r - got[0]
+        if len(rows) < 2:
+            return None, stamp
+        ctx.row = row
+        ctx.deltas = torch.stack(rows)
+        return (self._mean_of_groups(ctx) if self.mean_cross else self._hca(ctx)), stamp
+
     def _round_mix(self, ctx: RoundContext) -> torch.Tensor:
         """The leader's mix for its group delta: of the versions mixed, those not ahead of its
         round (the own one always), so that the delta is the group's progress of about one
         round, not the several rounds of faster group-mates (the node itself keeps the full
-        mix)."""
-        keep = [m for m in self.mixed.values() if m[1] <= ctx.r]
+        mix). With ``federation.leader_stand_in``, those of its round only: a stale version
+        minus this round's start is not progress but the way back to an older backbone."""
+        low = ctx.r if self.fed.config.federation.leader_stand_in else 0
+        keep = [m for m in self.mixed.values() if low <= m[1] <= ctx.r]
         if len(keep) == len(self.mixed):
             return ctx.intra_new
         rows = [row for _, _, _, row in keep]

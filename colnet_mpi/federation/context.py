@@ -92,6 +92,8 @@ class RoundContext:
     # asynchronous mode: r minus the round of each peer's backbone used, of the leader result
     staleness: np.ndarray = field(default_factory=lambda: np.zeros(0))
     leader_staleness: float = float("nan")
+    delta_staleness: np.ndarray = field(default_factory=lambda: np.zeros(0))  # leaders: by sender
+    stood_in: bool = False  # federation.leader_stand_in: aggregated in place of its leader
     # evaluation
     test: dict[str, float] = field(default_factory=dict)
     clock: float = float("nan")  # seconds since the first round of this process began
@@ -105,3 +107,4 @@ class RoundContext:
         self.groups = np.arange(self.n, dtype=np.int64)
         self.leaders = np.ones(self.n, dtype=bool)
         self.staleness = np.full(self.n, np.nan)
+        self.delta_staleness = np.full(self.n, np.nan)

@@ -32,6 +32,8 @@ def round_values(fed: Federation, ctx: RoundContext) -> dict[str, Any]:
         "round/partition_stamp": partition_stamp(ctx.groups),
         "async/staleness": ctx.staleness,
         "async/leader_staleness": ctx.leader_staleness,
+        "async/delta_staleness": ctx.delta_staleness,
+        "async/stood_in": int(ctx.stood_in),
         "async/head_epochs": ctx.head_epochs,
         "async/trained": ctx.trained,
         **ctx.hca,

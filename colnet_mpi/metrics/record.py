@@ -198,6 +198,22 @@ FIELDS: tuple[Field, ...] = (
         "node applied; NaN where none was applied and in synchronous mode",
     ),
     Field(
+        "async/delta_staleness",
+        "f8",
+        "n",
+        unit="1",
+        description="asynchronous mode, group leaders: this round minus the round of each other "
+        "group's delta the leader's cross-group aggregation used (by the rank that sent it); "
+        "NaN elsewhere and in synchronous mode",
+    ),
+    Field(
+        "async/stood_in",
+        "i1",
+        default=0,
+        description="asynchronous mode, federation.leader_stand_in: 1 where the node computed "
+        "its group's cross-group update itself because its leader was more than a round behind",
+    ),
+    Field(
         "async/head_epochs",
         "i2",
         default=0,

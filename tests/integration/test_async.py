@@ -6,7 +6,8 @@ learns), a time budget lets fast nodes do more rounds, training.epoch_seconds se
 pace, federation.first_round = "local" runs round 1 without groups instead of waiting for the
 first partition, a node behind by federation.catch_up rounds trains one epoch per round (or, with
 catch_up_train = "head", its head alone, paced at that cost), federation.lockstep_deadline ends
-a straggler's training in the rounds where everyone waits for it, and a run stopped by a signal or
+a straggler's training in the rounds where everyone waits for it, federation.leader_stand_in
+gives every member a cross-group update of its own round, and a run stopped by a signal or
 killed mid-way continues with --resume to a file with every record present."""
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def read(path: Path) -> dict[str, np.ndarray]:
             "round/group", "round/leader", "round/clock", "round/partition_stamp",
             "round/test_loss", "async/staleness", "async/leader_staleness", "defense/refused",
             "epoch/val_loss", "round/seconds/local_train", "round/bytes_sent", "async/head_epochs",
-            "async/trained",
+            "async/trained", "async/delta_staleness", "async/stood_in", "hca/weights",
         )}  # fmt: skip
         out["status"] = np.asarray(f.attrs["status"])
         out["checkpoint_round"] = np.asarray(f.attrs.get("checkpoint_round", 0))
@@ -106,6 +107,14 @@ def check_records(
     if staleness >= 0:
         assert np.nanmax(d["async/staleness"]) <= staleness
         assert np.nanmax(d["async/leader_staleness"], initial=0) <= staleness
+        assert np.nanmax(d["async/delta_staleness"], initial=0) <= staleness
+    # only leaders (and members standing in for one) aggregate other groups' deltas, and only
+    # deltas of other groups
+    ds = ~np.isnan(d["async/delta_staleness"])
+    assert not ds[(d["round/leader"] == 0) & (d["async/stood_in"] == 0)].any()
+    assert not (d["async/stood_in"] & d["round/leader"]).any()
+    for r, i, j in zip(*np.nonzero(ds), strict=True):
+        assert d["round/group"][r, i] != d["round/group"][r, j], (r, i, j)
 
 
 @pytest.mark.mpi
@@ -139,6 +148,8 @@ def test_random_slowdowns_no_hang_every_record_once(tmp_path: Path, n: int, stal
     check_records(d, np.full(n, 4), staleness)
     assert (d["round/group"][1:] >= 0).all()
     assert (d["round/group"][0] == -1).all() if local else (d["round/group"][0] >= 0).all()
+    if len(np.unique(d["round/group"][-1])) > 1:  # leaders aggregated other groups' deltas
+        assert (~np.isnan(d["async/delta_staleness"])).any()
     # honest buffers (headers included) are never refused
     honest = [j for j in range(n) if not (corrupt and j == 1)]
     assert np.nansum(d["defense/refused"][:, :, honest]) == 0
@@ -420,6 +431,48 @@ def test_lockstep_deadline_ends_a_stragglers_training_when_everyone_waits(
     assert skipped[cut, 1, 0].all() and not skipped[cut, 0, 0].any()
     assert not skipped[~cut].any() and not skipped[:, :, 1:].any()
     assert proc.stdout.count("local training stopped at") == until, proc.stdout
+
+
+@pytest.mark.mpi
+def test_leader_stand_in_gives_every_member_an_update_of_its_round(tmp_path: Path):
+    """federation.leader_stand_in, node 0 three times slower (paced), unbounded staleness: in
+    the rounds its group's leader is the straggler (not yet at that round), its group-mate
+    (node 1) computes the cross-group update itself (HCA over the other group's newest delta,
+    recorded), and the straggler's own update of that round, when it comes, is not applied on
+    top; in every other round a member waits for its leader's update of that round. So every
+    fast node-round with groups ends with a cross-group update of its own round (led, stood in
+    for, or applied at staleness 0), which without the option is not so (members go on
+    without the update of a leader still at work)."""
+    d = paced_straggler(tmp_path, "federation.leader_stand_in=true")
+    stood, lead, ls = d["async/stood_in"], d["round/leader"], d["async/leader_staleness"]
+    groups = d["round/group"]
+    # node 0 leads its group in some rounds after the first; node 1 stands in for it there
+    led_by_straggler = (lead[:, 0] == 1) & (np.arange(6) > 0)
+    assert led_by_straggler.any()
+    assert stood[led_by_straggler, 1].all(), (stood[:, 1], lead[:, 0])
+    assert not stood[:, 0].any()  # the straggler's leader is never behind it
+    assert (groups[:, 0] == groups[:, 1]).all() and (groups[:, 0] != groups[:, 2]).all()
+    # a stand-in aggregated as a leader does: HCA's figures and the other group's delta used
+    assert np.isfinite(d["hca/weights"][stood == 1]).all()
+    for r, i in zip(*np.nonzero(stood), strict=True):
+        other = groups[r] != groups[r, i]
+        assert (~np.isnan(d["async/delta_staleness"][r, i, other])).any(), (r, i)
+    # every fast node-round: an update of its own round (led, stood in for, or applied fresh)
+    fresh = (lead == 1) | (stood == 1) | (ls == 0)
+    assert fresh[:, 1:].all(), (lead[:, 1:], stood[:, 1:], ls[:, 1:])
+    assert (np.nan_to_num(ls[:, 0], nan=0.0) <= 0).all(), ls[:, 0]  # its leaders are ahead
+
+
+@pytest.mark.mpi
+def test_without_leader_stand_in_members_go_on_without_a_late_leaders_update(tmp_path: Path):
+    """The same run without the option: node 1 never stands in, and in the rounds the
+    straggler leads it applies no update of its own round (the straggler's comes too late to
+    be newer than the one it holds)."""
+    d = paced_straggler(tmp_path)
+    lead, ls = d["round/leader"], d["async/leader_staleness"]
+    assert not d["async/stood_in"].any()
+    led_by_straggler = (lead[:, 0] == 1) & (np.arange(6) > 0)
+    assert led_by_straggler.any() and not (ls[led_by_straggler, 1] == 0).any(), ls[:, 1]
 
 
 @pytest.mark.mpi

@@ -44,7 +44,7 @@ REFERENCE = json.loads((ROOT / "tests" / "data" / RECORDING).read_text())
 #: Datasets added to the results file after the recording (nothing older changed with them).
 ADDED = (
     "round/partition_stamp", "async/staleness", "async/leader_staleness", "async/head_epochs",
-    "async/trained",
+    "async/trained", "async/delta_staleness", "async/stood_in",
 )  # fmt: skip
 
 

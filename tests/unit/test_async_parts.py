@@ -214,6 +214,12 @@ def test_async_keys_default_and_round_trip():
             },
             'lockstep_deadline = true is not allowed with federation.first_round = "local"',
         ),
+        ({"leader_stand_in": True}, "federation.leader_stand_in = True needs federation.mode"),
+        ({"mode": "async", "leader_stand_in": "yes"}, "federation.leader_stand_in = 'yes'"),
+        (
+            {"mode": "async", "scheme": "intra", "leader_stand_in": True},
+            "leader_stand_in = true is not allowed with federation.scheme = 'intra'",
+        ),
     ],
 )
 def test_bad_async_federation_keys_are_named(federation, fragment):

@@ -30,6 +30,8 @@ PACKED: dict[str, tuple[str, float]] = {
     "round/partition_stamp": ("", -1),
     "async/staleness": ("n", NAN),
     "async/leader_staleness": ("", NAN),
+    "async/delta_staleness": ("n", NAN),
+    "async/stood_in": ("", 0),
     "async/head_epochs": ("", 0),
     "async/trained": ("", NAN),
     "hca/weights": ("", NAN),
