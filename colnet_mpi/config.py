@@ -291,10 +291,11 @@ class FederationConfig:
     # neighbour has posted that round's backbone (they are all waiting for it), and posts what
     # it has trained: a straggler does not hold the others up by its whole round
     lockstep_deadline: bool = False
-    # async: a member whose group leader (a neighbour) is more than a round behind, or done,
-    # computes the round's cross-group update itself (posting its group's delta and
-    # aggregating the other groups' newest ones, as the leader would), instead of waiting for
-    # an update that would come too late to be applied
+    # async: a member whose group leader (a neighbour) has not posted its backbone of the
+    # round, or is done, computes the round's cross-group update itself (posting its group's
+    # delta and aggregating the other groups' newest ones, as the leader would) instead of
+    # going on without one; otherwise it waits for the leader's update of that round. Group
+    # deltas are then computed from the versions of the round alone
     leader_stand_in: bool = False
 
     def __post_init__(self) -> None:

@@ -38,7 +38,10 @@ No collective or barrier over the world runs per round. A node's round ``r``:
    the ``mean`` cross aggregator (the ``fedper`` scheme) leaders post their group's backbone
    (that mix itself) instead of a delta, and the update is the equal-weight mean of the newest
    group backbones minus their own, so that at ``S = 0`` every node ends the round with the
-   mean of the groups, as in synchronous mode;
+   mean of the groups, as in synchronous mode. With ``federation.leader_stand_in``, a member
+   whose leader has not posted its backbone of round ``r`` does the leader's part itself
+   (:meth:`AsyncRounds.stands_in`) and otherwise waits for the leader's update of round ``r``,
+   and deltas are made of the versions of round ``r`` alone;
 6. evaluates, sends its record to the writer rank (point-to-point), and saves its checkpoint at
    its own round boundary every ``run.checkpoint_every`` rounds.
 
@@ -726,7 +729,8 @@ class AsyncRounds:
     def _cross(self, ctx: RoundContext) -> bool:
         """Leaders: HCA over the newest group deltas (``mean``: the mean of the newest group
         backbones); members: the newest leader update, or, with ``federation.leader_stand_in``
-        and a leader more than a round behind, what a leader would compute (:meth:`_lead`)."""
+        and a leader that has not trained the round, what a leader would compute
+        (:meth:`_lead`); with that option, otherwise the leader's update of the round."""
         fed, r = self.fed, ctx.r
         groups = ctx.groups
         labels = np.unique(groups[groups >= 0])
@@ -763,8 +767,9 @@ class AsyncRounds:
             if not self.stood_in_before:
                 self.stood_in_before = True
                 fed.log(
-                    f"rank {self.rank}: round {r}: its leader (rank {leader}) is more than a "
-                    "round behind; this node stands in for it (federation.leader_stand_in)"
+                    f"rank {self.rank}: round {r}: its leader (rank {leader}) has not trained "
+                    "this round yet; this node stands in for it (federation.leader_stand_in; "
+                    "said once)"
                 )
             return True
         stamp = partition_stamp(groups)
@@ -777,9 +782,11 @@ class AsyncRounds:
             ]
             return max(found) if found else None
 
-        # leader_stand_in: the leader has trained round r (else this node stood in), so its
-        # update of round r is on its way: wait for that one rather than go on without any
-        newest_round = r if fed.config.federation.leader_stand_in else -1
+        # leader_stand_in: a neighbour leader has trained round r (else this node stood in),
+        # so its update of round r is on its way: wait for that one rather than go on without
+        # any (a leader that is not a neighbour may be far behind: the rule of S holds there)
+        on_its_way = fed.config.federation.leader_stand_in and leader in fed.topology.neighbours
+        newest_round = r if on_its_way else -1
 
         def ready() -> bool:
             got = held_result()
@@ -807,9 +814,10 @@ class AsyncRounds:
         """``federation.leader_stand_in``: whether this member of a group led by ``leader`` in
         round ``r`` computes the cross-group update itself. True when the leader is a neighbour
         (its versions and progress notes arrive here) that is done, or whose newest round
-        heard of (backbone, clustering view or progress note) is before ``r - 1``: it is more
-        than a round behind, and its update of round ``r`` would come too late to be applied
-        (a member applies only updates newer than its last)."""
+        heard of (backbone, clustering view or progress note) is before ``r``: it has not
+        trained round ``r`` yet, so its update of round ``r`` would come after this node's
+        round, too late to be applied (a member applies only updates newer than its last).
+        At S = 0 a leader has always posted round ``r`` before its members mix."""
         if not self.fed.config.federation.leader_stand_in:
             return False
         if leader not in self.fed.topology.neighbours:

@@ -211,7 +211,8 @@ FIELDS: tuple[Field, ...] = (
         "i1",
         default=0,
         description="asynchronous mode, federation.leader_stand_in: 1 where the node computed "
-        "its group's cross-group update itself because its leader was more than a round behind",
+        "its group's cross-group update itself, its leader not having posted its backbone of the "
+        "round",
     ),
     Field(
         "async/head_epochs",

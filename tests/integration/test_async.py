@@ -167,23 +167,29 @@ def test_staleness_zero_groups_and_leads_like_sync(tmp_path: Path):
     clustering.backbone_sketch: views from sketches, whole backbones to the mates). With the
     fedper scheme (leaders post group backbones; every node adds the mean of the groups minus
     its own group's) it also learns what synchronous FedPer learns: the same models up to float
-    rounding, so the same test losses."""
+    rounding, so the same test losses; with federation.leader_stand_in too (at S = 0 no leader
+    is behind its members, and every version mixed is of the round)."""
     cfg = config(tmp_path, [1.0] * 4)
     runs, outs = [], {}
     variants = {
         "colnet": ["federation.scheme=colnet"],
         "fedper": ["federation.scheme=fedper"],
         "sketch": ["clustering.backbone_sketch=256"],  # views from sketches, MIX to mates
+        # at S = 0 every leader has trained the round before its members mix: none stands in
+        "fedper_stand_in": ["federation.scheme=fedper", "federation.leader_stand_in=true"],
     }
     for scheme, extra in variants.items():
         sets = [*SMALL, "training.rounds=2", *extra]
         common = [a for x in sets for a in ("--set", x)]
         a, s = tmp_path / f"async_{scheme}.h5", tmp_path / f"sync_{scheme}.h5"
-        outs[scheme] = (a, s)
-        runs += [
-            ["run", str(cfg), "--out", str(a), *common, "--set", "federation.max_staleness=0"],
-            ["run", str(cfg), "--out", str(s), *common, "--set", "federation.mode=sync"],
-        ]
+        outs[scheme] = (a, s if scheme != "fedper_stand_in" else outs["fedper"][1])
+        runs.append(
+            ["run", str(cfg), "--out", str(a), *common, "--set", "federation.max_staleness=0"]
+        )
+        if scheme != "fedper_stand_in":  # (the synchronous run has no such option)
+            runs.append(
+                ["run", str(cfg), "--out", str(s), *common, "--set", "federation.mode=sync"]
+            )
     proc = run_mpi(4, colnet_batch(*runs), timeout=300)  # all in one launch
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for scheme, (a, s) in outs.items():
@@ -196,9 +202,11 @@ def test_staleness_zero_groups_and_leads_like_sync(tmp_path: Path):
     # of its backbone to all 3
     sent = {v: read(outs[v][0])["round/bytes_sent"][1:].mean() for v in ("colnet", "sketch")}
     assert sent["sketch"] < 0.8 * sent["colnet"], sent  # measured: 0.61
-    da, ds = (read(x) for x in outs["fedper"])
-    assert len(np.unique(da["round/group"][-1])) == 2  # two groups: the cross stage ran
-    assert np.allclose(da["round/test_loss"], ds["round/test_loss"], rtol=1e-4, atol=0)
+    for variant in ("fedper", "fedper_stand_in"):
+        da, ds = (read(x) for x in outs[variant])
+        assert len(np.unique(da["round/group"][-1])) == 2  # two groups: the cross stage ran
+        assert np.allclose(da["round/test_loss"], ds["round/test_loss"], rtol=1e-4, atol=0)
+        assert not da["async/stood_in"].any()
 
 
 @pytest.mark.mpi
