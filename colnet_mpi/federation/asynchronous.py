@@ -232,7 +232,8 @@ class AsyncRounds:
         # federation.catch_up: rank -> the newest round a neighbour reported finished (PROGRESS)
         self.catch_up = cfg.federation.catch_up
         self.progress: dict[int, int] = {}
-        self.stood_in_before = False  # federation.leader_stand_in: logged once per process
+        self.stand_in = cfg.federation.leader_stand_in
+        self.stood_in_before = False  # the first stand-in is logged, once per process
         # (rank, what) -> the round a refused message of that peer stood for: a refused buffer
         # stands for that peer's contribution, and the round goes on without it; ``what``: the
         # slot it would have filled ("view", "held", "delta" or "result", see :meth:`_slot`)
@@ -739,12 +740,12 @@ class AsyncRounds:
         if not fed.cross.active or ctx.n_groups < 2 or mine < 0:
             return False
         ctx.cross_ran = True
+        stamp = partition_stamp(groups)
         members = [int(j) for j in np.flatnonzero(groups == mine) if j != self.rank]
         if ctx.leaders[self.rank]:
-            update, stamp = self._lead(ctx, labels, mine)
+            update = self._lead(ctx, labels, mine, stamp)
             flag = 0.0 if update is None else 1.0
-            body = update if update is not None else torch.zeros(self.cross_numel)
-            body = body.to(ctx.intra_new)
+            body = update if update is not None else ctx.intra_new.new_zeros(self.cross_numel)
             if corrupt_hook(r, self.rank, "result"):
                 body = body.clone()
                 body[0] = float("nan")
@@ -758,7 +759,7 @@ class AsyncRounds:
             return True
         leader = int(np.flatnonzero(ctx.leaders & (groups == mine))[0])
         if self.stands_in(leader, r):
-            self._lead(ctx, labels, mine)
+            self._lead(ctx, labels, mine, stamp)
             # this node holds its group's update of round r now: the leader's own result of
             # round r, when it comes, is not applied on top of it
             self.applied = (r, leader)
@@ -772,7 +773,6 @@ class AsyncRounds:
                     "said once)"
                 )
             return True
-        stamp = partition_stamp(groups)
 
         def held_result() -> tuple[int, int] | None:
             found = [
@@ -785,7 +785,7 @@ class AsyncRounds:
         # leader_stand_in: a neighbour leader has trained round r (else this node stood in),
         # so its update of round r is on its way: wait for that one rather than go on without
         # any (a leader that is not a neighbour may be far behind: the rule of S holds there)
-        on_its_way = fed.config.federation.leader_stand_in and leader in fed.topology.neighbours
+        on_its_way = self.stand_in and leader in fed.topology.neighbours
         newest_round = r if on_its_way else -1
 
         def ready() -> bool:
@@ -818,9 +818,7 @@ class AsyncRounds:
         trained round ``r`` yet, so its update of round ``r`` would come after this node's
         round, too late to be applied (a member applies only updates newer than its last).
         At S = 0 a leader has always posted round ``r`` before its members mix."""
-        if not self.fed.config.federation.leader_stand_in:
-            return False
-        if leader not in self.fed.topology.neighbours:
+        if not self.stand_in or leader not in self.fed.topology.neighbours:
             return False
         if leader in self.done:
             return self.done[leader] < r
@@ -829,15 +827,14 @@ class AsyncRounds:
         return max(heard) < r
 
     def _lead(
-        self, ctx: RoundContext, labels: np.ndarray, mine: int
-    ) -> tuple[torch.Tensor | None, int]:
+        self, ctx: RoundContext, labels: np.ndarray, mine: int, stamp: int
+    ) -> torch.Tensor | None:
         """A leader's part of step 5 (also a stand-in's): post this group's delta (``mean``:
         its backbone) to every node outside the group, wait for the other groups' newest ones
         (staleness at most S), and aggregate them into ``ctx.new``. Returns the update (None
-        when no other group's delta could be used) and the partition's stamp."""
+        when no other group's delta could be used); ``stamp``: the partition's."""
         r, groups = ctx.r, ctx.groups
         p = self.fed.node.flat.n_trainable
-        stamp = partition_stamp(groups)
         others = [int(j) for j in np.flatnonzero((groups >= 0) & (groups != mine))]
         mix = self._round_mix(ctx)
         delta = mix if self.mean_cross else group_delta(mix, ctx.start, p)
@@ -879,10 +876,10 @@ class AsyncRounds:
                 rows.append(self.deltas[got[1]][2])
                 ctx.delta_staleness[got[1]] = r - got[0]
         if len(rows) < 2:
-            return None, stamp
+            return None
         ctx.row = row
         ctx.deltas = torch.stack(rows)
-        return (self._mean_of_groups(ctx) if self.mean_cross else self._hca(ctx)), stamp
+        return self._mean_of_groups(ctx) if self.mean_cross else self._hca(ctx)
 
     def _round_mix(self, ctx: RoundContext) -> torch.Tensor:
         """The leader's mix for its group delta: of the versions mixed, those not ahead of its
@@ -890,7 +887,7 @@ class AsyncRounds:
         round, not the several rounds of faster group-mates (the node itself keeps the full
         mix). With ``federation.leader_stand_in``, those of its round only: a stale version
         minus this round's start is not progress but the way back to an older backbone."""
-        low = ctx.r if self.fed.config.federation.leader_stand_in else 0
+        low = ctx.r if self.stand_in else 0
         keep = [m for m in self.mixed.values() if low <= m[1] <= ctx.r]
         if len(keep) == len(self.mixed):
             return ctx.intra_new

@@ -202,9 +202,9 @@ FIELDS: tuple[Field, ...] = (
         "f8",
         "n",
         unit="1",
-        description="asynchronous mode, group leaders: this round minus the round of each other "
-        "group's delta the leader's cross-group aggregation used (by the rank that sent it); "
-        "NaN elsewhere and in synchronous mode",
+        description="asynchronous mode, group leaders and members standing in for one: this "
+        "round minus the round of each other group's delta their cross-group aggregation used "
+        "(by the rank that sent it); NaN elsewhere and in synchronous mode",
     ),
     Field(
         "async/stood_in",
