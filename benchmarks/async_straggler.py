@@ -7,7 +7,8 @@ both modes:
   ``training.rounds`` rounds, then asynchronous with S = 1, 2 and unbounded, each with up to
   ``--async-rounds`` rounds per node and a time budget equal to the synchronous run's wall time;
 * ``slow_landmarks``: the same with node 3 (a landmarks node) 3x slower instead;
-* ``even``: no slow node, synchronous against asynchronous S = 1, the same rounds.
+* ``even``: no slow node, synchronous against asynchronous S = 1 (``--even-staleness``), the
+  same rounds.
 
 and prints, per run: wall time (the last node's last round), the time at which the mean test
 metric of every task group first reaches the synchronous run's final value (attributes: F1
@@ -408,6 +409,11 @@ def main(argv: list[str] | None = None) -> int:
         help="the max_staleness values of the asynchronous runs with a straggler (-1: unbounded)",
     )
     p.add_argument(
+        "--even-staleness",
+        default="1",
+        help="the max_staleness of the asynchronous run without a straggler (-1: unbounded)",
+    )
+    p.add_argument(
         "--catch-up",
         type=int,
         default=0,
@@ -488,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
             target = curve[-1][1]
             budget = wall(ref)
             variants = [("sync", sync, ref)]
-            stalenesses = args.staleness if slow else ["1"]
+            stalenesses = args.staleness if slow else [args.even_staleness]
             for s in stalenesses:
                 tail = f"_c{args.catch_up}" if args.catch_up else ""
                 tail += {"epochs": "", "head": "h", "features": "f"}[how]

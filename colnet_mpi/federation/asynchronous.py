@@ -248,6 +248,8 @@ class AsyncRounds:
         # writer rank: records waiting for their row, and finished checkpoints per round
         self.records: dict[int, dict[int, np.ndarray]] = {}
         self.next_row = 1
+        # writer rank: every node's newest test metrics written, for the job log (``_shown``)
+        self.last_evaluation: dict[str, np.ndarray] = {}
         self.saved: dict[int, dict[int, int]] = {}
         self.done_saved: dict[int, int] = {}  # rank -> the last round it saved (DONE message)
         self.saved_by: dict[int, int] = {}  # rank -> the newest checkpoint note received
@@ -948,15 +950,28 @@ class AsyncRounds:
                 break
             blank = fed.spec.pack({})
             gathered = np.stack([got.get(j, blank) for j in range(self.n)])
-            groups = fed.spec.unpack(gathered)["round/group"].astype(np.int64)
+            unpacked = fed.spec.unpack(gathered)
+            groups = unpacked["round/group"].astype(np.int64)
             present = groups >= 0
             ari = float("nan")
             if fed.grouper is not None and present.any():
                 ari = adjusted_rand(fed.true_labels[present], groups[present])
-            append_row(fed, r, gathered, ari)
+            append_row(fed, r, gathered, ari, self._shown(unpacked))
             self.records.pop(r, None)
             self.next_row = r + 1
         self._mark_checkpoints()
+
+    def _shown(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The test metrics the job log gives for a row: a node that did not run the round (it
+        had finished) with its last evaluation, as ``colnet-mpi report`` counts it."""
+        ran = ~np.isnan(row["round/clock"].astype(float))
+        shown = {}
+        for name in ("round/test_loss", "round/test_f1_micro"):
+            now = row[name].astype(float)
+            last = self.last_evaluation.get(name, np.full(self.n, np.nan))
+            shown[name] = np.where(ran, now, last)
+            self.last_evaluation[name] = np.where(ran & ~np.isnan(now), now, last)
+        return shown
 
     def save(self, r: int) -> None:
         """This node's checkpoint of round ``r``; the writer rank is told its size."""

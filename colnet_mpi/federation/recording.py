@@ -61,22 +61,34 @@ def record_round(fed: Federation, ctx: RoundContext) -> dict[str, np.ndarray] | 
     return {k: np.asarray(v) for k, v in rows.items()}
 
 
-def append_row(fed: Federation, r: int, gathered: np.ndarray, ari: float) -> dict[str, Any]:
+def append_row(
+    fed: Federation,
+    r: int,
+    gathered: np.ndarray,
+    ari: float,
+    shown: dict[str, np.ndarray] | None = None,
+) -> dict[str, Any]:
     """Writer rank: round ``r``'s row from every rank's packed record ``(n, width)``, appended to
-    the results file and summarised in the job log."""
+    the results file and summarised in the job log (``shown``: see :func:`summary_line`)."""
     e = fed.config.training.local_epochs
     rows = fed.spec.rows(gathered, {"epoch/round": np.full(e, r), "clustering/ari": ari})
     if fed.writer is not None:
         fed.writer.append(rows)
-    fed.log(summary_line(fed, r, rows, ari))
+    fed.log(summary_line(fed, r, rows, ari, shown))
     return rows
 
 
-def summary_line(fed: Federation, r: int, rows: dict, ari: float) -> str:
-    """The one progress line per round."""
+def summary_line(
+    fed: Federation, r: int, rows: dict, ari: float, shown: dict[str, np.ndarray] | None = None
+) -> str:
+    """The one progress line per round; ``shown``: ``round/test_loss`` and
+    ``round/test_f1_micro`` to give instead of the row's (asynchronous rounds: a node that has
+    finished with its last evaluation)."""
     parts = [f"round {r:>3}/{fed.config.training.rounds}"]
     parts.append(f"{float(np.max(rows['round/seconds/total'])):6.1f}s")
     tasks = dataset_tasks(fed.config.data.dataset)
+    if shown is not None:
+        rows = {**rows, **shown}
     untested = bool(np.all(np.isnan(rows["round/test_loss"])))  # run.evaluate_every
     if untested:
         parts.append("(no test this round)")

@@ -49,6 +49,7 @@ __all__ = [
     "find_results",
     "flatten_config",
     "group_summary",
+    "latest_evaluation",
     "load_run",
     "load_runs",
     "node_summary",
@@ -60,6 +61,7 @@ __all__ = [
     "settings",
     "tidy",
     "tidy_epochs",
+    "time_curves",
     "val_loss_curves",
 ]
 
@@ -299,10 +301,27 @@ class Run:
             return r + round
         raise IndexError(f"{self.path}: round {round} is not recorded (rounds 1..{r} are)")
 
+    @property
+    def asynchronous(self) -> bool:
+        """Whether the run used asynchronous rounds (``federation.mode = "async"``)."""
+        return self.flat_config.get("federation.mode") == "async"
+
+    def test_values(self, metric: str) -> np.ndarray:
+        """``round/test_<metric>`` (R, N) as the report reads it. In an asynchronous run a node
+        that had finished before a round (``round/clock`` NaN there) counts in it with its
+        newest evaluation (:func:`latest_evaluation`), so that a group's mean after a fast node
+        outlived a slow one is not NaN; synchronous runs: the recorded values."""
+        values = np.asarray(self.data[f"round/test_{metric}"], dtype=float)
+        if not self.asynchronous or "round/clock" not in self.data:
+            return values
+        ran = ~np.isnan(np.asarray(self.data["round/clock"], dtype=float)[: values.shape[0]])
+        return latest_evaluation(values, ran)
+
     def node_metrics(self, round: int = -1) -> dict[str, np.ndarray]:
-        """Test metrics of every node at ``round``: ``{"loss": (N,), "f1_micro": (N,), ...}``."""
+        """Test metrics of every node at ``round``: ``{"loss": (N,), "f1_micro": (N,), ...}``
+        (asynchronous runs: see :meth:`test_values`)."""
         i = self.round_index(round)
-        return {m: np.asarray(self.data[f"round/test_{m}"][i], dtype=float) for m in TEST_METRICS}
+        return {m: self.test_values(m)[i] for m in TEST_METRICS}
 
     def final_round(self) -> dict[str, np.ndarray]:
         """Test metrics of every node at the last complete round."""
@@ -656,6 +675,23 @@ class Stat:
         return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
 
 
+def latest_evaluation(values: np.ndarray, ran: np.ndarray) -> np.ndarray:
+    """``values`` (R, N) with every entry of a round a node did not run (``ran`` False) replaced
+    by that node's newest finite value of an earlier round it ran (NaN before its first). The
+    rounds a node ran keep their values, NaN included (a round without evaluation,
+    ``run.evaluate_every``)."""
+    out = np.array(values, dtype=float, copy=True)
+    for i in range(out.shape[1]):
+        last = math.nan
+        for r in range(out.shape[0]):
+            if ran[r, i]:
+                if not math.isnan(out[r, i]):
+                    last = float(out[r, i])
+            else:
+                out[r, i] = last
+    return out
+
+
 def _mean_over(values: np.ndarray, idx: np.ndarray) -> float:
     sel = values[idx]
     if sel.size == 0 or np.all(np.isnan(sel)):
@@ -756,7 +792,7 @@ class Curve:
     setting: dict[str, Any]
     label: str
     group: str
-    x: np.ndarray  # epoch or round numbers, 1-based
+    x: np.ndarray  # epoch or round numbers, 1-based; seconds for :func:`time_curves`
     mean: np.ndarray
     std: np.ndarray  # NaN for a single run
     n: int
@@ -799,9 +835,21 @@ def _curves(
 def val_loss_curves(runs: Sequence[Run], *, ignore: Iterable[str] = ()) -> list[Curve]:
     """Average client validation loss per local epoch (paper Figs 2–4) per setting x task group.
 
-    Mean over the group's nodes, then mean (and std) over the seeds of the setting.
+    Mean over the group's nodes (asynchronous runs: over those that trained the epoch), then
+    mean (and std) over the seeds of the setting.
     """
-    return _curves(runs, lambda r, idx: r["epoch/val_loss"][:, idx].mean(axis=1), ignore)
+
+    def series(r: Run, idx: np.ndarray) -> np.ndarray:
+        values = r["epoch/val_loss"][:, idx]
+        if not r.asynchronous:
+            return values.mean(axis=1)
+        # asynchronous: the nodes that trained the epoch (one that finished early, or whose
+        # epoch was skipped or cut, has NaN there)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmean(values, axis=1)
+
+    return _curves(runs, series, ignore)
 
 
 def round_curves(
@@ -814,10 +862,71 @@ def round_curves(
         )
 
     def series(r: Run, idx: np.ndarray) -> np.ndarray:
-        values = r[f"round/test_{metric}"][:, idx]
+        values = r.test_values(metric)[:, idx]
         return np.array([_mean_over(row, np.arange(row.size)) for row in values])
 
     return _curves(runs, series, ignore)
+
+
+def group_over_time(run: Run, metric: str, nodes: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """The mean over ``nodes`` of each one's newest test ``metric`` at each of ``times``
+    (seconds of ``round/clock``: when each node-round ended); NaN until every one of them has
+    an evaluation."""
+    values = np.asarray(run[f"round/test_{metric}"], dtype=float)[:, nodes]
+    clock = np.asarray(run["round/clock"], dtype=float)[: values.shape[0], nodes]
+    out = np.empty((times.size, len(nodes)))
+    for k in range(len(nodes)):
+        kept = ~np.isnan(clock[:, k]) & ~np.isnan(values[:, k])
+        t, v = clock[kept, k], values[kept, k]
+        if v.size == 0:  # never evaluated, or a metric its task has not (F1 of landmarks)
+            out[:, k] = np.nan
+            continue
+        order = np.argsort(t, kind="stable")
+        t, v = t[order], v[order]
+        at = np.searchsorted(t, times, side="right") - 1  # the newest evaluation by then
+        out[:, k] = np.where(at >= 0, v[np.maximum(at, 0)], np.nan)
+    return out.mean(axis=1)
+
+
+def time_curves(
+    runs: Sequence[Run], metric: str = "f1_micro", *, points: int = 100, ignore: Iterable[str] = ()
+) -> list[Curve]:
+    """Average client test ``metric`` against wall time (``round/clock``, seconds since the
+    rounds began) per setting x task group: at each time the mean over the group's nodes of
+    their newest evaluation (:func:`group_over_time`), then mean and std over the seeds, on
+    ``points`` times up to the end of the setting's shortest run. The curve to compare modes
+    by, where asynchronous nodes run different numbers of rounds."""
+    if metric not in TEST_METRICS:
+        raise ValueError(
+            f"metric = {metric!r} is not allowed; choose one of: {', '.join(TEST_METRICS)}"
+        )
+    check_compatible(runs)
+    out = []
+    by_setting = _by_setting(runs, ignore)
+    for group in runs[0].groups if runs else ():
+        for setting, members in by_setting:
+            end = min(float(np.nanmax(r["round/clock"])) for r in members)
+            times = np.linspace(0.0, end, points)
+            stack = np.stack(
+                [group_over_time(r, metric, r.nodes_of(group), times) for r in members]
+            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean = stack.mean(axis=0)
+                std = stack.std(axis=0, ddof=1) if len(members) >= 2 else np.full(points, np.nan)
+            out.append(
+                Curve(
+                    dataset=runs[0].dataset,
+                    setting=setting,
+                    label=setting_label(setting),
+                    group=group,
+                    x=times,
+                    mean=mean,
+                    std=std,
+                    n=len(members),
+                )
+            )
+    return out
 
 
 def csv_cell(value: Any) -> str:

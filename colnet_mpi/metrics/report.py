@@ -35,6 +35,7 @@ from colnet_mpi.metrics.reader import (
     round_curves,
     scenarios,
     settings,
+    time_curves,
     val_loss_curves,
 )
 from colnet_mpi.metrics.robustness import (
@@ -202,6 +203,11 @@ def _describe(t: Scenario, round: int) -> list[str]:
     used = ", ".join(str(x) for x in sorted({r.round_index(round) + 1 for r in t.runs}))
     which = "final round" if round == -1 else f"round {round}"
     lines.append(f"Test metrics of the {which} (round {used}).")
+    if any(r.asynchronous for r in t.runs):
+        lines.append(
+            "Asynchronous runs: a node that had finished before that round (a time budget, or "
+            "fewer rounds than a faster node) counts with its last evaluation."
+        )
     return [" ".join(lines)]
 
 
@@ -295,19 +301,32 @@ def plot_curves(
 def write_figures(
     tables: Sequence[Scenario], out: Path, *, ignore: Iterable[str] = ()
 ) -> list[Path]:
-    """``val_loss.png`` (paper Figs 2–4) and ``test_metrics.png`` (test F1, or loss, per round)."""
+    """``val_loss.png`` (paper Figs 2–4) and ``test_metrics.png`` (test F1, or loss, per round);
+    where any run is asynchronous also ``test_metrics_time.png`` (the same against wall time,
+    :func:`~colnet_mpi.metrics.reader.time_curves`: how modes compare when nodes run different
+    numbers of rounds)."""
     ignore = list(ignore)
     val_curves: list[Curve] = []
     test_curves: list[Curve] = []
+    timed: list[Curve] = []
     loss_panels: set[tuple[str, str]] = set()  # groups without F1 (landmarks): test loss instead
     for t in tables:
         val_curves += val_loss_curves(t.runs, ignore=ignore)
         f1 = round_curves(t.runs, "f1_micro", ignore=ignore)
         loss = round_curves(t.runs, "loss", ignore=ignore)
         loss_panels |= {(c.dataset, c.group) for c in f1 if all(math.isnan(v) for v in c.mean)}
-        for group in t.runs[0].groups:
-            source = loss if (t.dataset, group) in loss_panels else f1
-            test_curves += [c for c in source if c.group == group]
+        loss_groups = {g for d, g in loss_panels if d == t.dataset}
+        test_curves += _per_group(t, f1, loss, loss_groups)
+        if any(r.asynchronous for r in t.runs):
+            f1_t = time_curves(t.runs, "f1_micro", ignore=ignore)
+            loss_t = time_curves(t.runs, "loss", ignore=ignore)
+            timed += _per_group(t, f1_t, loss_t, loss_groups)
+
+    def metric_label(c: Curve) -> str:
+        if (c.dataset, c.group) in loss_panels:
+            return "average client test loss"
+        return "average client test F1 (micro)"
+
     val, test = out / "val_loss.png", out / "test_metrics.png"
     plot_curves(
         val_curves,
@@ -320,14 +339,31 @@ def write_figures(
         test_curves,
         test,
         xlabel="round",
-        ylabel=lambda c: (
-            "average client test loss"
-            if (c.dataset, c.group) in loss_panels
-            else "average client test F1 (micro)"
-        ),
+        ylabel=metric_label,
         title="Average client test metrics per round",
     )
-    return [val, test]
+    if not timed:
+        return [val, test]
+    when = out / "test_metrics_time.png"
+    plot_curves(
+        timed,
+        when,
+        xlabel="seconds since the rounds began",
+        ylabel=metric_label,
+        title="Average client test metrics against wall time (each node's newest evaluation)",
+    )
+    return [val, test, when]
+
+
+def _per_group(
+    t: Scenario, f1: Sequence[Curve], loss: Sequence[Curve], loss_groups: set[str]
+) -> list[Curve]:
+    """Each task group's curves: of the test loss for groups without F1 (landmarks), else F1."""
+    out: list[Curve] = []
+    for group in t.runs[0].groups:
+        source = loss if group in loss_groups else f1
+        out += [c for c in source if c.group == group]
+    return out
 
 
 def write_report(

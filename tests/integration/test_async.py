@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from colnet_mpi.algorithms.clustering import partition_stamp
+from colnet_mpi.metrics.reader import group_summary, load_run
 from colnet_mpi.models import build_backbone, build_head
 from colnet_mpi.models.cost import catch_up_costs
 from tests.conftest import ROOT, colnet, colnet_batch, run_mpi
@@ -229,6 +230,14 @@ def test_time_budget_lets_fast_nodes_do_more_rounds(tmp_path: Path):
     assert done[0] < done[1:].min() and done.max() < 1000, done
     check_records(d, done, -1)
     assert "time budget reached" in proc.stdout
+    # after the slow node finished, the job log and the report count it with its last
+    # evaluation (not NaN for its whole group)
+    lines = [x for x in proc.stdout.splitlines() if re.match(r"round +\d+/", x)]
+    assert len(lines) == done.max() and not any("nan" in x for x in lines), lines
+    last = np.array([d["round/test_loss"][k - 1, i] for i, k in enumerate(done)])
+    summary = group_summary(load_run(out))
+    assert summary["attributes"]["loss"] == pytest.approx(last[:2].mean())
+    assert summary["landmarks"]["loss"] == pytest.approx(last[2:].mean())
 
 
 @pytest.mark.mpi

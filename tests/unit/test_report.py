@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -45,13 +46,14 @@ def make_config(
     name: str = "run",
     dataset: str = "synthetic_faces",
     nodes: list[dict] | None = None,
+    mode: str = "sync",
 ) -> Config:
     return config_from_dict(
         {
             "run": {"name": name, "seed": seed, "output": f"results/{name}.h5"},
             "data": {"dataset": dataset},
             "training": {"rounds": rounds, "local_epochs": epochs},
-            "federation": {"scheme": scheme},
+            "federation": {"scheme": scheme, "mode": mode},
             "nodes": nodes or FACES_NODES,
         }
     )
@@ -64,8 +66,10 @@ def write_run(
     *,
     rounds: int | None = None,
     status: str = "finished",
+    edit: Callable[[int, dict], None] | None = None,
 ) -> dict[str, np.ndarray]:
-    """A results file with random metrics; returns the arrays written (NaN F1 etc. for landmarks)."""
+    """A results file with random metrics; returns the arrays written (NaN F1 etc. for landmarks).
+    ``edit(r, rows)`` may change round ``r``'s rows before they are written."""
     from colnet_mpi.data import dataset_tasks
 
     tasks = dataset_tasks(config.data.dataset)
@@ -104,6 +108,8 @@ def write_run(
             if m != "loss":
                 values[no_scores] = np.nan
             rows[f"round/test_{m}"] = values
+        if edit is not None:
+            edit(r, rows)
         writer.append(rows)
         for k, v in rows.items():
             written.setdefault(k, []).append(np.asarray(v))
@@ -708,3 +714,125 @@ def test_attack_keys_of_attacked_runs_still_split(tmp_path: Path) -> None:
         attack = {"kind": "boost", "boost_scale": scale}
         write_run(tmp_path / f"b{scale:g}.h5", _with(base, attack=attack), rng)
     assert settings(load_runs([tmp_path])) == ("attack.boost_scale",)
+
+
+# ---------------------------------------------------------------------------------------------
+# Asynchronous runs: nodes that finished before others
+
+
+def test_latest_evaluation_fills_only_the_rounds_a_node_did_not_run() -> None:
+    nan = math.nan
+    values = np.array([[1.0, 5.0], [nan, 6.0], [3.0, nan], [nan, nan], [nan, nan]])
+    ran = np.array([[True, True], [True, True], [True, False], [False, False], [False, False]])
+    out = reader.latest_evaluation(values, ran)
+    # node 0: round 2 ran without evaluation (stays NaN), rounds 4-5 not run: its round-3 value
+    np.testing.assert_array_equal(out[:, 0], [1.0, nan, 3.0, 3.0, 3.0])
+    np.testing.assert_array_equal(out[:, 1], [5.0, 6.0, 6.0, 6.0, 6.0])
+    never = reader.latest_evaluation(np.full((2, 1), nan), np.array([[False], [False]]))
+    assert np.isnan(never).all()
+
+
+def early_finish(stopped: int, clocks: np.ndarray) -> Callable[[int, dict], None]:
+    """``edit`` for :func:`write_run`: node 0 finished after round ``stopped`` (NaN metrics, clock
+    and group after it, as an asynchronous run records it); ``clocks[r - 1]``: each node's
+    ``round/clock``."""
+
+    def edit(r: int, rows: dict) -> None:
+        rows["round/clock"] = clocks[r - 1].astype(float).copy()
+        if r > stopped:
+            rows["round/clock"][0] = np.nan
+            rows["round/group"][0] = -1
+            for m in TEST_METRICS:
+                rows[f"round/test_{m}"][0] = np.nan
+            rows["epoch/val_loss"][:, 0] = np.nan
+
+    return edit
+
+
+CLOCKS = np.array(
+    [[4.0, 2.0, 2.0, 2.1], [8.0, 4.0, 4.0, 4.2], [12.0, 6.0, 6.0, 6.3], [12.0, 8.0, 8.0, 8.4]]
+)
+
+
+def test_async_run_counts_a_node_that_finished_early_with_its_last_evaluation(tmp_path) -> None:
+    """Node 0 (attributes) stops after round 2 of 4: in the table and the per-round curves its
+    round-2 metrics stand for it in rounds 3-4; the same arrays in a synchronous run's file are
+    taken as they are (NaN: no group mean)."""
+    files = {}
+    for mode in ("async", "sync"):
+        cfg = make_config(rounds=4, mode=mode, name=mode)
+        path = tmp_path / f"{mode}.h5"
+        files[mode] = write_run(path, cfg, np.random.default_rng(3), edit=early_finish(2, CLOCKS))
+    truth = files["async"]
+    run = load_run(tmp_path / "async.h5")
+    assert run.asynchronous and not load_run(tmp_path / "sync.h5").asynchronous
+    f1 = truth["round/test_f1_micro"]
+    expect = np.mean([f1[1, 0], f1[3, 1]])  # node 0's round 2, node 1's round 4
+    assert group_summary(run)["attributes"]["f1_micro"] == pytest.approx(expect)
+    assert group_summary(run, 2)["attributes"]["f1_micro"] == pytest.approx(f1[1, :2].mean())
+    assert math.isnan(group_summary(load_run(tmp_path / "sync.h5"))["attributes"]["f1_micro"])
+    curves = {c.group: c for c in reader.round_curves([run])}
+    np.testing.assert_allclose(
+        curves["attributes"].mean,
+        [f1[0, :2].mean(), f1[1, :2].mean(), np.mean([f1[1, 0], f1[2, 1]]), expect],
+    )
+    # validation loss per epoch: the nodes that trained it
+    val = val_loss_curves([run])[0]
+    np.testing.assert_allclose(val.mean[-2:], truth["epoch/val_loss"][-2:, 1])
+
+
+def test_time_curves_take_each_nodes_newest_evaluation_by_then(tmp_path) -> None:
+    cfg = make_config(rounds=4, mode="async", name="t")
+    truth = write_run(
+        tmp_path / "t.h5", cfg, np.random.default_rng(5), edit=early_finish(2, CLOCKS)
+    )
+    run = load_run(tmp_path / "t.h5")
+    f1, loss = truth["round/test_f1_micro"], truth["round/test_loss"]
+    times = np.array([1.0, 2.0, 3.9, 4.0, 7.0, 11.9, 12.0])
+    got = reader.group_over_time(run, "f1_micro", run.nodes_of("attributes"), times)
+    expect = [
+        math.nan,  # node 0 not evaluated yet
+        math.nan,
+        math.nan,
+        np.mean([f1[0, 0], f1[1, 1]]),  # node 0's round 1 (4 s), node 1's round 2 (4 s)
+        np.mean([f1[0, 0], f1[2, 1]]),
+        np.mean([f1[1, 0], f1[3, 1]]),  # node 0 finished after round 2 (8 s)
+        np.mean([f1[1, 0], f1[3, 1]]),
+    ]
+    np.testing.assert_allclose(got, expect)
+    curves = {c.group: c for c in reader.time_curves([run], "loss", points=5)}
+    c = curves["landmarks"]
+    # up to the last node-round's end (8.4 s; node 0 did not run round 3)
+    np.testing.assert_allclose(c.x, np.linspace(0.0, 8.4, 5))
+    # landmarks nodes 2, 3 at 2.1 s: node 3's round 1 ends at 2.1 s; at 5.5 s both in round 2
+    assert c.mean[1] == pytest.approx(loss[0, 2:].mean())
+    at = reader.group_over_time(run, "loss", run.nodes_of("landmarks"), np.array([5.5]))
+    assert at[0] == pytest.approx(loss[1, 2:].mean())
+    assert c.n == 1 and np.isnan(c.std).all()
+    # F1 of landmarks: no evaluation at any time
+    assert np.isnan(reader.time_curves([run], "f1_micro", points=5)[1].mean).all()
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_report_of_async_runs_adds_the_wall_time_figure(tmp_path, mode) -> None:
+    pytest.importorskip("matplotlib")
+    for seed in (0, 1):
+        cfg = make_config(rounds=4, mode=mode, seed=seed, name=f"m{seed}")
+        write_run(
+            tmp_path / "runs" / f"m{seed}.h5",
+            cfg,
+            np.random.default_rng(seed),
+            edit=early_finish(2, CLOCKS),
+        )
+    _, written, _ = write_report(load_runs([tmp_path / "runs"]), tmp_path / "out")
+    names = sorted(p.name for p in written)
+    timed = tmp_path / "out" / "test_metrics_time.png"
+    assert (timed in written) == (mode == "async"), names
+    if mode == "async":
+        assert timed.read_bytes()[:8] == PNG_MAGIC
+        text = (tmp_path / "out" / "table.md").read_text()
+        assert "counts with its last evaluation" in text
+        assert (
+            "| attributes | all runs | 2 | " in text
+            and "| – | – | – | – |" not in text.split("landmarks")[0]
+        )
