@@ -143,19 +143,36 @@ class _Marker(enum.Enum):
 #: option of a run without an attack): shown as "–", an empty CSV cell, ``None`` in tidy tables.
 NOT_APPLICABLE = _Marker.NOT_APPLICABLE
 
-#: Sections whose keys do nothing while a switch key has a given value:
-#: key prefix -> (switch key, the value that turns the section off, the switch's default).
+#: Keys of asynchronous rounds only (``federation.mode = "async"``).
+_ASYNC_KEYS = (
+    "max_staleness",
+    "staleness_decay",
+    "time_budget",
+    "catch_up",
+    "catch_up_train",
+    "first_round",
+    "lockstep_deadline",
+    "leader_stand_in",
+)
+
+#: Keys that do nothing while a switch key has a given value:
+#: key prefix -> (switch key, the value that turns them off, the switch's default).
 #: The switch itself stays a setting (a clean run is a setting of its own).
-_INERT_UNLESS = {"attack.": ("attack.kind", "none", "none")}
+_INERT_UNLESS = {
+    "attack.": ("attack.kind", "none", "none"),
+    **{f"federation.{k}": ("federation.mode", "sync", "sync") for k in _ASYNC_KEYS},
+}
 
 
 def setting_config(flat: Mapping[str, Any]) -> dict[str, Any]:
     """A flat config as the report compares it: keys that have no effect become
     :data:`NOT_APPLICABLE`.
 
-    The one rule for grouping runs into settings: while ``attack.kind = "none"`` no node attacks,
+    The rules for grouping runs into settings: while ``attack.kind = "none"`` no node attacks,
     so the other ``attack.*`` keys (``attack.nodes``, ``attack.boost_scale``, ...) do not make
-    two clean runs different settings.
+    two clean runs different settings; and the keys of asynchronous rounds
+    (``federation.max_staleness``, ``federation.time_budget``, ...) have no effect in a
+    synchronous run.
     """
     out = dict(flat)
     for prefix, (switch, off, default) in _INERT_UNLESS.items():

@@ -836,3 +836,24 @@ def test_report_of_async_runs_adds_the_wall_time_figure(tmp_path, mode) -> None:
             "| attributes | all runs | 2 | " in text
             and "| – | – | – | – |" not in text.split("landmarks")[0]
         )
+
+
+def test_keys_of_async_rounds_do_not_split_synchronous_runs(tmp_path: Path) -> None:
+    rng = np.random.default_rng(9)
+    base = make_config(nodes=FACES_NODES)
+    # federation.max_staleness has no effect in synchronous rounds: one setting
+    for i, s in enumerate((1, 3)):
+        cfg = _with(base, run={"seed": i, "name": f"s{i}"}, federation={"max_staleness": s})
+        write_run(tmp_path / f"sync_{i}.h5", cfg, rng)
+    runs = load_runs([tmp_path])
+    assert settings(runs) == ()
+    for i, s in enumerate((1, -1)):
+        fed = {"mode": "async", "max_staleness": s}
+        write_run(
+            tmp_path / f"async_{i}.h5", _with(base, run={"name": f"a{i}"}, federation=fed), rng
+        )
+    runs = load_runs([tmp_path])
+    assert settings(runs) == ("federation.mode", "federation.max_staleness")
+    labels = list(dict.fromkeys(r.label for r in aggregate(runs)))
+    assert labels == ["mode=async, max_staleness=1", "mode=async, max_staleness=-1", "mode=sync"]
+    assert [r.n for r in aggregate(runs) if r.label == "mode=sync"] == [2, 2]
