@@ -817,9 +817,13 @@ class Curve:
 
 def _curves(
     runs: Sequence[Run],
-    series: Callable[[Run, np.ndarray], np.ndarray],
+    series: Callable[[Run, np.ndarray, np.ndarray | None], np.ndarray],
     ignore: Iterable[str],
+    grid: Callable[[Sequence[Run]], np.ndarray] | None = None,
 ) -> list[Curve]:
+    """Per task group x setting: ``series(run, the group's nodes, x)`` of each run, mean and std
+    over the runs. ``grid(the setting's runs)``: the x values (seconds); None: epochs or rounds
+    1, 2, ... (``x`` None), as many as the shortest series has."""
     check_compatible(runs)
     if not runs:
         return []
@@ -827,7 +831,8 @@ def _curves(
     by_setting = _by_setting(runs, ignore)
     for group in runs[0].groups:
         for setting, members in by_setting:
-            per_run = [series(r, r.nodes_of(group)) for r in members]
+            x = None if grid is None else grid(members)
+            per_run = [series(r, r.nodes_of(group), x) for r in members]
             length = min(len(s) for s in per_run)  # unfinished runs: the common prefix
             stack = np.stack([s[:length] for s in per_run]) if per_run else np.zeros((0, 0))
             with warnings.catch_warnings():
@@ -840,7 +845,7 @@ def _curves(
                     setting=setting,
                     label=setting_label(setting),
                     group=group,
-                    x=np.arange(1, length + 1),
+                    x=np.arange(1, length + 1) if x is None else x,
                     mean=mean,
                     std=std,
                     n=len(per_run),
@@ -856,7 +861,7 @@ def val_loss_curves(runs: Sequence[Run], *, ignore: Iterable[str] = ()) -> list[
     mean (and std) over the seeds of the setting.
     """
 
-    def series(r: Run, idx: np.ndarray) -> np.ndarray:
+    def series(r: Run, idx: np.ndarray, _x: np.ndarray | None) -> np.ndarray:
         values = r["epoch/val_loss"][:, idx]
         if not r.asynchronous:
             return values.mean(axis=1)
@@ -878,7 +883,7 @@ def round_curves(
             f"metric = {metric!r} is not allowed; choose one of: {', '.join(TEST_METRICS)}"
         )
 
-    def series(r: Run, idx: np.ndarray) -> np.ndarray:
+    def series(r: Run, idx: np.ndarray, _x: np.ndarray | None) -> np.ndarray:
         values = r.test_values(metric)[:, idx]
         return np.array([_mean_over(row, np.arange(row.size)) for row in values])
 
@@ -917,33 +922,16 @@ def time_curves(
         raise ValueError(
             f"metric = {metric!r} is not allowed; choose one of: {', '.join(TEST_METRICS)}"
         )
-    check_compatible(runs)
-    out = []
-    by_setting = _by_setting(runs, ignore)
-    for group in runs[0].groups if runs else ():
-        for setting, members in by_setting:
-            end = min(float(np.nanmax(r["round/clock"])) for r in members)
-            times = np.linspace(0.0, end, points)
-            stack = np.stack(
-                [group_over_time(r, metric, r.nodes_of(group), times) for r in members]
-            )
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                mean = stack.mean(axis=0)
-                std = stack.std(axis=0, ddof=1) if len(members) >= 2 else np.full(points, np.nan)
-            out.append(
-                Curve(
-                    dataset=runs[0].dataset,
-                    setting=setting,
-                    label=setting_label(setting),
-                    group=group,
-                    x=times,
-                    mean=mean,
-                    std=std,
-                    n=len(members),
-                )
-            )
-    return out
+
+    def grid(members: Sequence[Run]) -> np.ndarray:
+        end = min(float(np.nanmax(r["round/clock"])) for r in members)
+        return np.linspace(0.0, end, points)
+
+    def series(r: Run, idx: np.ndarray, x: np.ndarray | None) -> np.ndarray:
+        assert x is not None
+        return group_over_time(r, metric, idx, x)
+
+    return _curves(runs, series, ignore, grid)
 
 
 def csv_cell(value: Any) -> str:
