@@ -829,9 +829,10 @@ def _async_problems(config: Config) -> None:
             "asynchronous groups mix with the staleness-weighted mean",
         ),
         (
-            config.attack.kind != "none",
+            config.attack.kind == "manipulate",
             f"attack.kind = {config.attack.kind!r}",
-            "attacks are planned per synchronous round",
+            "an asynchronous leader posts its group's update, not the group's model, and "
+            "stand-ins do a leader's part; the other attacks run in asynchronous rounds",
         ),
         (
             c.loss_weight > 0,

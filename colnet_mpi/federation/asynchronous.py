@@ -595,7 +595,8 @@ class AsyncRounds:
             assert (0 if ctx.payload is None else ctx.payload.numel()) == self.payload_numel
             head = self._backbone_head(ctx)
             live = [j for j in neighbours if j not in self.done]
-            body = torch.cat([head, *extra] if self.sketched else [head, ctx.own, *extra])
+            sent = fed.attack.upload(r, ctx.own)  # attack.kind = "bad_buffer": a corrupted copy
+            body = torch.cat([head, *extra] if self.sketched else [head, sent, *extra])
             if corrupt_hook(r, self.rank):
                 body[HEADER] = float("nan")
             self.mail.post(live, mb.BACKBONE, body, latest=True)
@@ -628,7 +629,7 @@ class AsyncRounds:
             self.mail.post(
                 [j for j in mates if j not in self.done],
                 mb.MIX,
-                torch.cat([self._backbone_head(ctx), ctx.own]),
+                torch.cat([self._backbone_head(ctx), fed.attack.upload(r, ctx.own)]),
                 latest=True,
             )
         return groups

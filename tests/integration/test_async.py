@@ -82,6 +82,7 @@ def read(path: Path) -> dict[str, np.ndarray]:
             "round/test_loss", "async/staleness", "async/leader_staleness", "defense/refused",
             "epoch/val_loss", "round/seconds/local_train", "round/bytes_sent", "async/head_epochs",
             "async/trained", "async/delta_staleness", "async/stood_in", "hca/weights",
+            "attack/active",
         )}  # fmt: skip
         out["status"] = np.asarray(f.attrs["status"])
         out["checkpoint_round"] = np.asarray(f.attrs.get("checkpoint_round", 0))
@@ -178,22 +179,39 @@ def test_staleness_zero_groups_and_leads_like_sync(tmp_path: Path):
         "sketch": ["clustering.backbone_sketch=256"],  # views from sketches, MIX to mates
         # at S = 0 every leader has trained the round before its members mix: none stands in
         "fedper_stand_in": ["federation.scheme=fedper", "federation.leader_stand_in=true"],
+        # the attacks of local training act as in synchronous rounds
+        "fedper_label_flip": [
+            "federation.scheme=fedper",
+            "attack.kind=label_flip",
+            "attack.nodes=[0]",
+        ],
+        "fedper_boost": ["federation.scheme=fedper", "attack.kind=boost", "attack.nodes=[2]"],
+        # a corrupted backbone from round 2 (one value short): refused by every neighbour
+        "bad_buffer": [
+            "attack.kind=bad_buffer",
+            "attack.nodes=[1]",
+            "attack.buffer_fault=short",
+            "attack.start_round=2",
+        ],
     }
+    alone = ("fedper_stand_in", "bad_buffer")  # no synchronous run of their own
     for scheme, extra in variants.items():
         sets = [*SMALL, "training.rounds=2", *extra]
         common = [a for x in sets for a in ("--set", x)]
         a, s = tmp_path / f"async_{scheme}.h5", tmp_path / f"sync_{scheme}.h5"
-        outs[scheme] = (a, s if scheme != "fedper_stand_in" else outs["fedper"][1])
+        outs[scheme] = (a, s if scheme not in alone else outs["fedper"][1])
         runs.append(
             ["run", str(cfg), "--out", str(a), *common, "--set", "federation.max_staleness=0"]
         )
-        if scheme != "fedper_stand_in":  # (the synchronous run has no such option)
+        if scheme not in alone:
             runs.append(
                 ["run", str(cfg), "--out", str(s), *common, "--set", "federation.mode=sync"]
             )
     proc = run_mpi(4, colnet_batch(*runs), timeout=300)  # all in one launch
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for scheme, (a, s) in outs.items():
+        if scheme == "bad_buffer":
+            continue
         da, ds = read(a), read(s)
         assert np.array_equal(da["round/group"], ds["round/group"]), scheme
         assert np.array_equal(da["round/leader"], ds["round/leader"]), scheme
@@ -203,11 +221,21 @@ def test_staleness_zero_groups_and_leads_like_sync(tmp_path: Path):
     # of its backbone to all 3
     sent = {v: read(outs[v][0])["round/bytes_sent"][1:].mean() for v in ("colnet", "sketch")}
     assert sent["sketch"] < 0.8 * sent["colnet"], sent  # measured: 0.61
-    for variant in ("fedper", "fedper_stand_in"):
+    for variant in ("fedper", "fedper_stand_in", "fedper_label_flip", "fedper_boost"):
         da, ds = (read(x) for x in outs[variant])
         assert len(np.unique(da["round/group"][-1])) == 2  # two groups: the cross stage ran
         assert np.allclose(da["round/test_loss"], ds["round/test_loss"], rtol=1e-4, atol=0)
         assert not da["async/stood_in"].any()
+    clean = read(outs["fedper"][0])["round/test_loss"]
+    for variant, attacker in (("fedper_label_flip", 0), ("fedper_boost", 2)):
+        da = read(outs[variant][0])
+        assert (da["attack/active"][:, attacker] == 1).all() and da["attack/active"].sum() == 2
+        assert not np.allclose(da["round/test_loss"], clean, rtol=1e-3, atol=0), variant
+    d = read(outs["bad_buffer"][0])
+    refused = d["defense/refused"][:, :, 1]  # (round, receiver) refused rank 1's backbone
+    assert refused[0].sum() == 0 and (refused[1, [0, 2, 3]] == 1).all(), refused
+    assert np.nansum(d["defense/refused"][:, :, [0, 2, 3]]) == 0
+    assert np.isnan(d["async/staleness"][1, :, 1]).all()  # nobody used it in round 2
 
 
 @pytest.mark.mpi

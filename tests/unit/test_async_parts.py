@@ -254,12 +254,20 @@ def test_fedper_runs_async_and_strategies_without_an_async_form_are_refused():
         ("defense", {"aggregation": "median"}, "defense.aggregation = 'median'"),
         ("clustering", {"loss_weight": 0.3}, "clustering.loss_weight = 0.3"),
         ("run", {"host_slots": 2}, "run.host_slots = 2"),
+        ("attack", {"kind": "manipulate", "nodes": [0]}, "attack.kind = 'manipulate'"),
     ],
 )
 def test_what_async_does_not_support_is_refused(section, values, fragment):
     with pytest.raises(ConfigError) as info:
         make(federation={"mode": "async"}, **{section: values})
     assert fragment in str(info.value) and 'federation.mode = "async"' in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["label_flip", "boost", "at2fl", "bad_buffer"])
+def test_attacks_other_than_a_leaders_run_in_async_mode(kind):
+    assert (
+        make(federation={"mode": "async"}, attack={"kind": kind, "nodes": [0]}).attack.kind == kind
+    )
 
 
 def test_turns_refuse_emulated_stragglers():
