@@ -69,6 +69,7 @@ from colnet_mpi.algorithms.fedavg import (
     weighted_average,
 )
 from colnet_mpi.algorithms.hca import apply_update, hca_update
+from colnet_mpi.algorithms.robust import robust_aggregate
 from colnet_mpi.comm import mailbox as mb
 from colnet_mpi.comm.mailbox import Agreement, Mailbox
 from colnet_mpi.comm.transport import ReceiveError, check_vector
@@ -571,16 +572,26 @@ class AsyncRounds:
         fed.node.flat.unpack(mix, keep_batchnorm=fed.config.federation.local_bn)
 
     def _weighted_mix(
-        self, own: torch.Tensor, peers: list[int], r: int
+        self, own: torch.Tensor, peers: list[int], r: int, start: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, list[float]]:
         """The mix of step 4 in round ``r``: ``own`` (the node's FedAvg weight, age 0) and the
         newest held versions of ``peers``, weighted ``w_j * staleness_decay ** (r - v_j)``.
-        Returns the mix (``own``'s dtype) and the weights, own first."""
+        Returns the mix (``own``'s dtype) and the weights, own first. With a robust intra rule
+        (``defense.aggregation``, or the scheme's) the rule combines the versions' updates from ``start`` (this
+        node's start of the round; None: ``own``) instead, the weights going to the rules that
+        take weights (``norm_clipped_mean``)."""
         rows = [own, *(self.held[j][1] for j in peers)]
         age = [0, *(r - self.held[j][0] for j in peers)]
         base = [self.fed.weight(), *(self.held[j][3] for j in peers)]
         w = staleness_weights(base, age, self.fed.config.federation.staleness_decay)
-        return streamed_average(rows, w).to(own.dtype), w
+        rule = getattr(self.fed.intra, "rule", "mean")
+        if rule == "mean":
+            return streamed_average(rows, w).to(own.dtype), w
+        d = self.fed.config.defense
+        ref = (own if start is None else start).double()
+        updates = torch.stack([row.double() - ref for row in rows])
+        combined = robust_aggregate(updates, rule, w, trim=d.trim, clip=d.clip or None)
+        return (ref + combined).to(own.dtype), w
 
     def _exchange_and_group(self, ctx: RoundContext) -> np.ndarray:
         """Post the backbone, propose (in clustering rounds), take the round's partition."""
@@ -724,7 +735,7 @@ class AsyncRounds:
             if used:
                 for j in used:
                     ctx.staleness[j] = r - self.held[j][0]
-                ctx.new, w = self._weighted_mix(ctx.own, used, r)
+                ctx.new, w = self._weighted_mix(ctx.own, used, r, ctx.start)
                 self.mixed = {self.rank: (w[0], r, self.applied, ctx.own)}
                 for j, wj in zip(used, w[1:], strict=True):
                     self.mixed[j] = (wj, self.held[j][0], self.held_tag[j], self.held[j][1])

@@ -251,7 +251,7 @@ def test_fedper_runs_async_and_strategies_without_an_async_form_are_refused():
     ("section", "values", "fragment"),
     [
         ("defense", {"screening": True}, "defense.screening = true"),
-        ("defense", {"aggregation": "median"}, "defense.aggregation = 'median'"),
+        ("defense", {"verify_leader": True}, "defense.verify_leader = true"),
         ("clustering", {"loss_weight": 0.3}, "clustering.loss_weight = 0.3"),
         ("run", {"host_slots": 2}, "run.host_slots = 2"),
         ("attack", {"kind": "manipulate", "nodes": [0]}, "attack.kind = 'manipulate'"),
@@ -261,6 +261,16 @@ def test_what_async_does_not_support_is_refused(section, values, fragment):
     with pytest.raises(ConfigError) as info:
         make(federation={"mode": "async"}, **{section: values})
     assert fragment in str(info.value) and 'federation.mode = "async"' in str(info.value)
+
+
+def test_robust_intra_rules_mix_async_groups():
+    from colnet_mpi.algorithms.robust import ROBUST_RULES
+    from colnet_mpi.config import ASYNC_INTRA
+
+    assert ASYNC_INTRA == ROBUST_RULES  # the config's torch-free copy of the rules' names
+    for rule in ROBUST_RULES:
+        cfg = make(federation={"mode": "async"}, defense={"aggregation": rule})
+        assert cfg.defense.aggregation == rule
 
 
 @pytest.mark.parametrize("kind", ["label_flip", "boost", "at2fl", "bad_buffer"])
@@ -303,3 +313,50 @@ def test_until_is_checked_and_overridable():
     assert config_from_dict(raw).clustering.until == 3
     with pytest.raises(ConfigError, match="clustering.until"):
         make(clustering={"until": -1})
+
+
+def _mixer(rule: str, held: dict, decay: float = 0.5, trim: float = 0.1, clip: float = 0.0):
+    """An AsyncRounds reduced to what its mix reads (no MPI): the intra rule, the held versions
+    (round, backbone, payload, weight), the staleness decay and the defense keys."""
+    from types import SimpleNamespace
+
+    from colnet_mpi.federation.asynchronous import AsyncRounds
+
+    rounds = object.__new__(AsyncRounds)
+    config = SimpleNamespace(
+        federation=SimpleNamespace(staleness_decay=decay),
+        defense=SimpleNamespace(trim=trim, clip=clip),
+    )
+    rounds.fed = SimpleNamespace(
+        intra=SimpleNamespace(rule=rule), config=config, weight=lambda: 1.0
+    )
+    rounds.held = held
+    return rounds
+
+
+def test_async_mix_with_a_robust_rule_combines_the_versions_updates():
+    import torch
+
+    own = torch.tensor([0.0, 0.0, 0.0])
+    start = torch.tensor([-1.0, -1.0, -1.0])
+    held = {
+        1: (3, torch.tensor([1.0, 10.0, -2.0]), None, 1.0),
+        2: (3, torch.tensor([2.0, -50.0, 4.0]), None, 1.0),
+    }
+    median, w = _mixer("median", held)._weighted_mix(own, [1, 2], 3, start)
+    assert torch.equal(median, torch.tensor([1.0, 0.0, 0.0]))  # coordinate-wise, outlier out
+    assert w == pytest.approx([1.0, 1.0, 1.0])  # FedAvg weight x decay ** age (unnormalised)
+    mean, _ = _mixer("mean", held)._weighted_mix(own, [1, 2], 3, start)
+    assert torch.allclose(mean, torch.tensor([1.0, -40.0 / 3, 2.0 / 3]))
+    # a stale version weighs less in the mean and in the weights a weighted rule gets
+    stale = {**held, 2: (1, held[2][1], None, 1.0)}
+    _, w = _mixer("median", stale)._weighted_mix(own, [1, 2], 3, start)
+    assert w[2] == pytest.approx(0.25)
+    # norm clipping from the node's start of the round: the far version is pulled in to the
+    # median norm of the three updates
+    clipped, _ = _mixer("norm_clipped_mean", held)._weighted_mix(own, [1, 2], 3, start)
+    updates = torch.stack([own - start, held[1][1] - start, held[2][1] - start]).double()
+    norms = updates.norm(dim=1)
+    scale = torch.clamp(norms.median() / norms, max=1.0)
+    expect = start.double() + (updates * scale[:, None]).mean(dim=0)
+    assert torch.allclose(clipped.double(), expect, atol=1e-6)
