@@ -28,7 +28,8 @@ No collective or barrier over the world runs per round. A node's round ``r``:
    round 1 makes its round-1 proposal at step 2 of round 2 instead (waiting there for the
    views), before any later one;
 4. waits for its group-mates' versions ``>= r - S`` and mixes them with its own:
-   weights ``w_j * staleness_decay ** (r - v_j)``;
+   weights ``w_j * staleness_decay ** (r - v_j)`` (a robust intra rule instead combines the
+   versions' updates from the node's start of the round);
 5. if it leads its group in round ``r`` (the same rotation as synchronous mode), posts the group
    delta (the mix of the versions not ahead of ``r`` minus its start) to every node outside its
    group, waits for the other groups' deltas ``>= r - S``, runs HCA on the newest delta of each
@@ -577,9 +578,9 @@ class AsyncRounds:
         """The mix of step 4 in round ``r``: ``own`` (the node's FedAvg weight, age 0) and the
         newest held versions of ``peers``, weighted ``w_j * staleness_decay ** (r - v_j)``.
         Returns the mix (``own``'s dtype) and the weights, own first. With a robust intra rule
-        (``defense.aggregation``, or the scheme's) the rule combines the versions' updates from ``start`` (this
-        node's start of the round; None: ``own``) instead, the weights going to the rules that
-        take weights (``norm_clipped_mean``)."""
+        (``defense.aggregation``, or the scheme's) the rule combines the versions' updates
+        from ``start`` (this node's start of the round; None: ``own``) instead, the weights
+        going to the rules that take weights (``norm_clipped_mean``)."""
         rows = [own, *(self.held[j][1] for j in peers)]
         age = [0, *(r - self.held[j][0] for j in peers)]
         base = [self.fed.weight(), *(self.held[j][3] for j in peers)]
