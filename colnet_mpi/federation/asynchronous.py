@@ -70,7 +70,6 @@ from colnet_mpi.algorithms.fedavg import (
     weighted_average,
 )
 from colnet_mpi.algorithms.hca import apply_update, hca_update
-from colnet_mpi.algorithms.robust import robust_aggregate
 from colnet_mpi.comm import mailbox as mb
 from colnet_mpi.comm.mailbox import Agreement, Mailbox
 from colnet_mpi.comm.transport import ReceiveError, check_vector
@@ -79,8 +78,10 @@ from colnet_mpi.federation.checkpoint import backbone_checksum
 from colnet_mpi.federation.context import RoundContext
 from colnet_mpi.federation.cross import MeanOfGroups
 from colnet_mpi.federation.grouping import TaskAwareClustering
+from colnet_mpi.federation.intra import GatheredRule
 from colnet_mpi.federation.recording import append_row, round_values
 from colnet_mpi.federation.stop import Preempted, corrupt_hook, test_hook
+from colnet_mpi.metrics.reader import carry_forward
 
 if TYPE_CHECKING:
     from colnet_mpi.federation.loop import Federation
@@ -585,14 +586,12 @@ class AsyncRounds:
         age = [0, *(r - self.held[j][0] for j in peers)]
         base = [self.fed.weight(), *(self.held[j][3] for j in peers)]
         w = staleness_weights(base, age, self.fed.config.federation.staleness_decay)
-        rule = getattr(self.fed.intra, "rule", "mean")
-        if rule == "mean":
+        intra = self.fed.intra
+        if not isinstance(intra, GatheredRule) or intra.rule == "mean":
             return streamed_average(rows, w).to(own.dtype), w
-        d = self.fed.config.defense
         ref = (own if start is None else start).double()
         updates = torch.stack([row.double() - ref for row in rows])
-        combined = robust_aggregate(updates, rule, w, trim=d.trim, clip=d.clip or None)
-        return (ref + combined).to(own.dtype), w
+        return (ref + intra.combine(updates, w)).to(own.dtype), w
 
     def _exchange_and_group(self, ctx: RoundContext) -> np.ndarray:
         """Post the backbone, propose (in clustering rounds), take the round's partition."""
@@ -980,10 +979,8 @@ class AsyncRounds:
         ran = ~np.isnan(row["round/clock"].astype(float))
         shown = {}
         for name in ("round/test_loss", "round/test_f1_micro"):
-            now = row[name].astype(float)
             last = self.last_evaluation.get(name, np.full(self.n, np.nan))
-            shown[name] = np.where(ran, now, last)
-            self.last_evaluation[name] = np.where(ran & ~np.isnan(now), now, last)
+            shown[name], self.last_evaluation[name] = carry_forward(last, row[name], ran)
         return shown
 
     def save(self, r: int) -> None:

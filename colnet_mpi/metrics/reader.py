@@ -47,6 +47,7 @@ __all__ = [
     "aggregate",
     "check_compatible",
     "find_results",
+    "carry_forward",
     "flatten_config",
     "group_summary",
     "latest_evaluation",
@@ -692,20 +693,24 @@ class Stat:
         return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
 
 
+def carry_forward(
+    last: np.ndarray, now: np.ndarray, ran: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """One round of :func:`latest_evaluation` (N,): the values to count (``now`` where the node
+    ran the round, else ``last``, its newest evaluation) and the newest evaluations after it."""
+    now = np.asarray(now, dtype=float)
+    return np.where(ran, now, last), np.where(ran & ~np.isnan(now), now, last)
+
+
 def latest_evaluation(values: np.ndarray, ran: np.ndarray) -> np.ndarray:
     """``values`` (R, N) with every entry of a round a node did not run (``ran`` False) replaced
     by that node's newest finite value of an earlier round it ran (NaN before its first). The
     rounds a node ran keep their values, NaN included (a round without evaluation,
     ``run.evaluate_every``)."""
     out = np.array(values, dtype=float, copy=True)
-    for i in range(out.shape[1]):
-        last = math.nan
-        for r in range(out.shape[0]):
-            if ran[r, i]:
-                if not math.isnan(out[r, i]):
-                    last = float(out[r, i])
-            else:
-                out[r, i] = last
+    last = np.full(out.shape[1], np.nan)
+    for r in range(out.shape[0]):
+        out[r], last = carry_forward(last, out[r], ran[r])
     return out
 
 
@@ -874,14 +879,18 @@ def val_loss_curves(runs: Sequence[Run], *, ignore: Iterable[str] = ()) -> list[
     return _curves(runs, series, ignore)
 
 
-def round_curves(
-    runs: Sequence[Run], metric: str = "f1_micro", *, ignore: Iterable[str] = ()
-) -> list[Curve]:
-    """Average client test ``metric`` per round per setting x task group (mean over nodes, then seeds)."""
+def _check_metric(metric: str) -> None:
     if metric not in TEST_METRICS:
         raise ValueError(
             f"metric = {metric!r} is not allowed; choose one of: {', '.join(TEST_METRICS)}"
         )
+
+
+def round_curves(
+    runs: Sequence[Run], metric: str = "f1_micro", *, ignore: Iterable[str] = ()
+) -> list[Curve]:
+    """Average client test ``metric`` per round per setting x task group (mean over nodes, then seeds)."""
+    _check_metric(metric)
 
     def series(r: Run, idx: np.ndarray, _x: np.ndarray | None) -> np.ndarray:
         values = r.test_values(metric)[:, idx]
@@ -918,10 +927,7 @@ def time_curves(
     their newest evaluation (:func:`group_over_time`), then mean and std over the seeds, on
     ``points`` times up to the end of the setting's shortest run. The curve to compare modes
     by, where asynchronous nodes run different numbers of rounds."""
-    if metric not in TEST_METRICS:
-        raise ValueError(
-            f"metric = {metric!r} is not allowed; choose one of: {', '.join(TEST_METRICS)}"
-        )
+    _check_metric(metric)
 
     def grid(members: Sequence[Run]) -> np.ndarray:
         end = min(float(np.nanmax(r["round/clock"])) for r in members)

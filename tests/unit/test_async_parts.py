@@ -321,15 +321,15 @@ def _mixer(rule: str, held: dict, decay: float = 0.5, trim: float = 0.1, clip: f
     from types import SimpleNamespace
 
     from colnet_mpi.federation.asynchronous import AsyncRounds
+    from colnet_mpi.federation.schemes import INTRA
 
     rounds = object.__new__(AsyncRounds)
     config = SimpleNamespace(
         federation=SimpleNamespace(staleness_decay=decay),
         defense=SimpleNamespace(trim=trim, clip=clip),
     )
-    rounds.fed = SimpleNamespace(
-        intra=SimpleNamespace(rule=rule), config=config, weight=lambda: 1.0
-    )
+    rounds.fed = SimpleNamespace(config=config, weight=lambda: 1.0)
+    rounds.fed.intra = INTRA.get(rule)(rounds.fed)  # the synchronous rule's class
     rounds.held = held
     return rounds
 
